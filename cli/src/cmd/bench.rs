@@ -1,0 +1,11 @@
+//! `ringtune bench …`: the benchmark subcommands.
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time forward+backward+AdamW LoRA steps on a random-init model of a preset shape.
+    Train(super::bench_train::Args),
+    /// Time the ring all-reduce between W local processes over QUIC on 127.0.0.1.
+    Allreduce(super::bench_allreduce::Args),
+}

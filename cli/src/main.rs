@@ -1,0 +1,39 @@
+//! The `ringtune` command line. This is the only crate that uses `anyhow`: every
+//! library error is turned into a report with context here.
+//!
+//! Each subcommand lives in its own module under `cmd/` with an `Args` struct and a
+//! `run` function, so subcommands can change without touching each other.
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Parser)]
+#[command(name = "ringtune", version, about = "Distributed data-parallel LoRA fine-tuning")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Forward + backward of one batch (tinker's forward_backward): prints the loss, writes
+    /// the gradient of every LoRA tensor under its PEFT key name.
+    ForwardBackward(cmd::forward_backward::Args),
+    /// Benchmarks: `bench train` (LoRA training step), `bench allreduce` (ring all-reduce).
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
+    /// Internal: a worker process started by `bench allreduce` (not for direct use).
+    #[command(hide = true)]
+    AllreduceWorker(cmd::bench_allreduce::WorkerArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::ForwardBackward(args) => cmd::forward_backward::run(args),
+        Command::Bench(cmd::bench::BenchCommand::Train(args)) => cmd::bench_train::run(args),
+        Command::Bench(cmd::bench::BenchCommand::Allreduce(args)) => cmd::bench_allreduce::run(args),
+        Command::AllreduceWorker(args) => cmd::bench_allreduce::run_worker(args),
+    }
+}

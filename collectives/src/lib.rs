@@ -1,0 +1,1 @@
+//! ringtune-collectives: see ARCHITECTURE.md for what this crate owns.

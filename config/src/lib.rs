@@ -1,0 +1,1 @@
+//! ringtune-config: see ARCHITECTURE.md for what this crate owns.

@@ -1,0 +1,1 @@
+//! ringtune-coordinator: see ARCHITECTURE.md for what this crate owns.

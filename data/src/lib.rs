@@ -1,0 +1,1 @@
+//! ringtune-data: see ARCHITECTURE.md for what this crate owns.

@@ -1,0 +1,1 @@
+//! ringtune-model: see ARCHITECTURE.md for what this crate owns.

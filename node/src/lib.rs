@@ -1,0 +1,1 @@
+//! ringtune-node: see ARCHITECTURE.md for what this crate owns.

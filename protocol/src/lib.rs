@@ -1,0 +1,1 @@
+//! ringtune-protocol: see ARCHITECTURE.md for what this crate owns.
