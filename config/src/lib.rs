@@ -1,1 +1,841 @@
-//! ringtune-config: see ARCHITECTURE.md for what this crate owns.
+//! The TOML run config: its types, defaults, validation, command-line overrides and the
+//! stable hash stored in checkpoints.
+//!
+//! Layout of a config file (every key optional except `data.train`; configs/README.md
+//! documents each one):
+//!
+//! ```toml
+//! output_dir = "runs/quickstart"
+//! seed = 0
+//! nodes = 1
+//! [model]      # path (or hf:org/name), init_preset, dtype, device
+//! [data]       # train, eval, eval_fraction, format, renderer, train_on, max_length, ...
+//! [lora]       # rank, alpha, dropout, rslora, train_attn, train_mlp, train_unembed
+//! [optimizer]  # lr, beta1, beta2, eps, weight_decay, grad_clip
+//! [schedule]   # kind, warmup_steps, final_lr_fraction
+//! [train]      # batch_size, micro_batch_tokens, epochs, max_steps, save_every, eval_every
+//! ```
+//!
+//! Every struct is `deny_unknown_fields`: a typo is an error naming the file, line, dotted
+//! key and the allowed keys, never a silently ignored setting.
+//!
+//! This crate does no training and touches no model or dataset: it only reads the TOML
+//! file. Relative paths are kept as written; the caller resolves them against its working
+//! directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Everything that can go wrong reading a run config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong type or not
+    /// among the allowed values. `key` is the dotted path (`lora.rank`).
+    #[error("{path}:{line}:{column}: {}{message}", key_prefix(key))]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        key: String,
+        message: String,
+    },
+    /// The file parsed but a value is out of range or values contradict each other.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    /// A command-line override (`--set key=value`) is malformed or names an unknown key.
+    #[error("override `{spec}`: {}{message}", key_prefix(key))]
+    Override {
+        spec: String,
+        key: String,
+        message: String,
+    },
+}
+
+fn key_prefix(key: &str) -> String {
+    if key.is_empty() || key == "." {
+        String::new()
+    } else {
+        format!("key `{key}`: ")
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// A whole training run: what to train, on what, how, and where the results go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Folder for metrics.jsonl, checkpoints/ and checkpoints.jsonl.
+    pub output_dir: PathBuf,
+    /// Seeds data shuffling, LoRA A initialisation and dropout.
+    pub seed: u64,
+    /// Number of local node processes (data-parallel ranks). Only 1 is supported until
+    /// the distributed runtime lands; the field is here so configs need not change then.
+    pub nodes: u32,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub lora: LoraConfig,
+    pub optimizer: OptimizerConfig,
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("runs/default"),
+            seed: 0,
+            nodes: 1,
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            lora: LoraConfig::default(),
+            optimizer: OptimizerConfig::default(),
+            schedule: ScheduleConfig::default(),
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+/// The base model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or
+    /// `hf:org/name` for a model already in the local Hugging Face cache (no download).
+    pub path: String,
+    /// If set and `path` does not exist, write a random-init model of this preset there
+    /// first (what `ringtune init-model --preset P --out PATH` does). For the quickstart.
+    pub init_preset: Option<String>,
+    /// Precision of the frozen base weights.
+    pub dtype: Dtype,
+    /// Where to run.
+    pub device: Device,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            init_preset: None,
+            dtype: Dtype::F32,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Precision of the base weights (LoRA weights, gradients and optimiser state are f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// The compute device: `cpu`, `cuda:N`, or `auto` (the first CUDA device if the binary
+/// was built with CUDA and one is present, else the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(u32),
+    Auto,
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "auto" => Ok(Device::Auto),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    format!("unknown device `{s}`, expected one of `cpu`, `cuda:N`, `auto`")
+                }),
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The dataset and how it becomes tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Training data, a JSONL file. Required.
+    pub train: PathBuf,
+    /// A separate evaluation JSONL file (same format). Exclusive with `eval_fraction`.
+    pub eval: Option<PathBuf>,
+    /// Hold out this fraction of the training examples (seeded) for evaluation.
+    pub eval_fraction: f64,
+    /// What each JSONL line holds.
+    pub format: DataFormat,
+    /// How chat messages become text/tokens.
+    pub renderer: Renderer,
+    /// Which tokens carry loss weight.
+    pub train_on: TrainOn,
+    /// Maximum tokens per example.
+    pub max_length: usize,
+    /// What to do with an example longer than `max_length`.
+    pub overlong: Overlong,
+    /// Skip lines that are not valid JSON or lack the required field (they are counted and
+    /// reported) instead of failing with the file and line.
+    pub skip_bad_lines: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            train: PathBuf::new(),
+            eval: None,
+            eval_fraction: 0.0,
+            format: DataFormat::Auto,
+            renderer: Renderer::RoleColon,
+            train_on: TrainOn::AllAssistantMessages,
+            max_length: 2048,
+            overlong: Overlong::Truncate,
+            skip_bad_lines: false,
+        }
+    }
+}
+
+/// The shape of a dataset line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// Decide per file from the first line's keys.
+    Auto,
+    /// `{"messages": [{"role": …, "content": …}, …]}` (OpenAI chat shape).
+    Messages,
+    /// `{"text": "…"}`: plain text, every token trained on.
+    Text,
+    /// `{"tokens": [...], "weights": [...]}`: already tokenized.
+    Tokens,
+}
+
+/// Chat template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Renderer {
+    /// Plain `User: …\n\nAssistant: …` text; works with any tokenizer.
+    RoleColon,
+    /// Llama 3 `<|start_header_id|>…` template.
+    Llama3,
+    /// Qwen ChatML `<|im_start|>…` template.
+    Qwen,
+}
+
+/// Which tokens are trained on (tinker-cookbook's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOn {
+    LastAssistantMessage,
+    AllAssistantMessages,
+    AllTokens,
+}
+
+/// Policy for examples longer than `max_length`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlong {
+    /// Keep the first `max_length` tokens.
+    Truncate,
+    /// Leave the example out (counted and reported).
+    Drop,
+    /// Fail, naming the file and line.
+    Error,
+}
+
+/// LoRA hyper-parameters (tinker's defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Scale by alpha/√rank instead of alpha/rank.
+    pub rslora: bool,
+    /// q/k/v/o_proj.
+    pub train_attn: bool,
+    /// gate/up/down_proj.
+    pub train_mlp: bool,
+    /// lm_head.
+    pub train_unembed: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 32,
+            alpha: 32.0,
+            dropout: 0.0,
+            rslora: false,
+            train_attn: true,
+            train_mlp: true,
+            train_unembed: true,
+        }
+    }
+}
+
+/// AdamW (tinker's defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Clip gradients to this global L2 norm; unset = no clipping.
+    pub grad_clip: Option<f64>,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-12,
+            weight_decay: 0.0,
+            grad_clip: None,
+        }
+    }
+}
+
+/// Learning-rate schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    pub kind: ScheduleKind,
+    /// Linear warm-up from 0 over this many steps.
+    pub warmup_steps: u64,
+    /// For linear/cosine: the LR at the last step as a fraction of `optimizer.lr`.
+    pub final_lr_fraction: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::Constant,
+            warmup_steps: 0,
+            final_lr_fraction: 0.0,
+        }
+    }
+}
+
+/// Shape of the LR curve after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// Steps, batches and cadences.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Examples per global (optimiser) step, summed over all nodes.
+    pub batch_size: usize,
+    /// Token budget of one micro-batch (padded tokens): a step's examples are split into
+    /// micro-batches under this budget and their gradients accumulated, so long and short
+    /// examples both fit memory. This is the gradient-accumulation knob.
+    pub micro_batch_tokens: usize,
+    /// Passes over the training data (ignored when `max_steps` is set).
+    pub epochs: u64,
+    /// Stop after this many optimiser steps (and size the LR schedule to it).
+    pub max_steps: Option<u64>,
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    pub save_every: u64,
+    /// Evaluate every this many steps (0 = only at the end); needs eval data.
+    pub eval_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 8,
+            micro_batch_tokens: 4096,
+            epochs: 1,
+            max_steps: None,
+            save_every: 100,
+            eval_every: 0,
+        }
+    }
+}
+
+/// Keys that change where results go or how often they are written, not what is
+/// computed: a resumed run may change them freely.
+const NON_SEMANTIC_KEYS: &[&str] = &[
+    "output_dir",
+    "nodes",
+    "train.save_every",
+    "train.eval_every",
+    "data.skip_bad_lines",
+];
+
+impl RunConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with_overrides(path, &[])
+    }
+
+    /// Reads a config file and applies `key=value` overrides (dotted keys, TOML values;
+    /// a bare word is taken as a string), then validates.
+    pub fn load_with_overrides(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text, path)?;
+        for spec in overrides {
+            cfg = cfg.with_override(spec)?;
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (`path` is only used in messages). Does not validate.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let de = toml::de::Deserializer::parse(text).map_err(|e| toml_error(e, text, path, ""))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            toml_error(e.into_inner(), text, path, &key)
+        })
+    }
+
+    /// Returns this config with one `key=value` override applied.
+    pub fn with_override(&self, spec: &str) -> Result<Self> {
+        let bad = |key: &str, message: String| ConfigError::Override {
+            spec: spec.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let (key, raw) = spec
+            .split_once('=')
+            .ok_or_else(|| bad("", "expected KEY=VALUE".into()))?;
+        let key = key.trim();
+        let raw = raw.trim();
+        // A TOML value if it parses as one, else the raw text as a string, so
+        // `model.path=runs/m` works without quoting.
+        let value: serde_json::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+            Ok(mut t) => serde_json::to_value(t.remove("v").expect("key v was just written"))
+                .map_err(|e| bad(key, e.to_string()))?,
+            Err(_) => serde_json::Value::String(raw.to_owned()),
+        };
+        let mut tree = serde_json::to_value(self).expect("config serializes to JSON");
+        let mut node = &mut tree;
+        let parts: Vec<&str> = key.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let obj = node
+                .as_object_mut()
+                .ok_or_else(|| bad(key, format!("`{}` is not a table", parts[..i].join("."))))?;
+            if i + 1 == parts.len() {
+                // Unknown keys are inserted and then rejected by deny_unknown_fields
+                // below, which lists the allowed ones.
+                obj.insert((*part).to_owned(), value.clone());
+                break;
+            }
+            node = obj
+                .entry((*part).to_owned())
+                .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        }
+        serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            bad(&path, e.into_inner().to_string())
+        })
+    }
+
+    /// Checks ranges and consistency; `path` names the file in errors.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let err = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: key.to_owned(),
+                message: message.to_owned(),
+            })
+        };
+        let finite_pos = |x: f64| x.is_finite() && x > 0.0;
+        if self.nodes == 0 {
+            return err("nodes", "must be at least 1");
+        }
+        if self.model.path.trim().is_empty() {
+            return err("model.path", "is required: a model folder or hf:org/name");
+        }
+        if let Some(repo) = self.model.path.strip_prefix("hf:") {
+            if repo.split('/').count() != 2 || repo.split('/').any(|p| p.is_empty()) {
+                return err("model.path", "an hf: path must be hf:org/name");
+            }
+        }
+        if self.data.train.as_os_str().is_empty() {
+            return err("data.train", "is required: a JSONL training file");
+        }
+        if !(0.0..1.0).contains(&self.data.eval_fraction) {
+            return err("data.eval_fraction", "must be in [0, 1)");
+        }
+        if self.data.eval.is_some() && self.data.eval_fraction > 0.0 {
+            return err(
+                "data.eval_fraction",
+                "set either data.eval (a file) or data.eval_fraction (a held-out split), not both",
+            );
+        }
+        if self.data.max_length < 2 {
+            return err(
+                "data.max_length",
+                "must be at least 2 (one input and one target)",
+            );
+        }
+        if self.lora.rank == 0 {
+            return err("lora.rank", "must be at least 1");
+        }
+        if !finite_pos(self.lora.alpha) {
+            return err("lora.alpha", "must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.lora.dropout) {
+            return err("lora.dropout", "must be in [0, 1)");
+        }
+        if !(self.lora.train_attn || self.lora.train_mlp || self.lora.train_unembed) {
+            return err(
+                "lora.train_attn",
+                "at least one of train_attn, train_mlp, train_unembed must be true",
+            );
+        }
+        if !finite_pos(self.optimizer.lr) {
+            return err("optimizer.lr", "must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.optimizer.beta1) {
+            return err("optimizer.beta1", "must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.optimizer.beta2) {
+            return err("optimizer.beta2", "must be in [0, 1)");
+        }
+        if !finite_pos(self.optimizer.eps) {
+            return err("optimizer.eps", "must be a positive number");
+        }
+        if !(self.optimizer.weight_decay.is_finite() && self.optimizer.weight_decay >= 0.0) {
+            return err("optimizer.weight_decay", "must be >= 0");
+        }
+        if let Some(c) = self.optimizer.grad_clip {
+            if !finite_pos(c) {
+                return err(
+                    "optimizer.grad_clip",
+                    "must be a positive number (or unset)",
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&self.schedule.final_lr_fraction) {
+            return err("schedule.final_lr_fraction", "must be in [0, 1]");
+        }
+        if self.train.batch_size == 0 {
+            return err("train.batch_size", "must be at least 1");
+        }
+        if self.train.micro_batch_tokens == 0 {
+            return err("train.micro_batch_tokens", "must be at least 1");
+        }
+        if self.train.max_steps == Some(0) {
+            return err(
+                "train.max_steps",
+                "must be at least 1 (or unset to use epochs)",
+            );
+        }
+        if self.train.max_steps.is_none() && self.train.epochs == 0 {
+            return err(
+                "train.epochs",
+                "must be at least 1 (or set train.max_steps)",
+            );
+        }
+        Ok(())
+    }
+
+    /// The semantic content as flat dotted keys → canonical JSON values: everything that
+    /// changes what is computed (not where it is written or how often).
+    pub fn semantic_entries(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        flatten(
+            "",
+            &serde_json::to_value(self).expect("config serializes"),
+            &mut out,
+        );
+        for k in NON_SEMANTIC_KEYS {
+            out.remove(*k);
+        }
+        out
+    }
+
+    /// A stable hash (hex SHA-256) of [`Self::semantic_entries`]: field order in the file,
+    /// comments and non-semantic keys do not change it.
+    pub fn semantic_hash(&self) -> ConfigHash {
+        let mut h = Sha256::new();
+        for (k, v) in self.semantic_entries() {
+            h.update(k.as_bytes());
+            h.update([0]);
+            h.update(v.as_bytes());
+            h.update([0]);
+        }
+        ConfigHash(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+}
+
+/// Hex SHA-256 of a config's semantic content (see [`RunConfig::semantic_hash`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ConfigHash(pub String);
+
+impl fmt::Display for ConfigHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Human-readable differences between two sets of semantic entries (as stored in a
+/// checkpoint and as in the current config): `key: old → new`, sorted by key.
+pub fn diff_entries(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<String> {
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (a, b) = (old.get(k), new.get(k));
+            (a != b).then(|| {
+                let show = |v: Option<&String>| v.map_or("(absent)".to_owned(), |s| s.clone());
+                format!("{k}: {} → {}", show(a), show(b))
+            })
+        })
+        .collect()
+}
+
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_owned(), other.to_string());
+        }
+    }
+}
+
+fn toml_error(e: toml::de::Error, text: &str, path: &Path, key: &str) -> ConfigError {
+    let (line, column) = match e.span() {
+        Some(span) => line_col(text, span.start),
+        None => (1, 1),
+    };
+    ConfigError::Parse {
+        path: path.to_owned(),
+        line,
+        column,
+        key: key.to_owned(),
+        message: e.message().trim().to_owned(),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[model]\npath = \"m\"\n[data]\ntrain = \"t.jsonl\"\n";
+
+    fn parse(text: &str) -> Result<RunConfig> {
+        let cfg = RunConfig::parse(text, Path::new("run.toml"))?;
+        cfg.validate(Path::new("run.toml"))?;
+        Ok(cfg)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_tinkers() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.lora.rank, 32);
+        assert_eq!(c.lora.alpha, 32.0);
+        assert!(c.lora.train_attn && c.lora.train_mlp && c.lora.train_unembed);
+        assert_eq!(c.optimizer.lr, 1e-4);
+        assert_eq!((c.optimizer.beta1, c.optimizer.beta2), (0.9, 0.95));
+        assert_eq!(c.optimizer.eps, 1e-12);
+        assert_eq!(c.optimizer.weight_decay, 0.0);
+        assert_eq!(c.optimizer.grad_clip, None);
+        assert_eq!(c.nodes, 1);
+        assert_eq!(c.model.device, Device::Cpu);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_key_and_allowed() {
+        let e = err(&format!("{MIN}[lora]\nrank = 8\nrnak = 4\n"));
+        assert!(e.starts_with("run.toml:7:1: key `lora.rnak`"), "{e}");
+        assert!(e.contains("unknown field `rnak`"), "{e}");
+        assert!(e.contains("`rank`") && e.contains("`train_unembed`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_top_level_key() {
+        let e = err(&format!("seeed = 3\n{MIN}"));
+        assert!(e.starts_with("run.toml:1:1"), "{e}");
+        assert!(e.contains("unknown field `seeed`"), "{e}");
+    }
+
+    #[test]
+    fn bad_enum_value_lists_allowed() {
+        let e = err(&format!("{MIN}[schedule]\nkind = \"cosin\"\n"));
+        assert!(e.contains("run.toml:6:"), "{e}");
+        assert!(e.contains("key `schedule.kind`"), "{e}");
+        assert!(e.contains("`constant`, `linear`, `cosine`"), "{e}");
+        let e = err("[model]\npath = \"m\"\ndevice = \"gpu\"\n[data]\ntrain = \"t\"\n");
+        assert!(e.contains("model.device") && e.contains("`cuda:N`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let e = err(&format!("{MIN}[train]\nbatch_size = \"eight\"\n"));
+        assert!(
+            e.contains("run.toml:6:") && e.contains("train.batch_size"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn validation_names_key() {
+        assert!(err("[data]\ntrain = \"t\"\n").contains("model.path"));
+        assert!(err("[model]\npath = \"m\"\n").contains("data.train"));
+        let e = err(&format!("{MIN}[lora]\nrank = 0\n"));
+        assert_eq!(e, "run.toml: lora.rank: must be at least 1");
+        let e = err(&format!("{MIN}eval = \"e\"\neval_fraction = 0.1\n"));
+        assert!(e.contains("data.eval_fraction"), "{e}");
+        assert!(err(&format!("{MIN}[optimizer]\nlr = -1.0\n")).contains("optimizer.lr"));
+        assert!(err("[model]\npath = \"hf:x\"\n[data]\ntrain = \"t\"\n").contains("hf:org/name"));
+    }
+
+    #[test]
+    fn devices_parse() {
+        for (s, d) in [
+            ("cpu", Device::Cpu),
+            ("cuda:3", Device::Cuda(3)),
+            ("auto", Device::Auto),
+        ] {
+            let c = parse(&format!(
+                "[model]\npath = \"m\"\ndevice = \"{s}\"\n[data]\ntrain = \"t\"\n"
+            ))
+            .unwrap();
+            assert_eq!(c.model.device, d);
+            assert_eq!(c.model.device.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn hash_ignores_order_comments_and_cadence_but_not_semantics() {
+        let a = parse(MIN).unwrap();
+        let b = parse(
+            "# c\n[data]\ntrain = \"t.jsonl\"\n[model]\npath = \"m\"\n[train]\nsave_every = 3\n",
+        )
+        .unwrap();
+        assert_eq!(a.semantic_hash(), b.semantic_hash());
+        let c = parse(&format!("{MIN}[lora]\nrank = 16\n")).unwrap();
+        assert_ne!(a.semantic_hash(), c.semantic_hash());
+        let d = diff_entries(&a.semantic_entries(), &c.semantic_entries());
+        assert_eq!(d, vec!["lora.rank: 32 → 16".to_owned()]);
+        // A float that differs in the last bit changes the hash.
+        let e = parse(&format!("{MIN}[optimizer]\nlr = 1.0000000000000002e-4\n")).unwrap();
+        assert_ne!(a.semantic_hash(), e.semantic_hash());
+        assert_eq!(a.semantic_hash().0.len(), 64);
+    }
+
+    #[test]
+    fn overrides() {
+        let a = parse(MIN).unwrap();
+        let b = a.with_override("train.max_steps=7").unwrap();
+        assert_eq!(b.train.max_steps, Some(7));
+        let b = b.with_override("model.path=runs/x").unwrap();
+        assert_eq!(b.model.path, "runs/x");
+        let b = b.with_override("schedule.kind=\"cosine\"").unwrap();
+        assert_eq!(b.schedule.kind, ScheduleKind::Cosine);
+        let b = b.with_override("optimizer.grad_clip=1.0").unwrap();
+        assert_eq!(b.optimizer.grad_clip, Some(1.0));
+        let e = a.with_override("lora.rnak=3").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown field `rnak`") && e.contains("`rank`"),
+            "{e}"
+        );
+        let e = a
+            .with_override("train.batch_size=x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.batch_size"), "{e}");
+        assert!(a.with_override("novalue").is_err());
+    }
+
+    #[test]
+    fn load_reads_file_and_reports_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, MIN).unwrap();
+        let c = RunConfig::load_with_overrides(&p, &["seed=5".into()]).unwrap();
+        assert_eq!(c.seed, 5);
+        let e = RunConfig::load(&dir.path().join("nope.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope.toml"), "{e}");
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}
