@@ -1,0 +1,141 @@
+//! One metrics record per step: the ranks' reports summed in rank order (so
+//! the floating-point sums are the same on every run), plus the step's wall
+//! time as the core measured it from the `now` values it was given.
+
+use crate::ids::{Generation, Step, WorldSize};
+use crate::msg::StepReport;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// A line of `metrics.jsonl` (newtypes serialise as bare numbers).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: Step,
+    /// Steps re-run after a restart appear again with a higher generation.
+    pub generation: Generation,
+    pub world_size: WorldSize,
+    /// Σ loss_sum / Σ weight_sum; `None` when the batch carried no weight.
+    pub loss: Option<f64>,
+    pub loss_sum: f64,
+    pub weight_sum: f64,
+    pub tokens: u64,
+    pub examples: u64,
+    /// From handing the step out to the last rank's report.
+    pub wall_s: f64,
+    /// `None` when no time passed (a virtual clock in tests).
+    pub tokens_per_s: Option<f64>,
+    /// Mean and slowest rank's forward/backward + optimiser time.
+    pub compute_s_mean: f64,
+    pub compute_s_max: f64,
+    /// Mean and slowest rank's all-reduce time.
+    pub comm_s_mean: f64,
+    pub comm_s_max: f64,
+}
+
+impl StepRecord {
+    /// Sums `reports` (one per rank, in rank order) into one record.
+    pub fn aggregate(
+        generation: Generation,
+        step: Step,
+        examples: u64,
+        wall: Duration,
+        reports: &[&StepReport],
+    ) -> StepRecord {
+        let mut r = StepRecord {
+            step,
+            generation,
+            world_size: WorldSize(reports.len() as u32),
+            loss: None,
+            loss_sum: 0.0,
+            weight_sum: 0.0,
+            tokens: 0,
+            examples,
+            wall_s: wall.as_secs_f64(),
+            tokens_per_s: None,
+            compute_s_mean: 0.0,
+            compute_s_max: 0.0,
+            comm_s_mean: 0.0,
+            comm_s_max: 0.0,
+        };
+        for rep in reports {
+            r.loss_sum += rep.loss_sum;
+            r.weight_sum += rep.weight_sum;
+            r.tokens = r.tokens.saturating_add(rep.tokens);
+            let (compute, comm) = (rep.compute.as_secs_f64(), rep.comm.as_secs_f64());
+            r.compute_s_mean += compute;
+            r.comm_s_mean += comm;
+            r.compute_s_max = r.compute_s_max.max(compute);
+            r.comm_s_max = r.comm_s_max.max(comm);
+        }
+        if !reports.is_empty() {
+            r.compute_s_mean /= reports.len() as f64;
+            r.comm_s_mean /= reports.len() as f64;
+        }
+        if r.weight_sum != 0.0 {
+            r.loss = Some(r.loss_sum / r.weight_sum);
+        }
+        if r.wall_s > 0.0 {
+            r.tokens_per_s = Some(r.tokens as f64 / r.wall_s);
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(
+        loss_sum: f64,
+        weight_sum: f64,
+        tokens: u64,
+        compute_ms: u64,
+        comm_ms: u64,
+    ) -> StepReport {
+        StepReport {
+            generation: Generation(0),
+            step: Step(3),
+            loss_sum,
+            weight_sum,
+            tokens,
+            compute: Duration::from_millis(compute_ms),
+            comm: Duration::from_millis(comm_ms),
+            adapter_hash: None,
+        }
+    }
+
+    #[test]
+    fn sums_over_ranks() {
+        let (a, b) = (
+            report(6.0, 4.0, 100, 300, 100),
+            report(2.0, 4.0, 60, 500, 50),
+        );
+        let r = StepRecord::aggregate(
+            Generation(1),
+            Step(3),
+            5,
+            Duration::from_millis(800),
+            &[&a, &b],
+        );
+        assert_eq!(r.loss, Some(1.0));
+        assert_eq!(
+            (r.loss_sum, r.weight_sum, r.tokens, r.examples),
+            (8.0, 8.0, 160, 5)
+        );
+        assert_eq!(r.tokens_per_s, Some(200.0));
+        assert!((r.compute_s_mean - 0.4).abs() < 1e-12 && (r.compute_s_max - 0.5).abs() < 1e-12);
+        assert!((r.comm_s_mean - 0.075).abs() < 1e-12 && (r.comm_s_max - 0.1).abs() < 1e-12);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.starts_with("{\"step\":3,\"generation\":1,\"world_size\":2,\"loss\":1.0,"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn zero_weight_and_zero_time_give_none_not_nan() {
+        let a = report(0.0, 0.0, 0, 0, 0);
+        let r = StepRecord::aggregate(Generation(0), Step(1), 0, Duration::ZERO, &[&a]);
+        assert_eq!((r.loss, r.tokens_per_s), (None, None));
+    }
+}
