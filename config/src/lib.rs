@@ -9,7 +9,7 @@
 //! seed = 0
 //! nodes = 1
 //! [model]      # path (or hf:org/name), init_preset, dtype, device
-//! [data]       # train, eval, eval_fraction, format, renderer, train_on, max_length, ...
+//! [data]       # train, eval, eval_fraction, renderer, train_on, max_length, ...
 //! [lora]       # rank, alpha, dropout, rslora, train_attn, train_mlp, train_unembed
 //! [optimizer]  # lr, beta1, beta2, eps, weight_decay, grad_clip
 //! [schedule]   # kind, warmup_steps, final_lr_fraction
@@ -208,8 +208,6 @@ pub struct DataConfig {
     pub eval: Option<PathBuf>,
     /// Hold out this fraction of the training examples (seeded) for evaluation.
     pub eval_fraction: f64,
-    /// What each JSONL line holds.
-    pub format: DataFormat,
     /// How chat messages become text/tokens.
     pub renderer: Renderer,
     /// Which tokens carry loss weight.
@@ -229,8 +227,7 @@ impl Default for DataConfig {
             train: PathBuf::new(),
             eval: None,
             eval_fraction: 0.0,
-            format: DataFormat::Auto,
-            renderer: Renderer::RoleColon,
+            renderer: Renderer::Auto,
             train_on: TrainOn::AllAssistantMessages,
             max_length: 2048,
             overlong: Overlong::Truncate,
@@ -239,24 +236,12 @@ impl Default for DataConfig {
     }
 }
 
-/// The shape of a dataset line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DataFormat {
-    /// Decide per file from the first line's keys.
-    Auto,
-    /// `{"messages": [{"role": …, "content": …}, …]}` (OpenAI chat shape).
-    Messages,
-    /// `{"text": "…"}`: plain text, every token trained on.
-    Text,
-    /// `{"tokens": [...], "weights": [...]}`: already tokenized.
-    Tokens,
-}
-
 /// Chat template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Renderer {
+    /// Detect from the tokenizer's chat template (llama3 or qwen), else `role_colon`.
+    Auto,
     /// Plain `User: …\n\nAssistant: …` text; works with any tokenizer.
     RoleColon,
     /// Llama 3 `<|start_header_id|>…` template.
@@ -269,8 +254,13 @@ pub enum Renderer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TrainOn {
+    /// Only the last assistant message.
     LastAssistantMessage,
+    /// Every assistant message.
     AllAssistantMessages,
+    /// Every message's content (system and user too), not the headers.
+    AllMessages,
+    /// Every token, headers and separators included.
     AllTokens,
 }
 
