@@ -1,1 +1,57 @@
-//! ringtune-model: see ARCHITECTURE.md for what this crate owns.
+//! ringtune-model: Llama-family models on candle with PEFT-exact LoRA adapters — loading,
+//! forward, forward+backward of the token losses, AdamW, LR schedules, PEFT adapter I/O,
+//! merging, and random-init model folders.
+//!
+//! **This crate knows nothing of ranks, sockets or tokio.** The distributed runtime sees a
+//! model through [`LoraModel::forward_backward`] (gradients as one [`Gradients`] set in a
+//! fixed, sorted-by-PEFT-key order with a cheap flat form), [`AdamW::step_flat`] on the flat
+//! parameter buffer, and the adapter/optimizer-state files.
+//!
+//! # Layout
+//! - [`config`]: `config.json` → [`ModelConfig`] (Llama 2/3.x, Mistral, Qwen2, Qwen3).
+//! - [`hub`]: model folder from a path or `hf:ORG/NAME[@REV]` in the HF cache.
+//! - [`weights`]: memory-mapped safetensors (single or sharded), checked tensor by tensor.
+//! - [`lora`]: [`LoraConfig`], PEFT's init, the adapted linear layer.
+//! - [`model`]: the decoder, [`LoraModel`].
+//! - `ops`: custom candle ops (frozen linear, RMSNorm, RoPE, masked softmax) whose backward
+//!   gives only the gradients LoRA needs.
+//! - `head`: lm_head + loss, chunked, forward and backward by hand.
+//! - [`loss`]: [`Batch`], [`LossKind`], [`LossOutput`].
+//! - [`grads`]: [`ParamLayout`], [`Gradients`].
+//! - [`optim`], [`schedule`]: [`AdamW`], [`LrSchedule`].
+//! - [`peft`], [`merge`]: adapter folders, merging into a full model.
+//! - [`preset`]: benchmark shapes, [`write_random_model`].
+
+pub mod config;
+mod error;
+pub mod grads;
+mod head;
+pub mod hub;
+pub mod io;
+pub mod lora;
+pub mod loss;
+pub mod merge;
+pub mod model;
+mod ops;
+pub mod optim;
+pub mod peft;
+pub mod preset;
+pub mod schedule;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use error::{Error, Result};
+pub use grads::{Gradients, ParamLayout};
+pub use hub::{resolve_model_dir, ModelSpec};
+pub use lora::{Adapters, LoraConfig, TargetModule};
+pub use loss::{Batch, LossKind, LossOutput};
+pub use merge::{merge, merge_with, MergeOptions, MergeReport};
+pub use model::LoraModel;
+pub use ops::set_force_generic;
+pub use optim::{AdamW, AdamWConfig, StepReport};
+pub use peft::AdapterConfig;
+pub use preset::{write_random_model, ModelPreset};
+pub use schedule::{lr_at, LrSchedule, ScheduleKind};
+
+/// Re-exported so callers name devices and dtypes without depending on candle directly.
+pub use candle_core::{DType, Device, Tensor};

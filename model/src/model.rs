@@ -1,0 +1,501 @@
+//! The Llama-family decoder with PEFT LoRA adapters: loading, forward, forward+backward.
+//!
+//! One decoder serves Llama, Mistral, Qwen2 and Qwen3; [`ModelConfig`] carries their
+//! differences (q/k/v biases, q/k norms, sliding windows, tied embeddings). The frozen base
+//! is plain tensors; only the adapters' A and B are [`candle_core::Var`]s.
+//!
+//! Training splits the graph at the final hidden state: the trunk (embeddings → decoder
+//! layers → final norm) runs under candle's autograd, the head (lm_head + loss) is computed
+//! by hand in row chunks (see [`crate::head`]) — it never materialises more than one chunk of
+//! full-vocabulary logits and writes the logits' gradient in place — and its gradient on the
+//! hidden state is fed back into the trunk with one `backward()` of `Σ h ⊙ ∂L/∂h`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::grads::{Gradients, ParamLayout};
+use crate::head;
+use crate::lora::{fnv1a, Adapters, LoraAdapter, LoraConfig, LoraLinear, TargetModule};
+use crate::loss::{Batch, LossKind, LossOutput};
+use crate::ops::{self, AttnMask};
+use crate::weights::{Vb, VbPath, WeightFiles};
+
+/// Per-pass settings threaded through the layers.
+struct Pass<'a> {
+    adapters: Adapters,
+    /// Dropout on the adapters' inputs: (p, seed for this pass).
+    dropout: Option<(f64, u64)>,
+    mask: &'a AttnMask,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    batch: usize,
+    seq: usize,
+}
+
+impl Pass<'_> {
+    /// A dropout mask for one adapter input `[n, width]`, or `None` (no dropout).
+    fn dropout_mask(&self, prefix: &str, n: usize, width: usize, device: &Device) -> Result<Option<Tensor>> {
+        let Some((p, seed)) = self.dropout else { return Ok(None) };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ fnv1a(prefix.as_bytes()));
+        let keep = 1.0 / (1.0 - p) as f32;
+        let m: Vec<f32> = (0..n * width).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+        Ok(Some(Tensor::from_vec(m, (n, width), device)?))
+    }
+
+    fn linear(&self, l: &LoraLinear, x: &Tensor) -> Result<Tensor> {
+        let mask = match (&l.adapter, self.adapters) {
+            (Some(a), Adapters::On) => {
+                let (n, w) = x.dims2()?;
+                self.dropout_mask(&a.prefix, n, w, x.device())?
+            }
+            _ => None,
+        };
+        l.forward(x, self.adapters, mask.as_ref())
+    }
+}
+
+fn linear(vb: &VbPath<'_>, lora: &LoraConfig, target: TargetModule, in_dim: usize, out_dim: usize, bias: bool, seed: u64) -> Result<LoraLinear> {
+    let weight = vb.get(&[out_dim, in_dim], "weight")?;
+    let bias = if bias { Some(vb.get(&[out_dim], "bias")?) } else { None };
+    let adapter = if lora.targets(target) {
+        Some(LoraAdapter::init(format!("base_model.model.{}", vb.prefix()), in_dim, out_dim, lora, seed, vb.device())?)
+    } else {
+        None
+    };
+    Ok(LoraLinear { weight, bias, adapter })
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+    window: Option<usize>,
+}
+
+impl Attention {
+    fn load(vb: &VbPath<'_>, cfg: &ModelConfig, lora: &LoraConfig, seed: u64, window: Option<usize>) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (Some(vb.pp("q_norm").get(&[d], "weight")?), Some(vb.pp("k_norm").get(&[d], "weight")?))
+        } else {
+            (None, None)
+        };
+        Ok(Attention {
+            q_proj: linear(&vb.pp("q_proj"), lora, TargetModule::QProj, h, q, cfg.qkv_bias, seed)?,
+            k_proj: linear(&vb.pp("k_proj"), lora, TargetModule::KProj, h, kv, cfg.qkv_bias, seed)?,
+            v_proj: linear(&vb.pp("v_proj"), lora, TargetModule::VProj, h, kv, cfg.qkv_bias, seed)?,
+            o_proj: linear(&vb.pp("o_proj"), lora, TargetModule::OProj, q, h, cfg.o_bias, seed)?,
+            q_norm,
+            k_norm,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+            eps: cfg.rms_norm_eps,
+            window,
+        })
+    }
+
+    /// `x [N, hidden]` → `[N, hidden]`.
+    fn forward(&self, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
+        let (b, t, d) = (pass.batch, pass.seq, self.head_dim);
+        let n = b * t;
+        let mut q = pass.linear(&self.q_proj, x)?;
+        let mut k = pass.linear(&self.k_proj, x)?;
+        let v = pass.linear(&self.v_proj, x)?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = ops::rms_norm(&q.reshape((n * self.heads, d))?, qn, self.eps)?;
+            k = ops::rms_norm(&k.reshape((n * self.kv_heads, d))?, kn, self.eps)?;
+        }
+        let q = q.reshape((b, t, self.heads, d))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, t, self.kv_heads, d))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, t, self.kv_heads, d))?.transpose(1, 2)?.contiguous()?;
+        let q = ops::rope(&q, pass.cos, pass.sin)?;
+        let k = ops::rope(&k, pass.cos, pass.sin)?;
+        // Grouped-query attention without copying k/v: the query heads that share a kv head
+        // are stacked along the rows, [B, kv, rep·T, d] · [B, kv, d, T].
+        let rep = self.heads / self.kv_heads;
+        let q = q.reshape((b, self.kv_heads, rep * t, d))?;
+        let scores = q.matmul(&k.t()?)?;
+        let mask = AttnMask { window: self.window, ..pass.mask.clone() };
+        let p = ops::masked_softmax(&scores, 1.0 / (d as f64).sqrt(), &mask)?;
+        let o = p.matmul(&v)?;
+        let o = o.reshape((b, self.heads, t, d))?.transpose(1, 2)?.contiguous()?.reshape((n, self.heads * d))?;
+        pass.linear(&self.o_proj, &o)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
+}
+
+impl Mlp {
+    fn load(vb: &VbPath<'_>, cfg: &ModelConfig, lora: &LoraConfig, seed: u64) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: linear(&vb.pp("gate_proj"), lora, TargetModule::GateProj, h, i, cfg.mlp_bias, seed)?,
+            up_proj: linear(&vb.pp("up_proj"), lora, TargetModule::UpProj, h, i, cfg.mlp_bias, seed)?,
+            down_proj: linear(&vb.pp("down_proj"), lora, TargetModule::DownProj, i, h, cfg.mlp_bias, seed)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
+        let g = pass.linear(&self.gate_proj, x)?.silu()?;
+        let u = pass.linear(&self.up_proj, x)?;
+        pass.linear(&self.down_proj, &(g * u)?)
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+    eps: f64,
+}
+
+impl DecoderLayer {
+    fn load(vb: &VbPath<'_>, cfg: &ModelConfig, lora: &LoraConfig, seed: u64, window: Option<usize>) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(DecoderLayer {
+            input_layernorm: vb.pp("input_layernorm").get(&[h], "weight")?,
+            self_attn: Attention::load(&vb.pp("self_attn"), cfg, lora, seed, window)?,
+            post_attention_layernorm: vb.pp("post_attention_layernorm").get(&[h], "weight")?,
+            mlp: Mlp::load(&vb.pp("mlp"), cfg, lora, seed)?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
+        let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
+        let x = (x + self.self_attn.forward(&h, pass)?)?;
+        let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
+        Ok((&x + self.mlp.forward(&h, pass)?)?)
+    }
+
+    fn linears(&self) -> [&LoraLinear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+    }
+}
+
+/// A base model with LoRA adapters on it.
+#[derive(Debug)]
+pub struct LoraModel {
+    cfg: ModelConfig,
+    lora: LoraConfig,
+    model_dir: PathBuf,
+    device: Device,
+    dtype: DType,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: LoraLinear,
+    inv_freq: Vec<f32>,
+    layout: ParamLayout,
+    /// `(key, var)` in layout order.
+    params: Vec<(String, Var)>,
+    seed: u64,
+    /// Counts forward_backward calls, so every pass draws fresh dropout masks.
+    passes: AtomicU64,
+}
+
+impl LoraModel {
+    /// Loads the base model in `model_dir` (config.json + safetensors) in `dtype` on `device`
+    /// and puts freshly initialised adapters (PEFT's init, seeded by `seed`) on it.
+    pub fn load(model_dir: &Path, lora: &LoraConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        let cfg = ModelConfig::from_file(model_dir.join("config.json"))?;
+        Self::load_with_config(model_dir, cfg, lora, device, dtype, seed)
+    }
+
+    /// Like [`LoraModel::load`] with an already parsed config.
+    pub fn load_with_config(model_dir: &Path, cfg: ModelConfig, lora: &LoraConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        let lora = lora.clone().validated()?;
+        match (device.is_cpu(), dtype) {
+            (_, DType::F32) => {}
+            (false, DType::BF16 | DType::F16) => {}
+            (true, d) => {
+                return Err(Error::Unsupported(format!(
+                    "compute dtype {d:?} on the CPU (candle's CPU matmul has no bf16; use f32)"
+                )))
+            }
+            (false, d) => return Err(Error::Unsupported(format!("compute dtype {d:?}"))),
+        }
+        let files = WeightFiles::open(model_dir)?;
+        let root = Vb { files: &files, dtype, device }.root();
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = root.pp("model.embed_tokens").get(&[v, h], "weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let window = cfg.sliding_windows.get(i).copied().flatten();
+            layers.push(DecoderLayer::load(&root.pp("model.layers").pp(i), &cfg, &lora, seed, window)?);
+        }
+        let norm = root.pp("model.norm").get(&[h], "weight")?;
+        let lm_head = if cfg.tie_word_embeddings {
+            // Some tied checkpoints also store lm_head.weight; the tie decides.
+            files.skip("lm_head.weight");
+            let adapter = if lora.targets(TargetModule::LmHead) {
+                Some(LoraAdapter::init("base_model.model.lm_head".into(), h, v, &lora, seed, device)?)
+            } else {
+                None
+            };
+            LoraLinear { weight: embed_tokens.clone(), bias: None, adapter }
+        } else {
+            linear(&root.pp("lm_head"), &lora, TargetModule::LmHead, h, v, false, seed)?
+        };
+        files.check_all_taken()?;
+
+        let mut params = Vec::new();
+        let all = layers.iter().flat_map(|l| l.linears()).chain(std::iter::once(&lm_head));
+        for l in all {
+            if let Some(a) = &l.adapter {
+                params.push((a.key_a(), a.a.clone()));
+                params.push((a.key_b(), a.b.clone()));
+            }
+        }
+        params.sort_by(|x, y| x.0.cmp(&y.0));
+        let layout = ParamLayout::new(params.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect())?;
+        let inv_freq = cfg.rope_inv_freq();
+        Ok(LoraModel {
+            cfg,
+            lora,
+            model_dir: model_dir.to_path_buf(),
+            device: device.clone(),
+            dtype,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            layout,
+            params,
+            seed,
+            passes: AtomicU64::new(0),
+        })
+    }
+
+    /// The base model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The adapters' config.
+    pub fn lora_config(&self) -> &LoraConfig {
+        &self.lora
+    }
+
+    /// The folder the base model was loaded from.
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The compute dtype of the base.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The adapter parameters' keys and shapes, sorted by PEFT key.
+    pub fn param_layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// The adapter tensors (current values) in layout order.
+    pub fn adapter_tensors(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+    }
+
+    /// The adapter parameters as one flat f32 buffer in layout order.
+    pub fn params_flat(&self) -> Result<Vec<f32>> {
+        self.layout.flatten(&self.adapter_tensors())
+    }
+
+    /// Overwrites the adapter parameters from a flat buffer in layout order.
+    pub fn set_params_flat(&self, flat: &[f32]) -> Result<()> {
+        let tensors = self.layout.unflatten(flat, &self.device)?;
+        for ((_, var), (_, t)) in self.params.iter().zip(tensors) {
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// Overwrites the adapter parameters from named tensors that follow the layout.
+    pub fn set_adapter_tensors(&self, tensors: &[(String, Tensor)]) -> Result<()> {
+        self.layout.check(tensors)?;
+        for ((_, var), (_, t)) in self.params.iter().zip(tensors) {
+            let t = t.to_dtype(DType::F32)?.to_device(&self.device)?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// A 64-bit fingerprint of the adapter bits (FNV-1a over the flat buffer): equal on
+    /// every rank after every step, or something diverged.
+    pub fn params_fingerprint(&self) -> Result<u64> {
+        let flat = self.params_flat()?;
+        let mut bytes = Vec::with_capacity(flat.len() * 4);
+        for v in flat {
+            bytes.extend_from_slice(&v.to_bits().to_le_bytes());
+        }
+        Ok(fnv1a(&bytes))
+    }
+
+    /// RoPE tables `[t, d/2]` in f32, as transformers computes them (positions 0..t).
+    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in 0..t {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, half), &self.device)?,
+            Tensor::from_vec(sin, (t, half), &self.device)?,
+        ))
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        let (b, t) = ids
+            .dims2()
+            .map_err(|_| Error::InvalidBatch(format!("input_ids must be [B, T], got shape {:?}", ids.dims())))?;
+        if ids.dtype() != DType::U32 {
+            return Err(Error::InvalidBatch(format!("input_ids must be u32, got {:?}", ids.dtype())));
+        }
+        let v = self.cfg.vocab_size as u32;
+        let max = ids.flatten_all()?.to_vec1::<u32>()?.into_iter().max();
+        if let Some(m) = max.filter(|&m| m >= v) {
+            return Err(Error::InvalidBatch(format!("token id {m} is outside the vocabulary (size {v})")));
+        }
+        Ok((b, t))
+    }
+
+    /// The trunk: embeddings, decoder layers, final norm. Returns `[B·T, hidden]`.
+    fn trunk(&self, ids: &Tensor, key_valid: Option<Arc<Vec<u8>>>, adapters: Adapters, dropout: Option<(f64, u64)>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
+        let (cos, sin) = self.rope_tables(t)?;
+        let mask = AttnMask { t, window: None, key_valid };
+        let pass = Pass { adapters, dropout, mask: &mask, cos: &cos, sin: &sin, batch: b, seq: t };
+        for layer in &self.layers {
+            x = layer.forward(&x, &pass)?;
+        }
+        ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
+    }
+
+    /// Logits `[B, T, vocab]` for `input_ids [B, T]` (u32) with the adapters on.
+    /// `attention_mask [B, T]` (any dtype, nonzero = real token) hides padding keys.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_with(input_ids, attention_mask, Adapters::On)
+    }
+
+    /// [`LoraModel::forward`] with the adapters on or off.
+    pub fn forward_with(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, adapters: Adapters) -> Result<Tensor> {
+        let (b, t) = self.check_ids(input_ids)?;
+        let key_valid = match attention_mask {
+            None => None,
+            Some(m) => {
+                if m.dims() != [b, t] {
+                    return Err(Error::InvalidBatch(format!(
+                        "attention_mask has shape {:?}, input_ids {:?}",
+                        m.dims(),
+                        [b, t]
+                    )));
+                }
+                let v = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Some(Arc::new(v.into_iter().map(|x| u8::from(x != 0.0)).collect::<Vec<u8>>()))
+            }
+        };
+        let h = self.trunk(input_ids, key_valid, adapters, None)?.detach();
+        let logits = self.lm_head.forward(&h, adapters, None)?;
+        Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// Per-token logprobs of a batch's targets and the loss, without gradients (the DPO
+    /// reference pass uses [`Adapters::Off`]).
+    pub fn logprobs(&self, batch: &Batch, kind: LossKind, adapters: Adapters) -> Result<LossOutput> {
+        batch.check_vocab(self.cfg.vocab_size)?;
+        if batch.rows() == 0 || batch.seq() == 0 {
+            return Ok(empty_output(kind, batch));
+        }
+        let ids = batch.input_tensor(&self.device)?;
+        let h = self.trunk(&ids, None, adapters, None)?.detach();
+        let out = head::run(&h, &self.lm_head, batch, kind, adapters, false)?;
+        Ok(out.loss)
+    }
+
+    /// tinker's forward_backward: the loss over a batch and the gradient of the loss *sum*
+    /// with respect to every adapter tensor (divide by the global weight sum for the mean).
+    /// Right padding (and weight 0 on it) keeps padding out of every real token's numbers.
+    pub fn forward_backward(&self, batch: &Batch, kind: LossKind) -> Result<(LossOutput, Gradients)> {
+        batch.check_vocab(self.cfg.vocab_size)?;
+        if batch.rows() == 0 || batch.seq() == 0 {
+            let zeros = self
+                .layout
+                .entries()
+                .iter()
+                .map(|(k, s)| Ok((k.clone(), Tensor::zeros(s.as_slice(), DType::F32, &self.device)?)))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok((empty_output(kind, batch), Gradients::new(self.layout.clone(), zeros)?));
+        }
+        let pass_no = self.passes.fetch_add(1, Ordering::Relaxed);
+        let dropout = (self.lora.dropout > 0.0).then(|| (self.lora.dropout, self.seed ^ pass_no.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let ids = batch.input_tensor(&self.device)?;
+        let h = self.trunk(&ids, None, Adapters::On, dropout)?;
+        let hd = h.detach();
+        let out = head::run(&hd, &self.lm_head, batch, kind, Adapters::On, true)?;
+        let grad_h = out.grad_h.ok_or_else(|| Error::Unsupported("head returned no gradient".into()))?;
+
+        let store = if h.track_op() {
+            // d/dh Σ h ⊙ G = G: one backward carries the head's gradient through the trunk.
+            let surrogate = (&h * &grad_h.to_dtype(h.dtype())?)?.sum_all()?;
+            Some(surrogate.backward()?)
+        } else {
+            None
+        };
+        let mut tensors = Vec::with_capacity(self.params.len());
+        for (key, var) in &self.params {
+            let g = match (&out.lm_head_grads, key) {
+                (Some((ga, _)), k) if k.starts_with("base_model.model.lm_head.") && k.ends_with("lora_A.weight") => ga.clone(),
+                (Some((_, gb)), k) if k.starts_with("base_model.model.lm_head.") && k.ends_with("lora_B.weight") => gb.clone(),
+                _ => match store.as_ref().and_then(|s| s.get(var.as_tensor())) {
+                    Some(g) => g.to_dtype(DType::F32)?,
+                    // Not on the path to the loss (e.g. a layer after every weighted token):
+                    // its gradient is exactly zero.
+                    None => var.as_tensor().zeros_like()?,
+                },
+            };
+            tensors.push((key.clone(), g));
+        }
+        Ok((out.loss, Gradients::new(self.layout.clone(), tensors)?))
+    }
+}
+
+fn empty_output(kind: LossKind, batch: &Batch) -> LossOutput {
+    LossOutput { kind, loss_sum: 0.0, weight_sum: 0.0, tokens: 0, logprobs: vec![0.0; batch.rows() * batch.seq()] }
+}

@@ -1,0 +1,547 @@
+//! The decoder's building blocks as candle ops with backward passes that suit LoRA.
+//!
+//! Why custom ops: candle's generic backward computes the gradient of *both* operands of
+//! every matmul, so `x · Wᵀ` with a frozen `W` would spend a full matmul per layer on a
+//! weight gradient nobody wants; and candle-nn's fused RMSNorm, RoPE and softmax have no
+//! backward at all. Each op here has a CPU/f32 kernel (rows in parallel with rayon) and a
+//! backward that produces exactly the input gradient. Other devices and dtypes take a
+//! composition of plain candle ops with the same math (slower, but autograd-correct), so
+//! the `cuda` feature compiles and runs.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, D,
+};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+thread_local! {
+    static FORCE_GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes this thread use the generic (device-independent) compositions instead of the CPU
+/// kernels, so tests can check one against the other. Not for production use.
+#[doc(hidden)]
+pub fn set_force_generic(on: bool) {
+    FORCE_GENERIC.with(|f| f.set(on));
+}
+
+pub(crate) fn force_generic() -> bool {
+    FORCE_GENERIC.with(|f| f.get())
+}
+
+/// Whether the fast CPU kernels apply.
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && !force_generic()
+}
+
+/// A contiguous f32 view of a CPU storage.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    if !l.is_contiguous() {
+        bail!("kernel expects a contiguous input, got strides {:?}", l.stride())
+    }
+    let all = s.as_slice::<f32>()?;
+    Ok(&all[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+}
+
+/// Runs `f` on the f32 data of a captured (non-argument) CPU tensor.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => f(slice(c, l)?),
+        _ => bail!("expected a CPU tensor"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fast exp. Cephes' expf polynomial after range reduction; ≤ 2 ulp on the range used
+// here, and written without branches or libm calls so that the row loops vectorise.
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5 · 2^23: adding it rounds to an integer in the low mantissa bits.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * LOG2E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let r2 = r * r;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let p = p * r2 + r + 1.0;
+    // 2^n from the integer sitting in t's low mantissa bits.
+    let bits = (t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits()) as i32 + 127) << 23;
+    p * f32::from_bits(bits as u32)
+}
+
+/// `dst[i] = exp(src[i] - shift)`, returns Σ dst (f32 lanes, f64 final sum).
+#[inline(always)]
+fn exp_shift_sum_body(row: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = row.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for (v, a) in c.iter_mut().zip(acc.iter_mut()) {
+            *v = exp_approx(*v - shift);
+            *a += *v;
+        }
+    }
+    let mut tail = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_approx(*v - shift);
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shift_sum_avx2(row: &mut [f32], shift: f32) -> f32 {
+    exp_shift_sum_body(row, shift)
+}
+
+/// In place `row[i] = exp(row[i] - shift)`; returns the sum.
+pub(crate) fn exp_shift_sum(row: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function was compiled for.
+            return unsafe { exp_shift_sum_avx2(row, shift) };
+        }
+    }
+    exp_shift_sum_body(row, shift)
+}
+
+#[inline(always)]
+fn max_body(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = row.chunks_exact(16);
+    for c in &mut chunks {
+        for (v, a) in c.iter().zip(acc.iter_mut()) {
+            *a = a.max(*v);
+        }
+    }
+    let m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    acc.iter().fold(m, |m, &v| m.max(v))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn max_avx2(row: &[f32]) -> f32 {
+    max_body(row)
+}
+
+/// Maximum of a row (−inf for an empty row).
+pub(crate) fn row_max(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has the feature the function was compiled for.
+            return unsafe { max_avx2(row) };
+        }
+    }
+    max_body(row)
+}
+
+// ---------------------------------------------------------------------------------------
+// Frozen linear: y = x · Wᵀ, gradient to x only.
+
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl FrozenLinear {
+    fn fwd<S: BackendStorage>(&self, x: &S, xl: &Layout, w: &S, wl: &Layout) -> candle_core::Result<(S, Shape)> {
+        if !xl.is_contiguous() || !wl.is_contiguous() {
+            bail!("frozen-linear expects contiguous operands")
+        }
+        let dims = xl.dims();
+        let k = *dims.last().unwrap_or(&0);
+        let (out, k2) = (wl.dims()[0], wl.dims()[1]);
+        if k != k2 {
+            bail!("frozen-linear: input width {k} does not match weight {:?}", wl.dims())
+        }
+        let m = xl.shape().elem_count() / k.max(1);
+        let lhs = Layout::contiguous_with_offset((m, k), xl.start_offset());
+        let rhs = wl.transpose(0, 1)?;
+        let y = x.matmul(w, (1, m, out, k), &lhs, &rhs)?;
+        let mut od = dims.to_vec();
+        *od.last_mut().expect("rank >= 1") = out;
+        Ok((y, Shape::from(od)))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        match &*ws {
+            Storage::Cpu(w) => self.fwd(s, l, w, wl),
+            _ => bail!("frozen-linear: weight is not on the CPU"),
+        }
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        match &*ws {
+            Storage::Cuda(w) => self.fwd(s, l, w, wl),
+            _ => bail!("frozen-linear: weight is not on the GPU"),
+        }
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let out = self.w.dim(0)?;
+        let g = grad.reshape(((), out))?;
+        Ok(Some(g.matmul(&self.w)?.reshape(arg.shape())?))
+    }
+}
+
+/// `x [.., in] · Wᵀ` with `W [out, in]` frozen: backward gives the gradient of `x` only.
+pub(crate) fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if !x.track_op() || force_generic() {
+        // No gradient needed: a plain matmul is the same numbers with less bookkeeping.
+        let (out, inp) = w.dims2()?;
+        let lead: Vec<usize> = x.dims()[..x.rank() - 1].to_vec();
+        let y = x.reshape(((), inp))?.matmul(&w.t()?)?;
+        let mut od = lead;
+        od.push(out);
+        return Ok(y.reshape(od)?);
+    }
+    Ok(x.apply_op1_arc(Arc::new(Box::new(FrozenLinear { w: w.clone() })))?)
+}
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm with a frozen weight, over the last dimension.
+
+struct RmsNorm {
+    w: Tensor,
+    eps: f32,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm-frozen"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let h = *l.dims().last().unwrap_or(&1);
+        let mut y = vec![0f32; x.len()];
+        with_cpu_f32(&self.w, |w| {
+            y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(yr, xr)| {
+                let ss: f32 = xr.iter().map(|v| v * v).sum();
+                let r = 1.0 / (ss / h as f32 + self.eps).sqrt();
+                for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+                    *yv = wv * (xv * r);
+                }
+            });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(arg.apply_op2_no_bwd(&g, &RmsNormBwd { w: self.w.clone(), eps: self.eps })?))
+    }
+}
+
+struct RmsNormBwd {
+    w: Tensor,
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms-norm-frozen-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
+        let h = *l1.dims().last().unwrap_or(&1);
+        let mut dx = vec![0f32; x.len()];
+        with_cpu_f32(&self.w, |w| {
+            dx.par_chunks_mut(h).zip(x.par_chunks(h).zip(g.par_chunks(h))).for_each(|(dr, (xr, gr))| {
+                // y = w ⊙ x · r, r = (mean x² + eps)^-1/2:
+                // dx = r (w ⊙ g) − x · r³ · mean(w ⊙ g ⊙ x).
+                let ss: f32 = xr.iter().map(|v| v * v).sum();
+                let r = 1.0 / (ss / h as f32 + self.eps).sqrt();
+                let dot: f32 = xr.iter().zip(gr).zip(w).map(|((x, g), w)| x * g * w).sum();
+                let c = dot * r * r * r / h as f32;
+                for (((d, xv), gv), wv) in dr.iter_mut().zip(xr).zip(gr).zip(w) {
+                    *d = r * (wv * gv) - xv * c;
+                }
+            });
+            Ok(())
+        })?;
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// RMSNorm over the last dimension with a frozen weight, as transformers computes it:
+/// `w · (x · rsqrt(mean(x²) + eps))` in f32.
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if cpu_f32(x) {
+        let x = x.contiguous()?;
+        return Ok(x.apply_op1_arc(Arc::new(Box::new(RmsNorm { w: w.clone(), eps: eps as f32 })))?);
+    }
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
+    Ok(y.to_dtype(dtype)?.broadcast_mul(w)?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Rotary embedding (the "rotate half" layout of transformers' Llama).
+
+struct Rope {
+    /// `[T, d/2]` f32.
+    cos: Tensor,
+    /// `[T, d/2]` f32.
+    sin: Tensor,
+    /// Rotate by −θ (the backward pass).
+    inverse: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-frozen"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let dims = l.dims();
+        let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let half = d / 2;
+        let mut y = vec![0f32; x.len()];
+        let sign = if self.inverse { -1f32 } else { 1f32 };
+        with_cpu_f32(&self.cos, |cos| {
+            with_cpu_f32(&self.sin, |sin| {
+                y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(yb, xb)| {
+                    for p in 0..t {
+                        let (c, sn) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+                        let (xr, yr) = (&xb[p * d..(p + 1) * d], &mut yb[p * d..(p + 1) * d]);
+                        let (x1, x2) = xr.split_at(half);
+                        let (y1, y2) = yr.split_at_mut(half);
+                        for i in 0..half {
+                            let s = sign * sn[i];
+                            // q·cos + rotate_half(q)·sin, rotate_half(q) = (−q2, q1).
+                            y1[i] = x1[i] * c[i] + (-x2[i]) * s;
+                            y2[i] = x2[i] * c[i] + x1[i] * s;
+                        }
+                    }
+                });
+                Ok(())
+            })
+        })?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // A rotation's transpose is the rotation by −θ.
+        let g = grad.contiguous()?;
+        let inv = Rope { cos: self.cos.clone(), sin: self.sin.clone(), inverse: !self.inverse };
+        Ok(Some(g.apply_op1_no_bwd(&inv)?))
+    }
+}
+
+/// RoPE on `x [.., T, d]` with tables `cos`, `sin` `[T, d/2]` (f32).
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if cpu_f32(x) {
+        let x = x.contiguous()?;
+        let op = Rope { cos: cos.clone(), sin: sin.clone(), inverse: false };
+        return Ok(x.apply_op1_arc(Arc::new(Box::new(op)))?);
+    }
+    let dtype = x.dtype();
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.to_dtype(dtype)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.to_dtype(dtype)?;
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Masked softmax of attention scores.
+
+/// Which keys a query may see.
+#[derive(Debug, Clone)]
+pub(crate) struct AttnMask {
+    /// Query positions per head group: row `r` of the scores is position `r % t`.
+    pub t: usize,
+    /// Sliding window (a query sees itself and the `w − 1` keys before it).
+    pub window: Option<usize>,
+    /// Per batch row, per key position: 0 = padding (never attended).
+    pub key_valid: Option<Arc<Vec<u8>>>,
+}
+
+impl AttnMask {
+    #[inline]
+    fn allowed(&self, b: usize, i: usize, j: usize) -> bool {
+        j <= i
+            && self.window.is_none_or(|w| i - j < w)
+            && self.key_valid.as_ref().is_none_or(|m| m[b * self.t + j] != 0)
+    }
+}
+
+struct MaskedSoftmax {
+    scale: f32,
+    mask: AttnMask,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let dims = l.dims();
+        // [B, groups, rows, T]
+        let (b, rows_per_b, t) = (dims[0], l.shape().elem_count() / dims[0] / dims[dims.len() - 1], dims[dims.len() - 1]);
+        let _ = b;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(row, (yr, xr))| {
+            let bi = row / rows_per_b;
+            let i = row % self.mask.t;
+            // Causal: keys 0..=i; the window and key padding remove more.
+            let lo = self.mask.window.map_or(0, |w| (i + 1).saturating_sub(w));
+            let hi = i + 1;
+            let mut m = f32::NEG_INFINITY;
+            for j in lo..hi {
+                if self.mask.allowed(bi, i, j) {
+                    yr[j] = xr[j] * self.scale;
+                    m = m.max(yr[j]);
+                } else {
+                    yr[j] = f32::NEG_INFINITY;
+                }
+            }
+            if m == f32::NEG_INFINITY {
+                // No visible key (a padding query): output zeros, not NaN.
+                yr[lo..hi].fill(0.0);
+                return;
+            }
+            let mut sum = 0f32;
+            for v in &mut yr[lo..hi] {
+                *v = if *v == f32::NEG_INFINITY { 0.0 } else { (*v - m).exp() };
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            for v in &mut yr[lo..hi] {
+                *v *= inv;
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(res.apply_op2_no_bwd(&g, &SoftmaxBwd { scale: self.scale })?))
+    }
+}
+
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "masked-softmax-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (y, g) = (slice(s1, l1)?, slice(s2, l2)?);
+        let t = *l1.dims().last().unwrap_or(&1);
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(t).zip(y.par_chunks(t).zip(g.par_chunks(t))).for_each(|(dr, (yr, gr))| {
+            // d/dx softmax(scale·x) = scale · y ⊙ (g − Σ g ⊙ y)
+            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+            for ((d, yv), gv) in dr.iter_mut().zip(yr).zip(gr) {
+                *d = self.scale * yv * (gv - dot);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// `softmax(scale · scores + mask)` over the last dimension for scores
+/// `[B, groups, rows, T]` (row `r` is query position `r % mask.t`); masked keys get
+/// probability 0 and a row with no visible key is all zeros.
+pub(crate) fn masked_softmax(scores: &Tensor, scale: f64, mask: &AttnMask) -> Result<Tensor> {
+    if cpu_f32(scores) {
+        let s = scores.contiguous()?;
+        let op = MaskedSoftmax { scale: scale as f32, mask: mask.clone() };
+        return Ok(s.apply_op1_arc(Arc::new(Box::new(op)))?);
+    }
+    // Composition for other devices: an additive −inf mask, then a max-shifted softmax.
+    let dims = scores.dims().to_vec();
+    let (b, t) = (dims[0], dims[dims.len() - 1]);
+    let rows = scores.elem_count() / b / t;
+    let mut add = vec![0f32; b * rows * t];
+    for bi in 0..b {
+        for r in 0..rows {
+            let i = r % mask.t;
+            for j in 0..t {
+                if !mask.allowed(bi, i, j) {
+                    add[(bi * rows + r) * t + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    let add = Tensor::from_vec(add, dims.as_slice(), scores.device())?.to_dtype(DType::F32)?;
+    let x = (scores.to_dtype(DType::F32)? * scale)?.add(&add)?;
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    // A fully masked row has max −inf; shift it by 0 instead so it becomes all zeros.
+    let m = m.where_cond(&m.ne(f32::NEG_INFINITY)?, &m.zeros_like()?)?;
+    let e = x.broadcast_sub(&m)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let sum = (sum.clone() + sum.eq(0f32)?.to_dtype(DType::F32)?)?;
+    Ok(e.broadcast_div(&sum)?.to_dtype(scores.dtype())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -80f32;
+        while x < 0.5 {
+            let e = exp_approx(x) as f64;
+            let r = (x as f64).exp();
+            worst = worst.max(((e - r) / r).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn exp_shift_sum_matches_scalar() {
+        let row: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32) * 0.05 - 2.0).collect();
+        let mut a = row.clone();
+        let s = exp_shift_sum(&mut a, 1.5);
+        let s_ref: f64 = row.iter().map(|&v| ((v - 1.5) as f64).exp()).sum();
+        assert!(((s as f64 - s_ref) / s_ref).abs() < 1e-6);
+        for (x, y) in row.iter().zip(&a) {
+            assert!((((x - 1.5) as f64).exp() - *y as f64).abs() < 1e-6 * (*y as f64).max(1e-30));
+        }
+        assert_eq!(row_max(&row), row.iter().cloned().fold(f32::MIN, f32::max));
+    }
+}

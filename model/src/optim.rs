@@ -1,0 +1,230 @@
+//! AdamW on the flat adapter buffer, matching `torch.optim.AdamW` (single-tensor CPU path)
+//! operation by operation, so that two steps agree with PyTorch to float rounding.
+//!
+//! Working on one flat f32 buffer in [`ParamLayout`] order is what makes every rank's step
+//! identical: same inputs, same order of operations, same bits. The state (m, v, step)
+//! exports as named tensors `<key>.exp_avg` / `<key>.exp_avg_sq` plus the step count, so a
+//! checkpoint resumes bit-exactly.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::grads::ParamLayout;
+
+/// AdamW hyper-parameters. Defaults are tinker's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Learning rate used when a step is not given one (schedules pass their own).
+    pub lr: f64,
+    /// β1.
+    pub beta1: f64,
+    /// β2.
+    pub beta2: f64,
+    /// ε, added to √v̂.
+    pub eps: f64,
+    /// Decoupled weight decay (param ← param · (1 − lr · wd)).
+    pub weight_decay: f64,
+    /// Clip the gradients to this global L2 norm before the update, if set.
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-12, weight_decay: 0.0, max_grad_norm: None }
+    }
+}
+
+/// What one optimizer step saw.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Global L2 norm of the gradients before clipping.
+    pub grad_norm: f64,
+    /// Whether the gradients were scaled down by clipping.
+    pub clipped: bool,
+    /// The step number just taken (1-based, as PyTorch counts).
+    pub step: u64,
+}
+
+/// AdamW with its state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamW {
+    cfg: AdamWConfig,
+    layout: ParamLayout,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+    step: u64,
+}
+
+impl AdamW {
+    /// Fresh state (zeros, step 0) for parameters laid out as `layout`.
+    pub fn new(cfg: AdamWConfig, layout: ParamLayout) -> Self {
+        let n = layout.numel();
+        AdamW { cfg, layout, exp_avg: vec![0.0; n], exp_avg_sq: vec![0.0; n], step: 0 }
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// The parameter layout the state follows.
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// Steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// First moments, flat.
+    pub fn exp_avg(&self) -> &[f32] {
+        &self.exp_avg
+    }
+
+    /// Second moments, flat.
+    pub fn exp_avg_sq(&self) -> &[f32] {
+        &self.exp_avg_sq
+    }
+
+    /// One update of `params` with `grads` (both flat, layout order) at learning rate `lr`.
+    /// `grads` is clipped in place when `max_grad_norm` is set.
+    pub fn step_flat(&mut self, params: &mut [f32], grads: &mut [f32], lr: f64) -> Result<StepReport> {
+        let n = self.exp_avg.len();
+        if params.len() != n || grads.len() != n {
+            return Err(Error::ParamMismatch(format!(
+                "AdamW state has {n} values, got {} parameters and {} gradients",
+                params.len(),
+                grads.len()
+            )));
+        }
+        if !lr.is_finite() || lr < 0.0 {
+            return Err(Error::ParamMismatch(format!("learning rate {lr} is not a finite value >= 0")));
+        }
+        let grad_norm = grads.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt();
+        if !grad_norm.is_finite() {
+            return Err(Error::ParamMismatch(format!(
+                "gradient norm is {grad_norm} at step {}: refusing to update",
+                self.step + 1
+            )));
+        }
+        let mut clipped = false;
+        if let Some(max) = self.cfg.max_grad_norm {
+            // torch.nn.utils.clip_grad_norm_: coef = max / (norm + 1e-6), only if < 1.
+            let coef = max / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                let c = coef as f32;
+                grads.iter_mut().for_each(|g| *g *= c);
+                clipped = true;
+            }
+        }
+
+        self.step += 1;
+        let c = &self.cfg;
+        // Scalars are computed in f64 (Python floats) and rounded to f32 where PyTorch
+        // passes them into an f32 kernel.
+        let decay = (1.0 - lr * c.weight_decay) as f32;
+        let w1 = (1.0 - c.beta1) as f32;
+        let b2 = c.beta2 as f32;
+        let w2 = (1.0 - c.beta2) as f32;
+        let step = self.step as i32;
+        let bias_correction1 = 1.0 - c.beta1.powi(step);
+        let bias_correction2 = 1.0 - c.beta2.powi(step);
+        let step_size = lr / bias_correction1;
+        let bc2_sqrt = bias_correction2.sqrt() as f32;
+        let eps = c.eps as f32;
+        let neg_step_size = (-step_size) as f32;
+
+        for i in 0..n {
+            let g = grads[i];
+            let mut p = params[i];
+            if c.weight_decay != 0.0 {
+                p *= decay;
+            }
+            // exp_avg.lerp_(grad, 1 - beta1): weight < 0.5 → self + w * (end - self).
+            let m = self.exp_avg[i] + w1 * (g - self.exp_avg[i]);
+            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2).
+            let v = self.exp_avg_sq[i] * b2;
+            let v = v + w2 * g * g;
+            // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            let denom = v.sqrt() / bc2_sqrt + eps;
+            // param.addcdiv_(exp_avg, denom, value=-step_size)
+            p += neg_step_size * m / denom;
+            self.exp_avg[i] = m;
+            self.exp_avg_sq[i] = v;
+            params[i] = p;
+        }
+        Ok(StepReport { grad_norm, clipped, step: self.step })
+    }
+
+    /// The state as named tensors: `<key>.exp_avg`, `<key>.exp_avg_sq` for every parameter
+    /// key, sorted by name.
+    pub fn state_tensors(&self, device: &Device) -> Result<Vec<(String, Tensor)>> {
+        let m = self.layout.unflatten(&self.exp_avg, device)?;
+        let v = self.layout.unflatten(&self.exp_avg_sq, device)?;
+        let mut out = Vec::with_capacity(2 * m.len());
+        for ((k, tm), (_, tv)) in m.into_iter().zip(v) {
+            out.push((format!("{k}.exp_avg"), tm));
+            out.push((format!("{k}.exp_avg_sq"), tv));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the state with named tensors as [`AdamW::state_tensors`] writes them and the
+    /// step count. Every key must be present with its shape; extra keys are an error.
+    pub fn load_state_tensors(&mut self, tensors: &[(String, Tensor)], step: u64) -> Result<()> {
+        let mut by_name: std::collections::HashMap<&str, &Tensor> =
+            tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let mut m = Vec::with_capacity(self.layout.len());
+        let mut v = Vec::with_capacity(self.layout.len());
+        for (k, shape) in self.layout.entries() {
+            for (suffix, dst) in [("exp_avg", &mut m), ("exp_avg_sq", &mut v)] {
+                let name = format!("{k}.{suffix}");
+                let t = by_name
+                    .remove(name.as_str())
+                    .ok_or_else(|| Error::ParamMismatch(format!("optimizer state lacks `{name}`")))?;
+                if t.dims() != shape.as_slice() {
+                    return Err(Error::ParamMismatch(format!(
+                        "optimizer state `{name}` has shape {:?}, expected {shape:?}",
+                        t.dims()
+                    )));
+                }
+                dst.push((k.clone(), t.clone()));
+            }
+        }
+        if let Some(extra) = by_name.keys().min() {
+            return Err(Error::ParamMismatch(format!("optimizer state has unexpected tensor `{extra}`")));
+        }
+        self.exp_avg = self.layout.flatten(&m)?;
+        self.exp_avg_sq = self.layout.flatten(&v)?;
+        self.step = step;
+        Ok(())
+    }
+
+    /// Writes the state to a safetensors file (atomically) with the step in its metadata.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors = self.state_tensors(&Device::Cpu)?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("step".to_string(), self.step.to_string());
+        crate::io::write_safetensors_atomic(path, &tensors, Some(meta))
+    }
+
+    /// Reads a state written by [`AdamW::save`] into fresh optimizer state for `layout`.
+    pub fn load(path: &Path, cfg: AdamWConfig, layout: ParamLayout) -> Result<Self> {
+        let (tensors, meta) = crate::io::read_safetensors(path)?;
+        let step = meta
+            .get("step")
+            .ok_or_else(|| Error::MissingField { path: path.to_path_buf(), field: "__metadata__.step".into() })?
+            .parse::<u64>()
+            .map_err(|e| Error::InvalidField {
+                path: path.to_path_buf(),
+                field: "__metadata__.step".into(),
+                reason: e.to_string(),
+            })?;
+        let mut opt = AdamW::new(cfg, layout);
+        opt.load_state_tensors(&tensors, step)?;
+        Ok(opt)
+    }
+}
