@@ -1,0 +1,417 @@
+//! The network ring: settings, link handshake, and the driver shared by the QUIC and
+//! TCP+TLS transports.
+//!
+//! Each rank keeps two links: it *connects* to its right neighbour and only ever writes
+//! frames there, and it *accepts* a connection from its left neighbour and only ever reads
+//! frames from it. A link is usable only after (1) TLS with the pinned cluster certificate
+//! succeeded in both directions and (2) both ends proved the cluster token over it
+//! ([`crate::auth`]) and agreed on version, world size, ranks and frame size. Anything else
+//! is refused with a logged reason, and a refused peer is sent no gradient data.
+//!
+//! Per link a reader task turns bytes into frames (refusing, before allocating, any frame
+//! longer than the agreed chunk) and a writer task turns frames into bytes. The ring core
+//! ([`crate::ring`]) runs on the calling thread's `block_on`, between the two.
+
+use std::any::Any;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringtune_protocol::{
+    check_frame_len, decode_control, encode_control, encode_frame_prefix, ChunkHeader, Hello, HelloReply, WireDtype,
+    CHUNK_HEADER_LEN, FRAME_PREFIX_LEN, MAX_CONTROL_LEN, PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::auth::{self, ClusterToken, Role};
+use crate::error::{Error, Result};
+use crate::ring::{Collective, RingConfig};
+use crate::sync::{Driver, Ring};
+use crate::tls::ClusterIdentity;
+use crate::types::{Rank, WorldSize};
+
+/// Which byte stream carries the ring links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// QUIC (quinn) over UDP, TLS 1.3 built in.
+    #[default]
+    Quic,
+    /// TCP with TLS 1.3 (rustls) on top: the kernel does segmentation, acks and
+    /// retransmission, which on one host is much cheaper than QUIC's user-space stack.
+    TcpTls,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "quic" => Ok(Self::Quic),
+            "tcp-tls" | "tcp" => Ok(Self::TcpTls),
+            _ => Err(Error::InvalidArgument(format!("unknown transport {s:?} (quic, tcp-tls)"))),
+        }
+    }
+}
+
+/// Everything needed to join the ring; a coordinator can fill this in per rank.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// This rank.
+    pub rank: Rank,
+    /// Number of ranks.
+    pub world: WorldSize,
+    /// Where this rank accepts its left neighbour's connection.
+    pub listen: SocketAddr,
+    /// Listen address of every rank, indexed by rank (only the right neighbour's is dialled).
+    pub peers: Vec<SocketAddr>,
+    /// TLS identity and trust roots.
+    pub identity: ClusterIdentity,
+    /// Cluster token.
+    pub token: ClusterToken,
+    /// How long to wait for both links to come up.
+    pub connect_timeout: Duration,
+    /// Elements per frame.
+    pub chunk_elems: usize,
+    /// Gradient element type on the wire.
+    pub wire: WireDtype,
+    /// QUIC or TCP+TLS.
+    pub transport: Transport,
+}
+
+/// Default elements per frame: 1 MiB of f32.
+pub const DEFAULT_CHUNK_ELEMS: usize = 1 << 18;
+
+/// [`crate::GradSync`] over the network.
+pub type NetSync = Ring<NetDriver>;
+
+/// Joins the ring: binds, connects to the right neighbour, accepts the left one, and
+/// authenticates both. Blocks until both links are up or `connect_timeout` passes.
+pub fn connect(cfg: NetConfig) -> Result<NetSync> {
+    let ring = RingConfig::new(cfg.rank, cfg.world, cfg.chunk_elems, cfg.wire)?;
+    if cfg.peers.len() != cfg.world.get() {
+        return Err(Error::InvalidArgument(format!(
+            "{} peer addresses for a world of {}",
+            cfg.peers.len(),
+            cfg.world
+        )));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ringtune-net")
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io { context: "starting the network runtime".into(), source })?;
+    let (events_tx, events) = mpsc::channel(8);
+    let mut driver = NetDriver { cfg: ring, rt, tx: None, events, writer: None, reader: None, keep: Vec::new() };
+    if cfg.world.0 == 1 {
+        return Ok(Ring::new(driver));
+    }
+    let est = driver.rt.block_on(async {
+        match cfg.transport {
+            Transport::Quic => crate::quic::establish(&cfg, &ring).await,
+            Transport::TcpTls => crate::tcp::establish(&cfg, &ring).await,
+        }
+    })?;
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let right = ring.right();
+    let left = ring.left();
+    let ev = events_tx.clone();
+    driver.writer = Some(driver.rt.spawn(writer_task(est.sink, rx, ev, right)));
+    driver.reader = Some(driver.rt.spawn(reader_task(est.source, ring.max_frame_body(), events_tx, left)));
+    driver.tx = Some(tx);
+    driver.keep = est.keep;
+    Ok(Ring::new(driver))
+}
+
+/// What a transport hands the driver once both links are authenticated.
+pub(crate) struct Established {
+    pub sink: Sink,
+    pub source: Box<dyn AsyncRead + Send + Unpin>,
+    /// Connections and endpoints that must outlive the streams.
+    pub keep: Vec<Box<dyn Any + Send>>,
+}
+
+/// The write half of the link to the right neighbour.
+pub(crate) enum Sink {
+    Quic(quinn::SendStream),
+    Stream(Box<dyn AsyncWrite + Send + Unpin>),
+}
+
+impl Sink {
+    async fn send(&mut self, b: Bytes) -> std::io::Result<()> {
+        match self {
+            // write_chunk hands quinn the buffer without copying it.
+            Sink::Quic(s) => s.write_chunk(b).await.map_err(std::io::Error::other),
+            Sink::Stream(w) => {
+                w.write_all(&b).await?;
+                w.flush().await
+            }
+        }
+    }
+
+    /// Ends the stream and waits until the peer has everything we sent.
+    async fn close(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Quic(s) => {
+                s.finish().map_err(std::io::Error::other)?;
+                s.stopped().await.map_err(std::io::Error::other)?;
+                Ok(())
+            }
+            Sink::Stream(w) => w.shutdown().await,
+        }
+    }
+}
+
+enum Event {
+    Frame(ChunkHeader, Vec<u8>),
+    Failed { peer: Rank, malformed: bool, reason: String },
+}
+
+async fn writer_task(mut sink: Sink, mut rx: mpsc::Receiver<Bytes>, events: mpsc::Sender<Event>, peer: Rank) {
+    while let Some(b) = rx.recv().await {
+        if let Err(e) = sink.send(b).await {
+            let _ = events.send(Event::Failed { peer, malformed: false, reason: format!("write failed: {e}") }).await;
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+async fn reader_task(mut src: Box<dyn AsyncRead + Send + Unpin>, limit: usize, events: mpsc::Sender<Event>, peer: Rank) {
+    let fail = |malformed, reason: String| Event::Failed { peer, malformed, reason };
+    loop {
+        let mut prefix = [0u8; FRAME_PREFIX_LEN];
+        if let Err(e) = src.read_exact(&mut prefix).await {
+            let reason = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "connection closed by peer".to_string()
+            } else {
+                format!("read failed: {e}")
+            };
+            let _ = events.send(fail(false, reason)).await;
+            return;
+        }
+        // The limit is checked before anything is allocated for the body.
+        let len = match check_frame_len(prefix, limit) {
+            Ok(len) if len >= CHUNK_HEADER_LEN => len,
+            Ok(len) => {
+                let _ = events.send(fail(true, format!("frame of {len} bytes is shorter than a chunk header"))).await;
+                return;
+            }
+            Err(e) => {
+                let _ = events.send(fail(true, e.to_string())).await;
+                return;
+            }
+        };
+        let mut head = [0u8; CHUNK_HEADER_LEN];
+        let mut payload = Vec::new();
+        let r = async {
+            src.read_exact(&mut head).await?;
+            let header = ChunkHeader::decode(&head).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            payload.resize(len - CHUNK_HEADER_LEN, 0);
+            src.read_exact(&mut payload).await?;
+            Ok::<_, std::io::Error>(header)
+        }
+        .await;
+        match r {
+            Ok(h) => {
+                if events.send(Event::Frame(h, payload)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let malformed = e.kind() == std::io::ErrorKind::InvalidData;
+                let _ = events.send(fail(malformed, format!("reading frame: {e}"))).await;
+                return;
+            }
+        }
+    }
+}
+
+/// The network driver of one rank (see the module docs).
+pub struct NetDriver {
+    cfg: RingConfig,
+    rt: tokio::runtime::Runtime,
+    tx: Option<mpsc::Sender<Bytes>>,
+    events: mpsc::Receiver<Event>,
+    writer: Option<tokio::task::JoinHandle<()>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+    keep: Vec<Box<dyn Any + Send>>,
+}
+
+impl NetDriver {
+    /// Flushes what was sent and closes the links, waiting at most `grace` for the right
+    /// neighbour to acknowledge our last frames. Called on drop with a short grace.
+    pub fn close(&mut self, grace: Duration) {
+        self.tx = None;
+        if let Some(w) = self.writer.take() {
+            let _ = self.rt.block_on(async { tokio::time::timeout(grace, w).await });
+        }
+        if let Some(r) = self.reader.take() {
+            r.abort();
+        }
+        for k in self.keep.drain(..) {
+            if let Ok(ep) = k.downcast::<quinn::Endpoint>() {
+                ep.close(0u32.into(), b"done");
+            }
+        }
+    }
+}
+
+impl Drop for NetDriver {
+    fn drop(&mut self) {
+        self.close(Duration::from_secs(2));
+    }
+}
+
+impl Driver for NetDriver {
+    fn config(&self) -> RingConfig {
+        self.cfg
+    }
+
+    fn drive(&mut self, core: &mut dyn Collective, data: &mut [f32]) -> Result<()> {
+        if core.is_done() {
+            return Ok(());
+        }
+        let (rank, seq, step) = core.ids();
+        let cfg = self.cfg;
+        let Some(tx) = self.tx.clone() else {
+            return Err(Error::PeerLost { rank, peer: cfg.right(), seq, step, reason: "links closed".into() });
+        };
+        let events = &mut self.events;
+        let failed = |peer: Rank, malformed: bool, reason: String| {
+            if malformed {
+                Error::Malformed { rank, seq, peer, reason }
+            } else {
+                Error::PeerLost { rank, peer, seq, step, reason }
+            }
+        };
+        self.rt.block_on(async move {
+            loop {
+                while core.has_transmit() {
+                    match tx.try_reserve() {
+                        Ok(permit) => {
+                            let mut out = Vec::new();
+                            core.poll_transmit(data, &mut out);
+                            permit.send(Bytes::from(out));
+                        }
+                        Err(mpsc::error::TrySendError::Full(())) => break,
+                        Err(mpsc::error::TrySendError::Closed(())) => {
+                            return Err(failed(cfg.right(), false, "writer stopped".into()));
+                        }
+                    }
+                }
+                let Some(deadline) = core.poll_timeout() else {
+                    return Ok(());
+                };
+                tokio::select! {
+                    biased;
+                    ev = events.recv() => match ev {
+                        Some(Event::Frame(h, payload)) => core.handle_chunk(data, &h, &payload)?,
+                        Some(Event::Failed { peer, malformed, reason }) => return Err(failed(peer, malformed, reason)),
+                        None => return Err(failed(cfg.left(), false, "reader stopped".into())),
+                    },
+                    permit = tx.reserve(), if core.has_transmit() => match permit {
+                        Ok(permit) => {
+                            let mut out = Vec::new();
+                            core.poll_transmit(data, &mut out);
+                            permit.send(Bytes::from(out));
+                        }
+                        Err(_) => return Err(failed(cfg.right(), false, "writer stopped".into())),
+                    },
+                    _ = tokio::time::sleep_until(deadline.into()) => core.handle_timeout(Instant::now())?,
+                }
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Link handshake (shared by both transports).
+
+async fn write_control<S: AsyncWrite + Unpin, T: serde::Serialize>(s: &mut S, msg: &T) -> std::io::Result<()> {
+    let body = encode_control(msg);
+    s.write_all(&encode_frame_prefix(body.len())).await?;
+    s.write_all(&body).await?;
+    s.flush().await
+}
+
+async fn read_control_body<S: AsyncRead + Unpin>(s: &mut S) -> std::result::Result<Vec<u8>, String> {
+    let mut prefix = [0u8; FRAME_PREFIX_LEN];
+    s.read_exact(&mut prefix).await.map_err(|e| format!("reading handshake: {e}"))?;
+    let len = check_frame_len(prefix, MAX_CONTROL_LEN).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.map_err(|e| format!("reading handshake: {e}"))?;
+    Ok(body)
+}
+
+/// Connecting side: we are `ring.rank`, the peer must be `ring.right()`.
+pub(crate) async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    exporter: &[u8],
+    ring: &RingConfig,
+    token: &ClusterToken,
+) -> std::result::Result<(), String> {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        rank: ring.rank.0,
+        world: ring.world.0,
+        max_frame: ring.max_frame_body() as u64,
+        proof: auth::proof(token, exporter, Role::Connector, ring.rank.0, ring.world.0),
+    };
+    write_control(s, &hello).await.map_err(|e| format!("sending hello: {e}"))?;
+    let body = read_control_body(s).await?;
+    match decode_control::<HelloReply>(&body).map_err(|e| e.to_string())? {
+        HelloReply::Refuse { reason } => Err(format!("refused by the peer: {reason}")),
+        HelloReply::Accept { rank, proof } => {
+            let right = ring.right();
+            if rank != right.0 {
+                return Err(format!("peer says it is rank {rank}, expected rank {right}"));
+            }
+            if !auth::verify(token, exporter, Role::Acceptor, rank, ring.world.0, &proof) {
+                return Err(format!("rank {rank} failed the cluster token proof; no data sent to it"));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Accepting side: the peer must be `ring.left()`. On refusal the peer is told why (never
+/// the token) and the caller logs it.
+pub(crate) async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    exporter: &[u8],
+    ring: &RingConfig,
+    token: &ClusterToken,
+) -> std::result::Result<(), String> {
+    let body = read_control_body(s).await?;
+    let hello: Hello = decode_control(&body).map_err(|e| e.to_string())?;
+    let left = ring.left();
+    let refusal = if hello.version != PROTOCOL_VERSION {
+        Some(format!("protocol version {} (this rank speaks {PROTOCOL_VERSION})", hello.version))
+    } else if hello.world != ring.world.0 {
+        Some(format!("world size {} (this rank has {})", hello.world, ring.world))
+    } else if hello.rank != left.0 {
+        Some(format!("connection from rank {} (rank {} expects its left neighbour, rank {left})", hello.rank, ring.rank))
+    } else if !auth::verify(token, exporter, Role::Connector, hello.rank, hello.world, &hello.proof) {
+        Some("bad cluster token proof".to_string())
+    } else if hello.max_frame != ring.max_frame_body() as u64 {
+        Some(format!("chunk frames of {} bytes (this rank uses {})", hello.max_frame, ring.max_frame_body()))
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        let _ = write_control(s, &HelloReply::Refuse { reason: reason.clone() }).await;
+        return Err(reason);
+    }
+    let reply = HelloReply::Accept {
+        rank: ring.rank.0,
+        proof: auth::proof(token, exporter, Role::Acceptor, ring.rank.0, ring.world.0),
+    };
+    write_control(s, &reply).await.map_err(|e| format!("sending reply: {e}"))
+}
+
+/// Formats a link error.
+pub(crate) fn link_err(ring: &RingConfig, peer: impl std::fmt::Display, reason: impl Into<String>) -> Error {
+    Error::Link { rank: ring.rank, peer: peer.to_string(), reason: reason.into() }
+}
+

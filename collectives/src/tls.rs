@@ -1,0 +1,200 @@
+//! The cluster's TLS identity: one certificate that every rank presents and every rank
+//! pins as its only trust root, in both directions (mutual TLS).
+//!
+//! [`ClusterIdentity::generate`] makes a fresh self-signed certificate per run (a launcher
+//! writes it to PEM files for its children with [`ClusterIdentity::write_pem`]);
+//! [`ClusterIdentity::from_pem_files`] loads one made by an operator, optionally with a
+//! separate CA file. A peer presenting any certificate that does not chain to the trust
+//! roots fails the TLS handshake before a single application byte is exchanged.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::error::{Error, Result};
+
+/// Name every cluster certificate is issued for and every rank checks.
+pub const CLUSTER_SERVER_NAME: &str = "ringtune.cluster";
+
+/// ALPN protocol id on every link.
+pub(crate) const ALPN: &[u8] = b"ringtune-ring/1";
+
+/// Certificate chain, private key and trust roots of this rank.
+#[derive(Debug)]
+pub struct ClusterIdentity {
+    /// Our certificate chain (leaf first).
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// Our private key.
+    pub key: PrivateKeyDer<'static>,
+    /// Certificates we accept peers' chains against.
+    pub trust_roots: Vec<CertificateDer<'static>>,
+}
+
+impl Clone for ClusterIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+            trust_roots: self.trust_roots.clone(),
+        }
+    }
+}
+
+fn cred(e: impl std::fmt::Display) -> Error {
+    Error::Credentials(e.to_string())
+}
+
+impl ClusterIdentity {
+    /// A fresh self-signed certificate for [`CLUSTER_SERVER_NAME`], which is also the only
+    /// trust root.
+    pub fn generate() -> Result<Self> {
+        let ck = rcgen::generate_simple_self_signed(vec![CLUSTER_SERVER_NAME.to_string()]).map_err(cred)?;
+        let der = ck.cert.der().clone();
+        Ok(Self {
+            cert_chain: vec![der.clone()],
+            key: PrivateKeyDer::try_from(ck.signing_key.serialize_der()).map_err(cred)?,
+            trust_roots: vec![der],
+        })
+    }
+
+    /// Loads a PEM certificate chain and key; trust roots from `ca` or, if `None`, the
+    /// certificate itself (a self-signed cluster certificate).
+    pub fn from_pem_files(cert: &Path, key: &Path, ca: Option<&Path>) -> Result<Self> {
+        let certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>> {
+            let v: Vec<_> = CertificateDer::pem_file_iter(p)
+                .map_err(|e| Error::Credentials(format!("{}: {e}", p.display())))?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| Error::Credentials(format!("{}: {e}", p.display())))?;
+            if v.is_empty() {
+                return Err(Error::Credentials(format!("{}: no certificate in file", p.display())));
+            }
+            Ok(v)
+        };
+        let cert_chain = certs(cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| Error::Credentials(format!("{}: {e}", key.display())))?;
+        let trust_roots = match ca {
+            Some(ca) => certs(ca)?,
+            None => vec![cert_chain[0].clone()],
+        };
+        Ok(Self { cert_chain, key, trust_roots })
+    }
+
+    /// Writes `cluster.crt` and `cluster.key` (mode 0600) into `dir`; returns their paths.
+    pub fn write_pem(&self, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+        use rustls::pki_types::pem::SectionKind;
+        let io = |context: String| move |source| Error::Io { context, source };
+        let cert_path = dir.join("cluster.crt");
+        let key_path = dir.join("cluster.key");
+        let mut pem = String::new();
+        for c in &self.cert_chain {
+            pem.push_str(&pem_encode("CERTIFICATE", c.as_ref()));
+        }
+        std::fs::write(&cert_path, pem).map_err(io(format!("writing {}", cert_path.display())))?;
+        let kind = match &self.key {
+            PrivateKeyDer::Pkcs8(_) => SectionKind::PrivateKey,
+            PrivateKeyDer::Sec1(_) => SectionKind::EcPrivateKey,
+            _ => SectionKind::RsaPrivateKey,
+        };
+        let label = match kind {
+            SectionKind::EcPrivateKey => "EC PRIVATE KEY",
+            SectionKind::RsaPrivateKey => "RSA PRIVATE KEY",
+            _ => "PRIVATE KEY",
+        };
+        {
+            use std::io::Write;
+            #[cfg(unix)]
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            o.mode(0o600);
+            let mut f = o.open(&key_path).map_err(io(format!("writing {}", key_path.display())))?;
+            f.write_all(pem_encode(label, self.key.secret_der()).as_bytes())
+                .map_err(io(format!("writing {}", key_path.display())))?;
+        }
+        Ok((cert_path, key_path))
+    }
+
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &self.trust_roots {
+            roots.add(c.clone()).map_err(|e| Error::Credentials(format!("trust root: {e}")))?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// Server-side config: presents our chain, requires a client certificate from the roots.
+    pub(crate) fn server_config(&self) -> Result<rustls::ServerConfig> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
+            .build()
+            .map_err(cred)?;
+        let mut c = rustls::ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cred)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.cert_chain.clone(), self.key.clone_key())
+            .map_err(cred)?;
+        c.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(c)
+    }
+
+    /// Client-side config: trusts only the roots, presents our chain.
+    pub(crate) fn client_config(&self) -> Result<rustls::ClientConfig> {
+        let mut c = rustls::ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(cred)?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.cert_chain.clone(), self.key.clone_key())
+            .map_err(cred)?;
+        c.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(c)
+    }
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for c in der.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                b64.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut s = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        s.push_str(std::str::from_utf8(line).unwrap());
+        s.push('\n');
+    }
+    s.push_str(&format!("-----END {label}-----\n"));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_files_round_trip() {
+        let id = ClusterIdentity::generate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = id.write_pem(dir.path()).unwrap();
+        let back = ClusterIdentity::from_pem_files(&c, &k, None).unwrap();
+        assert_eq!(back.cert_chain, id.cert_chain);
+        assert_eq!(back.key.secret_der(), id.key.secret_der());
+        assert_eq!(back.trust_roots, id.cert_chain);
+        back.server_config().unwrap();
+        back.client_config().unwrap();
+        let missing = ClusterIdentity::from_pem_files(&dir.path().join("nope.crt"), &k, None).unwrap_err();
+        assert!(missing.to_string().contains("nope.crt"), "{missing}");
+    }
+}
