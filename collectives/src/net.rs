@@ -257,6 +257,18 @@ impl NetDriver {
     }
 }
 
+impl NetDriver {
+    /// Test hook: queues raw bytes on the link to the right neighbour, bypassing the ring
+    /// core, to check that peers refuse malformed and oversized frames. Not for real use.
+    #[doc(hidden)]
+    pub fn inject_raw(&mut self, bytes: Vec<u8>) -> Result<()> {
+        let tx = self.tx.clone().ok_or_else(|| Error::InvalidArgument("links closed".into()))?;
+        self.rt
+            .block_on(tx.send(Bytes::from(bytes)))
+            .map_err(|_| Error::InvalidArgument("writer stopped".into()))
+    }
+}
+
 impl Drop for NetDriver {
     fn drop(&mut self) {
         self.close(Duration::from_secs(2));
