@@ -418,8 +418,21 @@ impl Coordinator {
             } => {
                 if let Some(rank) = self.member_rank(from, generation, "failure report") {
                     let who = self.who(from, rank);
-                    let reason = truncate(reason, MAX_REASON_BYTES);
-                    self.on_failure(now, Failure::Reported { who, step, reason });
+                    let mut reason = truncate(reason, MAX_REASON_BYTES);
+                    // The step named is the coordinator's; a node that
+                    // names another one is out of step, which is worth saying.
+                    let current = self.current_step();
+                    if step != current {
+                        reason.push_str(&format!(" (the node said {step})"));
+                    }
+                    self.on_failure(
+                        now,
+                        Failure::Reported {
+                            who,
+                            step: current,
+                            reason,
+                        },
+                    );
                 }
             }
             NodeMsg::StopAck => {
@@ -641,11 +654,16 @@ impl Coordinator {
 
     fn refuse(&mut self, node: NodeId, reason: Refusal) {
         self.conns.remove(&node);
+        if let State::Stopping { waiting, .. } = &mut self.state {
+            // A refused connection is closed: nothing to wait for.
+            waiting.remove(&node);
+        }
         self.commands.push_back(Outgoing {
             to: node,
             command: Command::Refused(reason.clone()),
         });
         self.events.push_back(Event::Refused { node, reason });
+        self.finish_if_all_acked();
     }
 
     fn ignore(&mut self, node: NodeId, reason: String) {
@@ -976,7 +994,12 @@ impl Coordinator {
             return;
         };
         if !expected || *nccl_id_sent {
-            self.ignore(from, format!("unexpected NCCL unique id from {rank}"));
+            let why = if *nccl_id_sent {
+                "a second"
+            } else {
+                "an unexpected"
+            };
+            self.ignore(from, format!("{why} NCCL unique id from {rank}"));
             return;
         }
         if id.is_empty() || id.len() > MAX_NCCL_ID_BYTES {

@@ -39,7 +39,7 @@ pub enum Error {
     Hostlist { list: String, reason: String },
     /// A node failed and the failure policy stopped the run (restarts disabled
     /// or used up).
-    #[error("{failure} ({})", restarts_note(*.restarts_used, *.max_restarts))]
+    #[error("{failure}; {}", restarts_note(*.restarts_used, *.max_restarts))]
     NodeFailure {
         failure: Failure,
         restarts_used: u32,

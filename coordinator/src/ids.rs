@@ -41,6 +41,22 @@ pub struct ConfigHash(pub [u8; 32]);
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct AdapterHash(pub [u8; 32]);
 
+impl ConfigHash {
+    /// Parses the 64 hex digits the config crate prints (`RunConfig::semantic_hash`).
+    pub fn from_hex(hex: &str) -> Option<ConfigHash> {
+        let hex = hex.as_bytes();
+        if hex.len() != 64 {
+            return None;
+        }
+        let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let mut out = [0u8; 32];
+        for (i, pair) in hex.chunks(2).enumerate() {
+            out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(ConfigHash(out))
+    }
+}
+
 impl Step {
     /// The step after this one.
     pub fn next(self) -> Step {
@@ -140,5 +156,10 @@ mod tests {
         assert_eq!(format!("{h:.5}"), "ab0c0");
         assert_eq!(format!("{h}").len(), 64);
         assert_eq!(format!("{h:?}"), "AdapterHash(ab0c00000000)");
+        let c = ConfigHash(h.0);
+        assert_eq!(ConfigHash::from_hex(&c.to_string()), Some(c));
+        assert_eq!(ConfigHash::from_hex(&c.to_string().to_uppercase()), Some(c));
+        assert_eq!(ConfigHash::from_hex("ab"), None);
+        assert_eq!(ConfigHash::from_hex(&"g".repeat(64)), None);
     }
 }
