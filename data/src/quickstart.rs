@@ -169,13 +169,21 @@ pub fn generate_conversations(seed: u64, n: usize) -> Vec<Vec<Message>> {
         .collect()
 }
 
-/// A conversation as one JSONL line (without the newline).
+/// A conversation as one JSONL line (without the newline), keys in the
+/// order people write them (`role` before `content`).
 pub fn conversation_line(messages: &[Message]) -> String {
-    let msgs: Vec<_> = messages
+    let quote = |s: &str| serde_json::to_string(s).expect("strings serialise");
+    let msgs: Vec<String> = messages
         .iter()
-        .map(|m| json!({"role": m.role.as_str(), "content": m.content}))
+        .map(|m| {
+            format!(
+                "{{\"role\":{},\"content\":{}}}",
+                quote(m.role.as_str()),
+                quote(&m.content)
+            )
+        })
         .collect();
-    json!({ "messages": msgs }).to_string()
+    format!("{{\"messages\":[{}]}}", msgs.join(","))
 }
 
 /// The bundled files' contents: (train, eval) JSONL text. Eval lines never
@@ -193,7 +201,8 @@ pub fn bundled_jsonl() -> (String, String) {
     let mut rng_seed = EVAL_SEED;
     let mut count = 0;
     while count < EVAL_CONVERSATIONS {
-        // Draw in small chunks so skipping duplicates keeps the count exact.
+        // Lines that also occur in train are skipped; if too many were,
+        // draw more from the next seed until the count is met.
         for c in generate_conversations(rng_seed, EVAL_CONVERSATIONS) {
             let line = conversation_line(&c);
             if count < EVAL_CONVERSATIONS && !seen.contains(&line) {
