@@ -17,6 +17,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a LoRA adapter as a run config says (see configs/README.md).
+    Train(cmd::train::Args),
+    /// Write a random-init model folder with a matching tokenizer (no hub needed).
+    InitModel(cmd::init_model::Args),
+    /// Merge a PEFT adapter into its base model, writing a full model folder.
+    Merge(cmd::merge::Args),
+    /// Mean NLL of a dataset under a base model, or base + adapter.
+    Eval(cmd::eval::Args),
     /// Forward + backward of one batch (tinker's forward_backward): prints the loss, writes
     /// the gradient of every LoRA tensor under its PEFT key name.
     ForwardBackward(cmd::forward_backward::Args),
@@ -31,6 +39,10 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Train(args) => cmd::train::run(args),
+        Command::InitModel(args) => cmd::init_model::run(args),
+        Command::Merge(args) => cmd::merge::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
         Command::ForwardBackward(args) => cmd::forward_backward::run(args),
         Command::Bench(cmd::bench::BenchCommand::Train(args)) => cmd::bench_train::run(args),
         Command::Bench(cmd::bench::BenchCommand::Allreduce(args)) => cmd::bench_allreduce::run(args),

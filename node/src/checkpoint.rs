@@ -59,6 +59,13 @@ impl RunDir {
         })
     }
 
+    /// The run folder if it exists (nothing is created).
+    pub fn open_existing(root: &Path) -> Result<Option<Self>> {
+        Ok(root.is_dir().then(|| Self {
+            root: root.to_owned(),
+        }))
+    }
+
     /// The run folder.
     pub fn root(&self) -> &Path {
         &self.root

@@ -30,6 +30,12 @@ pub enum Error {
     /// The config file could not be read or is invalid.
     #[error(transparent)]
     Config(#[from] ringtune_config::ConfigError),
+    /// The model, adapter, optimiser or loss failed (the message names file and tensor).
+    #[error(transparent)]
+    Model(#[from] ringtune_model::Error),
+    /// The dataset or tokenizer failed (the message names file and line).
+    #[error(transparent)]
+    Data(#[from] ringtune_data::Error),
     /// A tensor operation failed outside the model crate (moving gradients, reading values).
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -2,14 +2,24 @@
 //! and the later distributed runtime run the same code.
 //!
 //! # Layout
+//! - [`trainer`]: [`Trainer`] — data, micro-batches, forward/backward, the [`StepSync`]
+//!   hook, AdamW, evaluation, checkpoints, exact resume.
 //! - [`checkpoint`]: the run folder, atomic checkpoint writes, `checkpoints.jsonl`.
 //! - [`metrics`]: `metrics.jsonl`, one line per step.
+//! - [`init`]: random-init model folders with a matching tokenizer (quickstart, tests).
 //! - [`error`]: the crate's error type.
+//!
+//! Deliberately not here: signals, progress display, process management (the CLI) and
+//! networking (the distributed runtime plugs in through [`StepSync`]).
 
 pub mod checkpoint;
 pub mod error;
+pub mod init;
 pub mod metrics;
+pub mod trainer;
 
 pub use checkpoint::{CheckpointRecord, RunDir};
 pub use error::{Error, Result};
+pub use init::{init_model, InitReport};
 pub use metrics::{MetricsLog, StepMetrics};
+pub use trainer::{Event, LocalSync, Outcome, StepSync, TrainState, Trainer};

@@ -3,4 +3,8 @@
 pub mod bench;
 pub mod bench_allreduce;
 pub mod bench_train;
+pub mod eval;
 pub mod forward_backward;
+pub mod init_model;
+pub mod merge;
+pub mod train;

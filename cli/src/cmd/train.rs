@@ -1,0 +1,207 @@
+//! `ringtune train CONFIG`: one training run on this machine, with a progress bar (or plain
+//! log lines when stderr is not a terminal), Ctrl-C/SIGTERM handling that saves a checkpoint
+//! before exiting, and `--resume`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ringtune_config::RunConfig;
+use ringtune_node::{Event, LocalSync, Outcome, StepMetrics, Trainer};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The run config (TOML; see configs/README.md).
+    pub config: PathBuf,
+    /// Continue from the newest complete checkpoint in the config's output_dir.
+    #[arg(long)]
+    pub resume: bool,
+    /// Override `train.max_steps`.
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<u64>,
+    /// Override `output_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// Override any config key, e.g. `--set lora.rank=8` (repeatable; TOML values).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Plain log lines instead of a progress bar, even on a terminal.
+    #[arg(long)]
+    pub plain: bool,
+}
+
+/// Overrides from the convenience flags, then the generic `--set`s.
+fn overrides(args: &Args) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    if let Some(n) = args.max_steps {
+        out.push(format!("train.max_steps={n}"));
+    }
+    if let Some(d) = &args.output_dir {
+        let s = d.to_str().context("--output-dir must be valid UTF-8")?;
+        // A JSON string literal is a valid TOML basic string.
+        out.push(format!("output_dir={}", serde_json::to_string(s)?));
+    }
+    out.extend(args.set.iter().cloned());
+    Ok(out)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = RunConfig::load_with_overrides(&args.config, &overrides(&args)?)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while the checkpoint is being written ends the process at once.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))
+            .context("installing signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handler")?;
+    }
+
+    let config_path = args.config.display().to_string();
+    let mut trainer = Trainer::new(cfg, args.resume, Box::new(LocalSync))
+        .with_context(|| format!("cannot start training from {config_path}"))?;
+    for r in trainer.data_reports() {
+        eprintln!("data: {r}");
+    }
+    let (n_train, n_eval) = trainer.example_counts();
+    let m = trainer.model();
+    eprintln!(
+        "model: {} ({} layers, hidden {}, vocab {}), {} LoRA parameters; {} train / {} eval examples",
+        m.model_dir().display(),
+        m.config().num_hidden_layers,
+        m.config().hidden_size,
+        m.config().vocab_size,
+        m.param_layout().numel(),
+        n_train,
+        n_eval,
+    );
+    if trainer.start_step() > 0 {
+        eprintln!("resuming at step {}", trainer.start_step());
+    }
+    let run_dir = trainer.run_dir().root().to_owned();
+    eprintln!("run folder: {}", run_dir.display());
+
+    let mut progress = Progress::new(
+        trainer.start_step(),
+        trainer.total_steps(),
+        args.plain || !std::io::stderr().is_terminal(),
+    );
+    let outcome = trainer.run(&stop, &mut |ev| progress.event(&ev));
+    progress.finish();
+    let outcome =
+        outcome.with_context(|| format!("training failed (run folder {})", run_dir.display()))?;
+    let last = trainer
+        .run_dir()
+        .latest_checkpoint()?
+        .map(|r| run_dir.join(r.adapter).display().to_string())
+        .unwrap_or_default();
+    match outcome {
+        Outcome::Finished { step } => {
+            eprintln!("done: {step} steps; adapter: {last}");
+        }
+        Outcome::Interrupted { step } => {
+            eprintln!(
+                "interrupted at step {step}; checkpoint saved ({last}); continue with: \
+                 ringtune train {config_path} --resume"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal, else a log line at most every few seconds (and for every
+/// eval and checkpoint).
+struct Progress {
+    bar: Option<ProgressBar>,
+    start_step: u64,
+    total: u64,
+    started: Instant,
+    last_line: Option<Instant>,
+}
+
+impl Progress {
+    fn new(start_step: u64, total: u64, plain: bool) -> Self {
+        let bar = (!plain).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30.cyan/blue} step {pos}/{len} {msg} eta {eta}")
+                    .expect("valid template"),
+            );
+            bar.set_position(start_step);
+            bar.reset_eta();
+            bar.enable_steady_tick(Duration::from_millis(500));
+            bar
+        });
+        Self {
+            bar,
+            start_step,
+            total,
+            started: Instant::now(),
+            last_line: None,
+        }
+    }
+
+    fn eta(&self, step: u64) -> String {
+        let done = step.saturating_sub(self.start_step);
+        if done == 0 {
+            return "?".into();
+        }
+        let per = self.started.elapsed().as_secs_f64() / done as f64;
+        let s = (per * self.total.saturating_sub(step) as f64).round() as u64;
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+
+    fn summary(m: &StepMetrics) -> String {
+        let mut s = format!(
+            "loss {:.4} | lr {:.2e} | grad_norm {:.3} | {:.0} tok/s",
+            m.loss, m.lr, m.grad_norm, m.tokens_per_s
+        );
+        if let Some(e) = m.eval_nll {
+            s.push_str(&format!(" | eval_nll {e:.4}"));
+        }
+        s
+    }
+
+    fn event(&mut self, ev: &Event) {
+        match ev {
+            Event::Step(m) => {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(m.step);
+                    bar.set_message(Self::summary(m));
+                    if m.eval_nll.is_some() {
+                        bar.println(format!("step {} | {}", m.step, Self::summary(m)));
+                    }
+                    return;
+                }
+                let due = self
+                    .last_line
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+                if due || m.eval_nll.is_some() || m.step == self.total {
+                    self.last_line = Some(Instant::now());
+                    eprintln!(
+                        "step {}/{} | {} | eta {}",
+                        m.step,
+                        self.total,
+                        Self::summary(m),
+                        self.eta(m.step)
+                    );
+                }
+            }
+            Event::Checkpoint(r) => {
+                let line = format!("checkpoint: step {} → {}", r.step, r.path);
+                match &self.bar {
+                    Some(bar) => bar.println(line),
+                    None => eprintln!("{line}"),
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

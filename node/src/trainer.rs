@@ -1,0 +1,667 @@
+//! The supervised training loop: data → micro-batches → forward/backward → gradient sync →
+//! AdamW, with metrics, evaluation and checkpoints.
+//!
+//! One global step:
+//! 1. the next global batch (seeded epoch order, [`BatchSampler`]) is split into
+//!    micro-batches under the token budget;
+//! 2. each micro-batch's forward_backward gives the gradient of its loss *sum*; they are
+//!    summed into one flat f32 buffer, followed by two scalars: Σw (the loss normaliser)
+//!    and Σ −logp·w;
+//! 3. [`StepSync::all_reduce_sum`] sums that buffer over ranks (a no-op for one rank);
+//! 4. gradients are divided by the global Σw, so the step follows the gradient of
+//!    `Σ −logp·w / Σ w` over the whole global batch, however it was split;
+//! 5. AdamW steps the flat parameters at the schedule's learning rate.
+//!
+//! Everything a step depends on — adapter bits, AdamW moments and step, the data cursor,
+//! the dropout pass counter — is in the checkpoint, so a resumed run continues bit-exactly.
+//!
+//! Not here: process spawning, signals, progress bars (the CLI), and the network (the
+//! distributed runtime provides a [`StepSync`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use ringtune_config::{self as config, ConfigHash, RunConfig};
+use ringtune_data::{
+    load_jsonl, micro_batches, split_holdout, BatchSampler, DataCursor, DataReport, Datum,
+    LoadOptions, OverflowPolicy, Renderer, RendererName, Tokenizer, TrainOnWhat,
+};
+use ringtune_model::lora::Adapters;
+use ringtune_model::{
+    resolve_model_dir, AdamW, AdamWConfig, Batch, DType, Device, LoraConfig, LoraModel, LossKind,
+    LrSchedule, ScheduleKind,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{write_file_atomic, CheckpointRecord, RunDir};
+use crate::error::{io_err, Error, Result};
+use crate::metrics::{MetricsLog, StepMetrics};
+
+/// Sums the step's flat buffer over every rank. The buffer holds the adapter gradients in
+/// layout order followed by Σw and Σ −logp·w. One rank: [`LocalSync`]. The distributed
+/// runtime implements it over `ringtune_collectives::GradSync::all_reduce_sum` (one call
+/// per step, so every rank issues the same sequence of collectives).
+pub trait StepSync {
+    /// Replaces `buf` by its element-wise sum over all ranks (identical on every rank).
+    fn all_reduce_sum(&mut self, step: u64, buf: &mut [f32]) -> std::result::Result<(), String>;
+}
+
+/// World size 1: the local sum is the global sum.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalSync;
+
+impl StepSync for LocalSync {
+    fn all_reduce_sum(&mut self, _step: u64, _buf: &mut [f32]) -> std::result::Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Written as `state.json` in every checkpoint: what is needed besides the adapter and the
+/// optimizer file to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainState {
+    /// Format version of this file.
+    pub version: u32,
+    /// Optimiser steps taken.
+    pub step: u64,
+    /// The semantic hash of the config that wrote it.
+    pub config_hash: ConfigHash,
+    /// The config's semantic entries, to name what changed when the hash differs.
+    pub config: std::collections::BTreeMap<String, String>,
+    /// Where the data stream stands.
+    pub cursor: DataCursor,
+    /// forward_backward calls made so far: the model draws dropout masks from
+    /// `(seed, pass number)`, so this is the dropout RNG's state.
+    pub dropout_passes: u64,
+    /// Seconds of training before this checkpoint (over all resumed segments).
+    pub elapsed_s: f64,
+    /// FNV-1a of the adapter bits, checked after loading.
+    pub params_fingerprint: u64,
+}
+
+const STATE_VERSION: u32 = 1;
+const STATE_FILE: &str = "state.json";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// What the trainer reports as it goes.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A step finished (its line is already in metrics.jsonl).
+    Step(&'a StepMetrics),
+    /// A checkpoint is complete and listed.
+    Checkpoint(&'a CheckpointRecord),
+}
+
+/// How [`Trainer::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// All steps done; the final checkpoint is written.
+    Finished {
+        /// Steps taken in total.
+        step: u64,
+    },
+    /// Stopped early by the stop flag; a checkpoint of this step is written.
+    Interrupted {
+        /// Steps taken in total.
+        step: u64,
+    },
+}
+
+/// A training run on this process.
+pub struct Trainer {
+    cfg: RunConfig,
+    hash: ConfigHash,
+    run: RunDir,
+    model: LoraModel,
+    train: Vec<Datum>,
+    eval: Vec<Datum>,
+    reports: Vec<DataReport>,
+    sampler: BatchSampler,
+    opt: AdamW,
+    schedule: LrSchedule,
+    params: Vec<f32>,
+    step: u64,
+    start_step: u64,
+    total_steps: u64,
+    pad_id: u32,
+    metrics: MetricsLog,
+    elapsed_before: f64,
+    segment_start: Instant,
+    dropout_passes: u64,
+    last_loss: Option<f64>,
+    last_saved: Option<u64>,
+    sync: Box<dyn StepSync>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("run", &self.run.root())
+            .field("step", &self.step)
+            .field("total_steps", &self.total_steps)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves `model.path`, creating the model first when it is a missing local folder and
+/// `model.init_preset` is set. Returns the folder.
+pub fn prepare_model_dir(cfg: &RunConfig) -> Result<PathBuf> {
+    let spec = &cfg.model.path;
+    if !spec.starts_with("hf:") {
+        let p = Path::new(spec);
+        if !p.exists() {
+            if let Some(preset) = &cfg.model.init_preset {
+                crate::init::init_model(preset, p, cfg.seed, DEFAULT_VOCAB)?;
+            }
+        }
+    }
+    Ok(resolve_model_dir(spec)?)
+}
+
+/// Target vocabulary of the tokenizer written for `model.init_preset`.
+pub const DEFAULT_VOCAB: usize = 2048;
+
+/// The compute device named by the config.
+pub fn device_of(d: config::Device) -> Result<Device> {
+    Ok(match d {
+        config::Device::Cpu => Device::Cpu,
+        config::Device::Cuda(i) => Device::new_cuda(i as usize)?,
+        config::Device::Auto => Device::cuda_if_available(0)?,
+    })
+}
+
+/// The base-weight dtype named by the config.
+pub fn dtype_of(d: config::Dtype) -> DType {
+    match d {
+        config::Dtype::F32 => DType::F32,
+        config::Dtype::Bf16 => DType::BF16,
+        config::Dtype::F16 => DType::F16,
+    }
+}
+
+/// The renderer named by the config (`auto`: from the tokenizer's chat template, else
+/// role_colon).
+pub fn renderer_of(r: config::Renderer, tok: &Tokenizer) -> Result<Renderer> {
+    let name = match r {
+        config::Renderer::RoleColon => RendererName::RoleColon,
+        config::Renderer::Llama3 => RendererName::Llama3,
+        config::Renderer::Qwen => RendererName::Qwen,
+        config::Renderer::Auto => tok
+            .chat_template()
+            .and_then(RendererName::detect)
+            .unwrap_or(RendererName::RoleColon),
+    };
+    Ok(Renderer::new(name, tok)?)
+}
+
+/// Loading options for the config's data section.
+pub fn load_options(cfg: &RunConfig) -> LoadOptions {
+    let d = &cfg.data;
+    LoadOptions {
+        train_on: match d.train_on {
+            config::TrainOn::LastAssistantMessage => TrainOnWhat::LastAssistantMessage,
+            config::TrainOn::AllAssistantMessages => TrainOnWhat::AllAssistantMessages,
+            config::TrainOn::AllMessages => TrainOnWhat::AllMessages,
+            config::TrainOn::AllTokens => TrainOnWhat::AllTokens,
+        },
+        max_length: Some(d.max_length),
+        overflow: match d.overlong {
+            config::Overlong::Truncate => OverflowPolicy::Truncate,
+            config::Overlong::Drop => OverflowPolicy::Drop,
+            config::Overlong::Error => OverflowPolicy::Error,
+        },
+        skip_bad_lines: d.skip_bad_lines,
+        vocab_size: None,
+    }
+}
+
+/// The LoRA config from the run config.
+pub fn lora_of(cfg: &RunConfig) -> LoraConfig {
+    let l = &cfg.lora;
+    let mut lc = LoraConfig::from_tinker(l.rank, l.train_attn, l.train_mlp, l.train_unembed);
+    lc.alpha = l.alpha;
+    lc.dropout = l.dropout;
+    lc.use_rslora = l.rslora;
+    lc
+}
+
+/// Mean NLL per unit weight of `data` under `model` (adapters on or off), in micro-batches
+/// of `token_budget` padded tokens. Returns (nll, Σw).
+pub fn evaluate(
+    model: &LoraModel,
+    data: &[Datum],
+    token_budget: usize,
+    pad_id: u32,
+    adapters: Adapters,
+) -> Result<(f64, f64)> {
+    let indices: Vec<usize> = (0..data.len()).collect();
+    let mut loss = 0.0;
+    let mut weight = 0.0;
+    for mb in micro_batches(data, &indices, token_budget, pad_id)? {
+        let b = to_batch(&mb)?;
+        let out = model.logprobs(&b, LossKind::CrossEntropy, adapters)?;
+        loss += out.loss_sum;
+        weight += out.weight_sum;
+    }
+    Ok((
+        if weight > 0.0 {
+            loss / weight
+        } else {
+            f64::NAN
+        },
+        weight,
+    ))
+}
+
+fn to_batch(mb: &ringtune_data::MicroBatch) -> Result<Batch> {
+    Ok(Batch::new(
+        mb.rows(),
+        mb.seq_len,
+        mb.input_ids.concat(),
+        mb.target_ids.concat(),
+        mb.weights.concat(),
+        mb.lengths.clone(),
+    )?)
+}
+
+impl Trainer {
+    /// Prepares a run: loads (or creates) the model, the tokenizer and the data, and — only
+    /// once every input checked out — the run folder. With `resume`, continues from the
+    /// newest complete checkpoint in `cfg.output_dir`.
+    pub fn new(cfg: RunConfig, resume: bool, sync: Box<dyn StepSync>) -> Result<Self> {
+        if cfg.nodes != 1 {
+            return Err(Error::Invalid(format!(
+                "nodes = {}: this build trains with one node process; the distributed \
+                 runtime is not available yet",
+                cfg.nodes
+            )));
+        }
+        let hash = cfg.semantic_hash();
+        let out_dir = cfg.output_dir.clone();
+        // Refuse early, before any expensive work, when the folder's state contradicts the flag.
+        let existing = RunDir::open_existing(&out_dir)?;
+        let latest = match &existing {
+            Some(run) => run.latest_checkpoint()?,
+            None => None,
+        };
+        if !resume && latest.is_some() {
+            return Err(Error::RunExists(out_dir));
+        }
+        let latest = match (resume, latest) {
+            (true, None) => return Err(Error::NothingToResume(out_dir)),
+            (true, Some(r)) => Some(r),
+            (false, _) => None,
+        };
+        let resume_state = match &latest {
+            Some(rec) => {
+                let dir = out_dir.join(&rec.path);
+                let state = read_state(&dir.join(STATE_FILE))?;
+                if state.config_hash != hash {
+                    return Err(Error::ConfigChanged {
+                        checkpoint: dir,
+                        changed: config::diff_entries(&state.config, &cfg.semantic_entries()),
+                    });
+                }
+                Some((dir, state))
+            }
+            None => None,
+        };
+
+        let model_dir = prepare_model_dir(&cfg)?;
+        let tok = Tokenizer::from_dir(&model_dir)?;
+        let renderer = renderer_of(cfg.data.renderer, &tok)?;
+        let opts = load_options(&cfg);
+        let train_set = load_jsonl(&cfg.data.train, Some(&renderer), &opts)?;
+        let mut reports = vec![train_set.report.clone()];
+        let (train, eval) = match &cfg.data.eval {
+            Some(p) => {
+                let e = load_jsonl(p, Some(&renderer), &opts)?;
+                reports.push(e.report.clone());
+                (train_set.examples, e.examples)
+            }
+            None => split_holdout(train_set.examples, cfg.data.eval_fraction, cfg.seed)?,
+        };
+        let pad_id = tok.pad_id();
+
+        let device = device_of(cfg.model.device)?;
+        let model = LoraModel::load(
+            &model_dir,
+            &lora_of(&cfg),
+            &device,
+            dtype_of(cfg.model.dtype),
+            cfg.seed,
+        )?;
+        if tok.vocab_size() > model.config().vocab_size {
+            return Err(Error::Invalid(format!(
+                "{}: the tokenizer has {} tokens but the model's vocab_size is {}",
+                model_dir.display(),
+                tok.vocab_size(),
+                model.config().vocab_size
+            )));
+        }
+
+        let t = &cfg.train;
+        let mut sampler = BatchSampler::new(train.len(), t.batch_size, cfg.seed)?;
+        let total_steps = match t.max_steps {
+            Some(s) => s,
+            None => t.epochs * sampler.batches_per_epoch() as u64,
+        };
+        let o = &cfg.optimizer;
+        let adam_cfg = AdamWConfig {
+            lr: o.lr,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            max_grad_norm: o.grad_clip,
+        };
+        let s = &cfg.schedule;
+        let schedule = LrSchedule {
+            kind: match s.kind {
+                config::ScheduleKind::Constant => ScheduleKind::Constant,
+                config::ScheduleKind::Linear => ScheduleKind::Linear,
+                config::ScheduleKind::Cosine => ScheduleKind::Cosine,
+            },
+            peak_lr: o.lr,
+            min_lr: o.lr * s.final_lr_fraction,
+            warmup_steps: s.warmup_steps,
+            total_steps,
+        };
+
+        // Inputs are good: now the run folder may be touched.
+        let run = RunDir::create(&out_dir)?;
+        let (opt, step, elapsed_before, dropout_passes, metrics) = match resume_state {
+            Some((dir, state)) => {
+                run.clean_incomplete()?;
+                model.load_adapter(&dir.join("adapter"))?;
+                let fp = model.params_fingerprint()?;
+                if fp != state.params_fingerprint {
+                    return Err(Error::Corrupt {
+                        path: dir.join("adapter"),
+                        line: 1,
+                        message: format!(
+                            "adapter fingerprint {fp:016x} differs from the {:016x} recorded in state.json",
+                            state.params_fingerprint
+                        ),
+                    });
+                }
+                let opt = AdamW::load(
+                    &dir.join(OPTIMIZER_FILE),
+                    adam_cfg,
+                    model.param_layout().clone(),
+                )?;
+                if opt.step_count() != state.step {
+                    return Err(Error::Corrupt {
+                        path: dir.join(OPTIMIZER_FILE),
+                        line: 1,
+                        message: format!(
+                            "optimizer step {} differs from state.json's step {}",
+                            opt.step_count(),
+                            state.step
+                        ),
+                    });
+                }
+                sampler = BatchSampler::resume(train.len(), t.batch_size, cfg.seed, state.cursor)?;
+                if cfg.lora.dropout > 0.0 {
+                    advance_dropout(&model, state.dropout_passes)?;
+                }
+                let metrics = MetricsLog::resume(&run.metrics_path(), state.step)?;
+                (
+                    opt,
+                    state.step,
+                    state.elapsed_s,
+                    state.dropout_passes,
+                    metrics,
+                )
+            }
+            None => {
+                // A fresh run: nothing from an earlier attempt that never checkpointed.
+                run.clean_incomplete()?;
+                let metrics = MetricsLog::create(&run.metrics_path())?;
+                (
+                    AdamW::new(adam_cfg, model.param_layout().clone()),
+                    0,
+                    0.0,
+                    0,
+                    metrics,
+                )
+            }
+        };
+        let params = model.params_flat()?;
+        Ok(Self {
+            cfg,
+            hash,
+            run,
+            model,
+            train,
+            eval,
+            reports,
+            sampler,
+            opt,
+            schedule,
+            params,
+            step,
+            start_step: step,
+            total_steps,
+            pad_id,
+            metrics,
+            elapsed_before,
+            segment_start: Instant::now(),
+            dropout_passes,
+            last_loss: None,
+            last_saved: Some(step).filter(|_| step > 0),
+            sync,
+        })
+    }
+
+    /// What loading each data file did (train first, then a separate eval file).
+    pub fn data_reports(&self) -> &[DataReport] {
+        &self.reports
+    }
+
+    /// Examples used for training and for evaluation.
+    pub fn example_counts(&self) -> (usize, usize) {
+        (self.train.len(), self.eval.len())
+    }
+
+    /// Steps taken so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The step this process started at (0, or the resumed checkpoint's).
+    pub fn start_step(&self) -> u64 {
+        self.start_step
+    }
+
+    /// Steps the run will take in total.
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    /// The run folder.
+    pub fn run_dir(&self) -> &RunDir {
+        &self.run
+    }
+
+    /// The model.
+    pub fn model(&self) -> &LoraModel {
+        &self.model
+    }
+
+    /// Trains until `total_steps`, or until `stop` is set (checked between steps), writing a
+    /// checkpoint at the save cadence and at the end either way.
+    pub fn run(&mut self, stop: &AtomicBool, on_event: &mut dyn FnMut(Event)) -> Result<Outcome> {
+        let t = self.cfg.train.clone();
+        self.segment_start = Instant::now();
+        while self.step < self.total_steps {
+            if stop.load(Ordering::SeqCst) {
+                self.save_if_needed(on_event)?;
+                return Ok(Outcome::Interrupted { step: self.step });
+            }
+            let mut m = self.train_step()?;
+            let last = self.step == self.total_steps;
+            let eval_due = !self.eval.is_empty()
+                && (last || (t.eval_every > 0 && self.step.is_multiple_of(t.eval_every)));
+            if eval_due {
+                m.eval_nll = Some(self.eval()?);
+            }
+            self.metrics.append(&m)?;
+            on_event(Event::Step(&m));
+            if t.save_every > 0 && self.step.is_multiple_of(t.save_every) && !last {
+                let rec = self.save()?;
+                on_event(Event::Checkpoint(&rec));
+            }
+        }
+        self.save_if_needed(on_event)?;
+        Ok(Outcome::Finished { step: self.step })
+    }
+
+    fn save_if_needed(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+        if self.step > 0 && self.last_saved != Some(self.step) {
+            let rec = self.save()?;
+            on_event(Event::Checkpoint(&rec));
+        }
+        Ok(())
+    }
+
+    /// One global step; returns its metrics (without eval).
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let started = Instant::now();
+        let batch = self.sampler.next_batch();
+        let mbs = micro_batches(
+            &self.train,
+            &batch.indices,
+            self.cfg.train.micro_batch_tokens,
+            self.pad_id,
+        )?;
+        let n = self.params.len();
+        // Gradients, then Σw and Σ −logp·w: one buffer, one all-reduce.
+        let mut buf = vec![0f32; n + 2];
+        let mut tokens = 0u64;
+        for mb in &mbs {
+            let b = to_batch(mb)?;
+            let (out, grads) = self.model.forward_backward(&b, LossKind::CrossEntropy)?;
+            self.dropout_passes += 1;
+            let flat = grads.to_flat()?;
+            for (a, g) in buf[..n].iter_mut().zip(&flat) {
+                *a += g;
+            }
+            buf[n] += out.weight_sum as f32;
+            buf[n + 1] += out.loss_sum as f32;
+            tokens += out.tokens as u64;
+        }
+        self.sync
+            .all_reduce_sum(self.step + 1, &mut buf)
+            .map_err(|message| Error::Sync {
+                step: self.step + 1,
+                message,
+            })?;
+        let weight = buf[n] as f64;
+        let loss = buf[n + 1] as f64 / weight;
+        if weight <= 0.0 || !loss.is_finite() {
+            return Err(Error::NonFinite {
+                step: self.step + 1,
+                what: "loss",
+                value: loss,
+            });
+        }
+        let inv = (1.0 / weight) as f32;
+        let grads = &mut buf[..n];
+        grads.iter_mut().for_each(|g| *g *= inv);
+        let lr = self.schedule.lr_at(self.step);
+        let rep = self.opt.step_flat(&mut self.params, grads, lr)?;
+        self.model.set_params_flat(&self.params)?;
+        self.step += 1;
+        self.last_loss = Some(loss);
+        let dt = started.elapsed().as_secs_f64();
+        Ok(StepMetrics {
+            step: self.step,
+            epoch: batch.epoch,
+            loss,
+            lr,
+            grad_norm: rep.grad_norm,
+            tokens,
+            weight,
+            examples: batch.indices.len() as u64,
+            tokens_per_s: if dt > 0.0 { tokens as f64 / dt } else { 0.0 },
+            elapsed_s: self.elapsed(),
+            eval_nll: None,
+        })
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.segment_start.elapsed().as_secs_f64()
+    }
+
+    /// Mean NLL on the eval data with the current adapters.
+    pub fn eval(&self) -> Result<f64> {
+        Ok(evaluate(
+            &self.model,
+            &self.eval,
+            self.cfg.train.micro_batch_tokens,
+            self.pad_id,
+            Adapters::On,
+        )?
+        .0)
+    }
+
+    /// Writes a checkpoint of the current step (atomically) and lists it.
+    pub fn save(&mut self) -> Result<CheckpointRecord> {
+        let state = TrainState {
+            version: STATE_VERSION,
+            step: self.step,
+            config_hash: self.hash.clone(),
+            config: self.cfg.semantic_entries(),
+            cursor: self.sampler.cursor(),
+            dropout_passes: self.dropout_passes,
+            elapsed_s: self.elapsed(),
+            params_fingerprint: self.model.params_fingerprint()?,
+        };
+        let model = &self.model;
+        let opt = &self.opt;
+        let rec = self
+            .run
+            .write_checkpoint(self.step, self.last_loss, |dir| {
+                model.save_adapter(&dir.join("adapter"))?;
+                opt.save(&dir.join(OPTIMIZER_FILE))?;
+                let text = serde_json::to_string_pretty(&state).expect("state serializes");
+                write_file_atomic(&dir.join(STATE_FILE), text.as_bytes())
+            })?;
+        self.last_saved = Some(self.step);
+        Ok(rec)
+    }
+}
+
+/// The model draws dropout masks from a counter of forward_backward calls that it does not
+/// expose; a resumed run replays that many minimal passes (one token, weight 0) so the next
+/// real pass draws the same masks as in an uninterrupted run.
+fn advance_dropout(model: &LoraModel, passes: u64) -> Result<()> {
+    let b = Batch::new(1, 1, vec![0], vec![0], vec![0.0], vec![1])?;
+    for _ in 0..passes {
+        model.forward_backward(&b, LossKind::CrossEntropy)?;
+    }
+    Ok(())
+}
+
+fn read_state(path: &Path) -> Result<TrainState> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
+        path: path.to_owned(),
+        line: e.line(),
+        message: e.to_string(),
+    })?;
+    if state.version != STATE_VERSION {
+        return Err(Error::Corrupt {
+            path: path.to_owned(),
+            line: 1,
+            message: format!(
+                "state version {} is not the supported {STATE_VERSION}",
+                state.version
+            ),
+        });
+    }
+    Ok(state)
+}
