@@ -528,6 +528,12 @@ impl Coordinator {
         self.last_checkpoint
     }
 
+    /// Whether the core still counts `node` as an admitted connection (the
+    /// driver can close any other it still holds).
+    pub fn is_connected(&self, node: NodeId) -> bool {
+        self.conns.contains_key(&node)
+    }
+
     /// The last step of the run.
     pub fn total_steps(&self) -> Step {
         self.total_steps
@@ -790,6 +796,7 @@ impl Coordinator {
             to: from,
             command: Command::Accepted {
                 standby: !gathering,
+                heartbeat_every: self.cfg.timeouts.heartbeat / 4,
             },
         });
         self.events.push_back(Event::Registered {

@@ -195,6 +195,20 @@ pub enum Refusal {
     Stopping,
 }
 
+impl Refusal {
+    /// Whether the node should try again later: these refusals clear up by
+    /// themselves (a dead predecessor on the same GPU slot or address is
+    /// declared dead within the heartbeat timeout; a standby place frees up).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Refusal::DuplicateIdentity { .. }
+                | Refusal::DuplicateDataAddr { .. }
+                | Refusal::Full { .. }
+        )
+    }
+}
+
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -224,9 +238,11 @@ pub enum Command {
     /// Not admitted; the driver closes the connection after sending this.
     Refused(Refusal),
     /// Registered. `standby`: the run is already going; the node waits to be
-    /// used at the next restart.
+    /// used at the next restart. `heartbeat_every`: how often the node must
+    /// send something (a quarter of the coordinator's heartbeat timeout).
     Accepted {
         standby: bool,
+        heartbeat_every: Duration,
     },
     Assign(Assignment),
     /// The NCCL unique id from rank 0, for this generation.

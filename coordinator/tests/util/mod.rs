@@ -335,7 +335,7 @@ fn unindent(lines: &[&str]) -> String {
 pub fn render_command(c: &Command) -> String {
     match c {
         Command::Refused(r) => format!("refused: {r}"),
-        Command::Accepted { standby } => if *standby {
+        Command::Accepted { standby, .. } => if *standby {
             "accepted (standby)"
         } else {
             "accepted"
