@@ -47,13 +47,20 @@ impl ClusterToken {
         ring::rand::SystemRandom::new()
             .fill(&mut b)
             .map_err(|_| Error::Credentials("no system randomness for a cluster token".into()))?;
-        Self::new(b.iter().map(|x| format!("{x:02x}")).collect::<String>().into_bytes())
+        Self::new(
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<String>()
+                .into_bytes(),
+        )
     }
 
     /// The token in the environment variable `var` (e.g. `RINGTUNE_TOKEN`).
     pub fn from_env(var: &str) -> Result<Self> {
-        let v = std::env::var(var).map_err(|_| Error::Credentials(format!("environment variable {var} is not set")))?;
-        Self::new(v.trim().as_bytes().to_vec()).map_err(|e| Error::Credentials(format!("{var}: {e}")))
+        let v = std::env::var(var)
+            .map_err(|_| Error::Credentials(format!("environment variable {var} is not set")))?;
+        Self::new(v.trim().as_bytes().to_vec())
+            .map_err(|e| Error::Credentials(format!("{var}: {e}")))
     }
 
     /// The token in a file (surrounding whitespace ignored).
@@ -63,7 +70,8 @@ impl ClusterToken {
             source: e,
         })?;
         let s = String::from_utf8_lossy(&v);
-        Self::new(s.trim().as_bytes().to_vec()).map_err(|e| Error::Credentials(format!("{}: {e}", path.display())))
+        Self::new(s.trim().as_bytes().to_vec())
+            .map_err(|e| Error::Credentials(format!("{}: {e}", path.display())))
     }
 
     /// The token's bytes, for handing to a child process (never log them).
@@ -79,7 +87,13 @@ pub(crate) enum Role {
     Acceptor = 2,
 }
 
-pub(crate) fn proof(token: &ClusterToken, exporter: &[u8], role: Role, rank: u32, world: u32) -> Vec<u8> {
+pub(crate) fn proof(
+    token: &ClusterToken,
+    exporter: &[u8],
+    role: Role,
+    rank: u32,
+    world: u32,
+) -> Vec<u8> {
     let key = hmac::Key::new(hmac::HMAC_SHA256, &token.0);
     let mut ctx = hmac::Context::with_key(&key);
     ctx.update(b"ringtune-token-proof-v1");
@@ -90,7 +104,14 @@ pub(crate) fn proof(token: &ClusterToken, exporter: &[u8], role: Role, rank: u32
     ctx.sign().as_ref().to_vec()
 }
 
-pub(crate) fn verify(token: &ClusterToken, exporter: &[u8], role: Role, rank: u32, world: u32, got: &[u8]) -> bool {
+pub(crate) fn verify(
+    token: &ClusterToken,
+    exporter: &[u8],
+    role: Role,
+    rank: u32,
+    world: u32,
+    got: &[u8],
+) -> bool {
     let want = proof(token, exporter, role, rank, world);
     want.len() == got.len() && bool::from(want.ct_eq(got))
 }

@@ -22,9 +22,9 @@ pub mod error;
 pub mod mem;
 pub mod net;
 mod quic;
-mod tcp;
 pub mod ring;
 pub mod sync;
+mod tcp;
 pub mod tls;
 pub mod types;
 

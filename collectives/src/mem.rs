@@ -8,7 +8,9 @@
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::Instant;
 
-use ringtune_protocol::{check_frame_len, ChunkHeader, WireDtype, CHUNK_HEADER_LEN, FRAME_PREFIX_LEN};
+use ringtune_protocol::{
+    check_frame_len, ChunkHeader, WireDtype, CHUNK_HEADER_LEN, FRAME_PREFIX_LEN,
+};
 
 use crate::error::{Error, Result};
 use crate::ring::{Collective, RingConfig};
@@ -34,13 +36,20 @@ pub fn mem_cluster(world: u32, chunk_elems: usize, wire: WireDtype) -> Result<Ve
         let cfg = RingConfig::new(Rank(r as u32), WorldSize(world), chunk_elems, wire)?;
         // Channel r carries frames into rank r, so rank r sends on channel r + 1.
         let to_right = txs[(r + 1) % w].clone();
-        out.push(Ring::new(MemDriver { cfg, to_right, from_left }));
+        out.push(Ring::new(MemDriver {
+            cfg,
+            to_right,
+            from_left,
+        }));
     }
     Ok(out)
 }
 
 /// Splits a whole frame (prefix included) into header and payload, enforcing `limit`.
-pub(crate) fn parse_frame(frame: &[u8], limit: usize) -> std::result::Result<(ChunkHeader, &[u8]), String> {
+pub(crate) fn parse_frame(
+    frame: &[u8],
+    limit: usize,
+) -> std::result::Result<(ChunkHeader, &[u8]), String> {
     let prefix: [u8; FRAME_PREFIX_LEN] = frame
         .get(..FRAME_PREFIX_LEN)
         .ok_or("frame shorter than its length prefix")?
@@ -49,7 +58,10 @@ pub(crate) fn parse_frame(frame: &[u8], limit: usize) -> std::result::Result<(Ch
     let len = check_frame_len(prefix, limit).map_err(|e| e.to_string())?;
     let body = &frame[FRAME_PREFIX_LEN..];
     if body.len() != len {
-        return Err(format!("frame announces {len} bytes but carries {}", body.len()));
+        return Err(format!(
+            "frame announces {len} bytes but carries {}",
+            body.len()
+        ));
     }
     let header = ChunkHeader::decode(body).map_err(|e| e.to_string())?;
     Ok((header, &body[CHUNK_HEADER_LEN..]))
@@ -62,7 +74,13 @@ impl Driver for MemDriver {
 
     fn drive(&mut self, core: &mut dyn Collective, data: &mut [f32]) -> Result<()> {
         let (rank, seq, step) = core.ids();
-        let lost = |peer: Rank, reason: &str| Error::PeerLost { rank, peer, seq, step, reason: reason.into() };
+        let lost = |peer: Rank, reason: &str| Error::PeerLost {
+            rank,
+            peer,
+            seq,
+            step,
+            reason: reason.into(),
+        };
         loop {
             let mut out = Vec::new();
             while core.poll_transmit(data, &mut out).is_some() {
@@ -76,16 +94,21 @@ impl Driver for MemDriver {
             let wait = deadline.saturating_duration_since(Instant::now());
             match self.from_left.recv_timeout(wait) {
                 Ok(frame) => {
-                    let (h, payload) = parse_frame(&frame, self.cfg.max_frame_body()).map_err(|reason| Error::Malformed {
-                        rank,
-                        seq,
-                        peer: self.cfg.left(),
-                        reason,
-                    })?;
+                    let (h, payload) =
+                        parse_frame(&frame, self.cfg.max_frame_body()).map_err(|reason| {
+                            Error::Malformed {
+                                rank,
+                                seq,
+                                peer: self.cfg.left(),
+                                reason,
+                            }
+                        })?;
                     core.handle_chunk(data, &h, payload)?;
                 }
                 Err(RecvTimeoutError::Timeout) => core.handle_timeout(Instant::now())?,
-                Err(RecvTimeoutError::Disconnected) => return Err(lost(self.cfg.left(), "channel closed")),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(lost(self.cfg.left(), "channel closed"))
+                }
             }
         }
     }

@@ -28,13 +28,20 @@ fn transport_config() -> quinn::TransportConfig {
     t.send_window(256 << 20);
     t.max_concurrent_bidi_streams(4u32.into());
     t.max_concurrent_uni_streams(0u32.into());
-    t.max_idle_timeout(Some(Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout")));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(30)
+            .try_into()
+            .expect("30 s is a valid idle timeout"),
+    ));
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.initial_rtt(Duration::from_millis(20));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
-    if let Some(m) = std::env::var("RINGTUNE_QUIC_INITIAL_MTU").ok().and_then(|v| v.parse().ok()) {
+    if let Some(m) = std::env::var("RINGTUNE_QUIC_INITIAL_MTU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         t.initial_mtu(m);
     }
     let mut cubic = quinn::congestion::CubicConfig::default();
@@ -44,7 +51,10 @@ fn transport_config() -> quinn::TransportConfig {
 }
 
 fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
-    let sock = UdpSocket::bind(addr).map_err(|source| Error::Io { context: format!("binding UDP {addr}"), source })?;
+    let sock = UdpSocket::bind(addr).map_err(|source| Error::Io {
+        context: format!("binding UDP {addr}"),
+        source,
+    })?;
     // Bursts of 64 KiB datagrams overflow the default ~200 KiB socket buffers.
     let s = socket2::SockRef::from(&sock);
     let _ = s.set_recv_buffer_size(16 << 20);
@@ -56,24 +66,47 @@ pub(crate) async fn establish(cfg: &NetConfig, ring: &RingConfig) -> Result<Esta
     let cred = |e: &dyn std::fmt::Display| Error::Credentials(e.to_string());
     let transport = Arc::new(transport_config());
     let mut ep_cfg = quinn::EndpointConfig::default();
-    ep_cfg.max_udp_payload_size(MAX_UDP_PAYLOAD).map_err(|e| cred(&e))?;
+    ep_cfg
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| cred(&e))?;
     let runtime = Arc::new(quinn::TokioRuntime);
 
-    let server_crypto = QuicServerConfig::try_from(cfg.identity.server_config()?).map_err(|e| cred(&e))?;
+    let server_crypto =
+        QuicServerConfig::try_from(cfg.identity.server_config()?).map_err(|e| cred(&e))?;
     let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
     server_cfg.transport_config(transport.clone());
-    let server = quinn::Endpoint::new(ep_cfg.clone(), Some(server_cfg), udp_socket(cfg.listen)?, runtime.clone())
-        .map_err(|source| Error::Io { context: format!("starting QUIC endpoint on {}", cfg.listen), source })?;
+    let server = quinn::Endpoint::new(
+        ep_cfg.clone(),
+        Some(server_cfg),
+        udp_socket(cfg.listen)?,
+        runtime.clone(),
+    )
+    .map_err(|source| Error::Io {
+        context: format!("starting QUIC endpoint on {}", cfg.listen),
+        source,
+    })?;
 
-    let client_crypto = QuicClientConfig::try_from(cfg.identity.client_config()?).map_err(|e| cred(&e))?;
+    let client_crypto =
+        QuicClientConfig::try_from(cfg.identity.client_config()?).map_err(|e| cred(&e))?;
     let mut client_cfg = quinn::ClientConfig::new(Arc::new(client_crypto));
     client_cfg.transport_config(transport);
-    let mut client = quinn::Endpoint::new(ep_cfg, None, udp_socket(SocketAddr::new(cfg.listen.ip(), 0))?, runtime)
-        .map_err(|source| Error::Io { context: "starting QUIC client endpoint".into(), source })?;
+    let mut client = quinn::Endpoint::new(
+        ep_cfg,
+        None,
+        udp_socket(SocketAddr::new(cfg.listen.ip(), 0))?,
+        runtime,
+    )
+    .map_err(|source| Error::Io {
+        context: "starting QUIC client endpoint".into(),
+        source,
+    })?;
     client.set_default_client_config(client_cfg);
 
     let deadline = Instant::now() + cfg.connect_timeout;
-    let (accepted, dialled) = tokio::join!(accept(&server, cfg, ring, deadline), dial(&client, cfg, ring, deadline));
+    let (accepted, dialled) = tokio::join!(
+        accept(&server, cfg, ring, deadline),
+        dial(&client, cfg, ring, deadline)
+    );
     let (in_conn, (_in_send, in_recv)) = accepted?;
     let (out_conn, (out_send, _out_recv)) = dialled?;
     Ok(Established {
@@ -92,25 +125,44 @@ pub(crate) async fn establish(cfg: &NetConfig, ring: &RingConfig) -> Result<Esta
 
 type Link = (quinn::Connection, (quinn::SendStream, quinn::RecvStream));
 
-async fn accept(server: &quinn::Endpoint, cfg: &NetConfig, ring: &RingConfig, deadline: Instant) -> Result<Link> {
+async fn accept(
+    server: &quinn::Endpoint,
+    cfg: &NetConfig,
+    ring: &RingConfig,
+    deadline: Instant,
+) -> Result<Link> {
     let left = ring.left();
     loop {
         let incoming = match timeout_at(deadline, server.accept()).await {
             Ok(Some(i)) => i,
-            Ok(None) => return Err(link_err(ring, format!("rank {left}"), "endpoint closed while accepting")),
+            Ok(None) => {
+                return Err(link_err(
+                    ring,
+                    format!("rank {left}"),
+                    "endpoint closed while accepting",
+                ))
+            }
             Err(_) => {
                 return Err(link_err(
                     ring,
                     format!("rank {left}"),
-                    format!("no authenticated connection within {:?}", cfg.connect_timeout),
+                    format!(
+                        "no authenticated connection within {:?}",
+                        cfg.connect_timeout
+                    ),
                 ))
             }
         };
         let addr = incoming.remote_address();
         let per_try = deadline.min(Instant::now() + Duration::from_secs(10));
         let attempt = async {
-            let conn = incoming.await.map_err(|e| format!("TLS handshake failed: {e}"))?;
-            let (send, recv) = conn.accept_bi().await.map_err(|e| format!("no stream opened: {e}"))?;
+            let conn = incoming
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            let (send, recv) = conn
+                .accept_bi()
+                .await
+                .map_err(|e| format!("no stream opened: {e}"))?;
             let mut ex = [0u8; 32];
             conn.export_keying_material(&mut ex, EXPORTER_LABEL, b"")
                 .map_err(|_| "TLS exporter unavailable".to_string())?;
@@ -121,13 +173,22 @@ async fn accept(server: &quinn::Endpoint, cfg: &NetConfig, ring: &RingConfig, de
         };
         match timeout_at(per_try, attempt).await {
             Ok(Ok(link)) => return Ok(link),
-            Ok(Err(reason)) => tracing::warn!(rank = ring.rank.0, peer = %addr, "refused ring link: {reason}"),
-            Err(_) => tracing::warn!(rank = ring.rank.0, peer = %addr, "refused ring link: handshake timed out"),
+            Ok(Err(reason)) => {
+                tracing::warn!(rank = ring.rank.0, peer = %addr, "refused ring link: {reason}")
+            }
+            Err(_) => {
+                tracing::warn!(rank = ring.rank.0, peer = %addr, "refused ring link: handshake timed out")
+            }
         }
     }
 }
 
-async fn dial(client: &quinn::Endpoint, cfg: &NetConfig, ring: &RingConfig, deadline: Instant) -> Result<Link> {
+async fn dial(
+    client: &quinn::Endpoint,
+    cfg: &NetConfig,
+    ring: &RingConfig,
+    deadline: Instant,
+) -> Result<Link> {
     let right = ring.right();
     let addr = cfg.peers[right.idx()];
     let peer = format!("rank {right} at {addr}");
@@ -136,14 +197,29 @@ async fn dial(client: &quinn::Endpoint, cfg: &NetConfig, ring: &RingConfig, dead
             .connect(addr, CLUSTER_SERVER_NAME)
             .map_err(|e| link_err(ring, &peer, format!("cannot connect: {e}")))?;
         let conn = match timeout_at(deadline, connecting).await {
-            Err(_) => return Err(link_err(ring, &peer, format!("no connection within {:?}", cfg.connect_timeout))),
+            Err(_) => {
+                return Err(link_err(
+                    ring,
+                    &peer,
+                    format!("no connection within {:?}", cfg.connect_timeout),
+                ))
+            }
             // Nobody answered yet (the peer may still be starting): try again.
             Ok(Err(ConnectionError::TimedOut)) if Instant::now() < deadline => continue,
-            Ok(Err(e)) => return Err(link_err(ring, &peer, format!("QUIC/TLS handshake failed: {e}"))),
+            Ok(Err(e)) => {
+                return Err(link_err(
+                    ring,
+                    &peer,
+                    format!("QUIC/TLS handshake failed: {e}"),
+                ))
+            }
             Ok(Ok(c)) => c,
         };
         let attempt = async {
-            let (send, recv) = conn.open_bi().await.map_err(|e| format!("opening stream: {e}"))?;
+            let (send, recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| format!("opening stream: {e}"))?;
             let mut ex = [0u8; 32];
             conn.export_keying_material(&mut ex, EXPORTER_LABEL, b"")
                 .map_err(|_| "TLS exporter unavailable".to_string())?;

@@ -25,7 +25,9 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use half::bf16;
-use ringtune_protocol::{encode_frame_prefix, ChunkHeader, OpKind, Phase, WireDtype, CHUNK_HEADER_LEN};
+use ringtune_protocol::{
+    encode_frame_prefix, ChunkHeader, OpKind, Phase, WireDtype, CHUNK_HEADER_LEN,
+};
 
 use crate::error::{Error, Result};
 use crate::types::{Rank, Seq, Step, WorldSize};
@@ -96,7 +98,12 @@ pub struct Transmit {
 /// One collective's state machine.
 pub trait Collective {
     /// Feeds a frame received from the left neighbour; `data` is the collective's buffer.
-    fn handle_chunk(&mut self, data: &mut [f32], header: &ChunkHeader, payload: &[u8]) -> Result<()>;
+    fn handle_chunk(
+        &mut self,
+        data: &mut [f32],
+        header: &ChunkHeader,
+        payload: &[u8],
+    ) -> Result<()>;
     /// Appends the next frame to send (length prefix, header, payload) to `out`.
     fn poll_transmit(&mut self, data: &[f32], out: &mut Vec<u8>) -> Option<Transmit>;
     /// Whether [`Collective::poll_transmit`] has something.
@@ -196,7 +203,10 @@ impl Ctx {
     fn check(&self, h: &ChunkHeader) -> Result<()> {
         let left = self.cfg.left();
         if h.src != left.0 {
-            return Err(self.malformed(h, format!("frame claims rank {} on the link from rank {left}", h.src)));
+            return Err(self.malformed(
+                h,
+                format!("frame claims rank {} on the link from rank {left}", h.src),
+            ));
         }
         if h.seq != self.seq.0 {
             return Err(self.mismatch(h, "collective sequence numbers differ".into()));
@@ -208,13 +218,28 @@ impl Ctx {
             return Err(self.mismatch(h, "steps differ".into()));
         }
         if h.total_len != self.len as u64 {
-            return Err(self.mismatch(h, format!("buffer of {} elements on the peer, {} here", h.total_len, self.len)));
+            return Err(self.mismatch(
+                h,
+                format!(
+                    "buffer of {} elements on the peer, {} here",
+                    h.total_len, self.len
+                ),
+            ));
         }
         if h.dtype != self.cfg.wire {
-            return Err(self.mismatch(h, format!("wire dtype {:?} on the peer, {:?} here", h.dtype, self.cfg.wire)));
+            return Err(self.mismatch(
+                h,
+                format!(
+                    "wire dtype {:?} on the peer, {:?} here",
+                    h.dtype, self.cfg.wire
+                ),
+            ));
         }
         if h.root != self.root {
-            return Err(self.mismatch(h, format!("root rank {} on the peer, {} here", h.root, self.root)));
+            return Err(self.mismatch(
+                h,
+                format!("root rank {} on the peer, {} here", h.root, self.root),
+            ));
         }
         Ok(())
     }
@@ -222,7 +247,10 @@ impl Ctx {
     fn check_len(&self, h: &ChunkHeader, payload: &[u8], range: &Range<usize>) -> Result<()> {
         let want = range.len() * self.cfg.wire.size();
         if payload.len() != want {
-            return Err(self.malformed(h, format!("payload of {} bytes, expected {want}", payload.len())));
+            return Err(self.malformed(
+                h,
+                format!("payload of {} bytes, expected {want}", payload.len()),
+            ));
         }
         Ok(())
     }
@@ -301,7 +329,15 @@ pub struct AllReduce {
 impl AllReduce {
     /// Starts an all-reduce of a buffer of `len` elements. `op` is [`OpKind::AllReduce`] or
     /// [`OpKind::Barrier`] (only used to detect ranks that disagree on what they are doing).
-    pub fn new(cfg: RingConfig, op: OpKind, seq: Seq, step: Step, len: usize, now: Instant, timeout: Duration) -> Self {
+    pub fn new(
+        cfg: RingConfig,
+        op: OpKind,
+        seq: Seq,
+        step: Step,
+        len: usize,
+        now: Instant,
+        timeout: Duration,
+    ) -> Self {
         let w = cfg.world.get();
         let layout = Layout::new(len, w, cfg.chunk_elems);
         let rounds = w - 1;
@@ -312,7 +348,16 @@ impl AllReduce {
             queue.extend((0..layout.pieces as u32).map(|k| (Phase::ReduceScatter, 0, k)));
         }
         Self {
-            ctx: Ctx { cfg, op, seq, step, len, root: 0, deadline: now + timeout, timeout },
+            ctx: Ctx {
+                cfg,
+                op,
+                seq,
+                step,
+                len,
+                root: 0,
+                deadline: now + timeout,
+                timeout,
+            },
             layout,
             rs_got: vec![false; per_phase],
             ag_got: vec![false; per_phase],
@@ -334,14 +379,23 @@ impl Collective for AllReduce {
         let rounds = self.layout.world - 1;
         let (round, piece) = (h.round as usize, h.piece as usize);
         if round >= rounds || piece >= self.layout.pieces {
-            return Err(self.ctx.malformed(h, format!("round {round} piece {piece} outside {rounds} rounds x {} pieces", self.layout.pieces)));
+            return Err(self.ctx.malformed(
+                h,
+                format!(
+                    "round {round} piece {piece} outside {rounds} rounds x {} pieces",
+                    self.layout.pieces
+                ),
+            ));
         }
         let slot = round * self.layout.pieces + piece;
         let wire = self.ctx.cfg.wire;
         match h.phase {
             Phase::ReduceScatter => {
                 if self.rs_got[slot] {
-                    return Err(self.ctx.malformed(h, format!("duplicate reduce-scatter round {round} piece {piece}")));
+                    return Err(self.ctx.malformed(
+                        h,
+                        format!("duplicate reduce-scatter round {round} piece {piece}"),
+                    ));
                 }
                 let range = self.layout.piece(self.seg(-1 - round as i64), piece);
                 self.ctx.check_len(h, payload, &range)?;
@@ -349,7 +403,8 @@ impl Collective for AllReduce {
                 self.rs_got[slot] = true;
                 self.rs_n += 1;
                 if round + 1 < rounds {
-                    self.queue.push_back((Phase::ReduceScatter, h.round + 1, h.piece));
+                    self.queue
+                        .push_back((Phase::ReduceScatter, h.round + 1, h.piece));
                 } else {
                     // This rank now owns the final sum of this piece. Round it to what the
                     // wire carries so every rank ends with the same bits.
@@ -363,7 +418,10 @@ impl Collective for AllReduce {
             }
             Phase::AllGather => {
                 if self.ag_got[slot] {
-                    return Err(self.ctx.malformed(h, format!("duplicate all-gather round {round} piece {piece}")));
+                    return Err(self.ctx.malformed(
+                        h,
+                        format!("duplicate all-gather round {round} piece {piece}"),
+                    ));
                 }
                 let range = self.layout.piece(self.seg(-(round as i64)), piece);
                 self.ctx.check_len(h, payload, &range)?;
@@ -371,10 +429,15 @@ impl Collective for AllReduce {
                 self.ag_got[slot] = true;
                 self.ag_n += 1;
                 if round + 1 < rounds {
-                    self.queue.push_back((Phase::AllGather, h.round + 1, h.piece));
+                    self.queue
+                        .push_back((Phase::AllGather, h.round + 1, h.piece));
                 }
             }
-            Phase::Broadcast => return Err(self.ctx.mismatch(h, "broadcast frame during an all-reduce".into())),
+            Phase::Broadcast => {
+                return Err(self
+                    .ctx
+                    .mismatch(h, "broadcast frame during an all-reduce".into()))
+            }
         }
         Ok(())
     }
@@ -389,7 +452,10 @@ impl Collective for AllReduce {
         let header = self.ctx.header(phase, round, piece);
         start_frame(out, &header, range.len() * self.ctx.cfg.wire.size());
         encode_payload(self.ctx.cfg.wire, &data[range], out);
-        Some(Transmit { to: self.ctx.cfg.right(), header })
+        Some(Transmit {
+            to: self.ctx.cfg.right(),
+            header,
+        })
     }
 
     fn has_transmit(&self) -> bool {
@@ -405,11 +471,18 @@ impl Collective for AllReduce {
             return Ok(());
         }
         let n = self.rs_got.len();
-        let name = if self.ctx.op == OpKind::Barrier { "barrier" } else { "all-reduce" };
+        let name = if self.ctx.op == OpKind::Barrier {
+            "barrier"
+        } else {
+            "all-reduce"
+        };
         Err(self.ctx.timeout_error(
             name,
             self.ctx.cfg.left(),
-            format!("received {}/{n} reduce-scatter and {}/{n} all-gather chunks", self.rs_n, self.ag_n),
+            format!(
+                "received {}/{n} reduce-scatter and {}/{n} all-gather chunks",
+                self.rs_n, self.ag_n
+            ),
         ))
     }
 
@@ -436,19 +509,47 @@ pub struct Broadcast {
 impl Broadcast {
     /// Starts a broadcast of `len` elements from `root`.
     /// Broadcasts always travel as f32: they carry parameters, which must arrive exact.
-    pub fn new(mut cfg: RingConfig, root: Rank, seq: Seq, step: Step, len: usize, now: Instant, timeout: Duration) -> Result<Self> {
+    pub fn new(
+        mut cfg: RingConfig,
+        root: Rank,
+        seq: Seq,
+        step: Step,
+        len: usize,
+        now: Instant,
+        timeout: Duration,
+    ) -> Result<Self> {
         cfg.wire = WireDtype::F32;
         if root.0 >= cfg.world.0 {
-            return Err(Error::InvalidArgument(format!("broadcast root {root} outside world of size {}", cfg.world)));
+            return Err(Error::InvalidArgument(format!(
+                "broadcast root {root} outside world of size {}",
+                cfg.world
+            )));
         }
         let w = cfg.world.0;
-        let pieces = if w > 1 { len.div_ceil(cfg.chunk_elems) } else { 0 };
+        let pieces = if w > 1 {
+            len.div_ceil(cfg.chunk_elems)
+        } else {
+            0
+        };
         let is_root = cfg.rank == root;
         // The rank just left of the root is the last one: it does not send back to the root.
         let forward = w > 1 && (cfg.rank.0 + 1) % w != root.0;
-        let queue = if is_root { (0..pieces as u32).collect() } else { VecDeque::new() };
+        let queue = if is_root {
+            (0..pieces as u32).collect()
+        } else {
+            VecDeque::new()
+        };
         Ok(Self {
-            ctx: Ctx { cfg, op: OpKind::Broadcast, seq, step, len, root: root.0, deadline: now + timeout, timeout },
+            ctx: Ctx {
+                cfg,
+                op: OpKind::Broadcast,
+                seq,
+                step,
+                len,
+                root: root.0,
+                deadline: now + timeout,
+                timeout,
+            },
             pieces,
             got: vec![is_root; pieces],
             n: if is_root { pieces } else { 0 },
@@ -466,11 +567,19 @@ impl Collective for Broadcast {
     fn handle_chunk(&mut self, data: &mut [f32], h: &ChunkHeader, payload: &[u8]) -> Result<()> {
         self.ctx.check(h)?;
         if h.phase != Phase::Broadcast {
-            return Err(self.ctx.mismatch(h, format!("{:?} frame during a broadcast", h.phase)));
+            return Err(self
+                .ctx
+                .mismatch(h, format!("{:?} frame during a broadcast", h.phase)));
         }
         let piece = h.piece as usize;
         if h.round != 0 || piece >= self.pieces || self.got[piece] {
-            return Err(self.ctx.malformed(h, format!("unexpected or duplicate broadcast piece {piece} (round {})", h.round)));
+            return Err(self.ctx.malformed(
+                h,
+                format!(
+                    "unexpected or duplicate broadcast piece {piece} (round {})",
+                    h.round
+                ),
+            ));
         }
         let range = self.range(piece);
         self.ctx.check_len(h, payload, &range)?;
@@ -489,7 +598,10 @@ impl Collective for Broadcast {
         let header = self.ctx.header(Phase::Broadcast, 0, piece);
         start_frame(out, &header, range.len() * self.ctx.cfg.wire.size());
         encode_payload(self.ctx.cfg.wire, &data[range], out);
-        Some(Transmit { to: self.ctx.cfg.right(), header })
+        Some(Transmit {
+            to: self.ctx.cfg.right(),
+            header,
+        })
     }
 
     fn has_transmit(&self) -> bool {
@@ -507,7 +619,10 @@ impl Collective for Broadcast {
         Err(self.ctx.timeout_error(
             "broadcast",
             self.ctx.cfg.left(),
-            format!("received {}/{} chunks from root {}", self.n, self.pieces, self.ctx.root),
+            format!(
+                "received {}/{} chunks from root {}",
+                self.n, self.pieces, self.ctx.root
+            ),
         ))
     }
 

@@ -33,28 +33,34 @@ pub trait GradSync {
     /// elements so that each bucket is one collective (fewer, larger frames). A buffer of at
     /// least `bucket_elems` is reduced in place on its own. Each bucket gets its own sequence
     /// number and its own `call.timeout`.
-    fn all_reduce_sum_fused(&mut self, bufs: &mut [&mut [f32]], bucket_elems: usize, call: Call) -> Result<()> {
+    fn all_reduce_sum_fused(
+        &mut self,
+        bufs: &mut [&mut [f32]],
+        bucket_elems: usize,
+        call: Call,
+    ) -> Result<()> {
         let bucket_elems = bucket_elems.max(1);
         let mut scratch: Vec<f32> = Vec::new();
         let mut group: Vec<usize> = Vec::new();
-        let mut flush = |this: &mut Self, bufs: &mut [&mut [f32]], group: &mut Vec<usize>| -> Result<()> {
-            if group.is_empty() {
-                return Ok(());
-            }
-            scratch.clear();
-            for &i in group.iter() {
-                scratch.extend_from_slice(bufs[i]);
-            }
-            this.all_reduce_sum(&mut scratch, call)?;
-            let mut off = 0;
-            for &i in group.iter() {
-                let n = bufs[i].len();
-                bufs[i].copy_from_slice(&scratch[off..off + n]);
-                off += n;
-            }
-            group.clear();
-            Ok(())
-        };
+        let mut flush =
+            |this: &mut Self, bufs: &mut [&mut [f32]], group: &mut Vec<usize>| -> Result<()> {
+                if group.is_empty() {
+                    return Ok(());
+                }
+                scratch.clear();
+                for &i in group.iter() {
+                    scratch.extend_from_slice(bufs[i]);
+                }
+                this.all_reduce_sum(&mut scratch, call)?;
+                let mut off = 0;
+                for &i in group.iter() {
+                    let n = bufs[i].len();
+                    bufs[i].copy_from_slice(&scratch[off..off + n]);
+                    off += n;
+                }
+                group.clear();
+                Ok(())
+            };
         let mut pending = 0usize;
         for i in 0..bufs.len() {
             let n = bufs[i].len();
@@ -137,13 +143,29 @@ impl<D: Driver> GradSync for Ring<D> {
 
     fn all_reduce_sum(&mut self, buf: &mut [f32], call: Call) -> Result<()> {
         let cfg = self.driver.config();
-        let mut core = AllReduce::new(cfg, OpKind::AllReduce, self.next_seq(), call.step, buf.len(), Instant::now(), call.timeout);
+        let mut core = AllReduce::new(
+            cfg,
+            OpKind::AllReduce,
+            self.next_seq(),
+            call.step,
+            buf.len(),
+            Instant::now(),
+            call.timeout,
+        );
         self.run(&mut core, buf)
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: Rank, call: Call) -> Result<()> {
         let cfg = self.driver.config();
-        let mut core = Broadcast::new(cfg, root, self.next_seq(), call.step, buf.len(), Instant::now(), call.timeout)?;
+        let mut core = Broadcast::new(
+            cfg,
+            root,
+            self.next_seq(),
+            call.step,
+            buf.len(),
+            Instant::now(),
+            call.timeout,
+        )?;
         self.run(&mut core, buf)
     }
 
@@ -151,7 +173,15 @@ impl<D: Driver> GradSync for Ring<D> {
         let cfg = self.driver.config();
         let mut flags = vec![0.0f32; cfg.world.get()];
         flags[cfg.rank.idx()] = 1.0;
-        let mut core = AllReduce::new(cfg, OpKind::Barrier, self.next_seq(), call.step, flags.len(), Instant::now(), call.timeout);
+        let mut core = AllReduce::new(
+            cfg,
+            OpKind::Barrier,
+            self.next_seq(),
+            call.step,
+            flags.len(),
+            Instant::now(),
+            call.timeout,
+        );
         self.run(&mut core, &mut flags)?;
         if let Some(r) = flags.iter().position(|&f| f != 1.0) {
             return Err(Error::Malformed {

@@ -21,7 +21,10 @@ use crate::tls::CLUSTER_SERVER_NAME;
 pub(crate) async fn establish(cfg: &NetConfig, ring: &RingConfig) -> Result<Established> {
     let listener = TcpListener::bind(cfg.listen)
         .await
-        .map_err(|source| Error::Io { context: format!("binding TCP {}", cfg.listen), source })?;
+        .map_err(|source| Error::Io {
+            context: format!("binding TCP {}", cfg.listen),
+            source,
+        })?;
     let acceptor = TlsAcceptor::from(Arc::new(cfg.identity.server_config()?));
     let connector = TlsConnector::from(Arc::new(cfg.identity.client_config()?));
     let deadline = Instant::now() + cfg.connect_timeout;
@@ -49,24 +52,39 @@ async fn accept(
     cfg: &NetConfig,
     ring: &RingConfig,
     deadline: Instant,
-) -> Result<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Result<tokio_rustls::server::TlsStream<tokio::io::BufReader<TcpStream>>> {
     let left = ring.left();
     loop {
         let (sock, addr) = match timeout_at(deadline, listener.accept()).await {
             Ok(Ok(x)) => x,
-            Ok(Err(e)) => return Err(link_err(ring, format!("rank {left}"), format!("accept failed: {e}"))),
+            Ok(Err(e)) => {
+                return Err(link_err(
+                    ring,
+                    format!("rank {left}"),
+                    format!("accept failed: {e}"),
+                ))
+            }
             Err(_) => {
                 return Err(link_err(
                     ring,
                     format!("rank {left}"),
-                    format!("no authenticated connection within {:?}", cfg.connect_timeout),
+                    format!(
+                        "no authenticated connection within {:?}",
+                        cfg.connect_timeout
+                    ),
                 ))
             }
         };
         tune(&sock);
         let per_try = deadline.min(Instant::now() + Duration::from_secs(10));
         let attempt = async {
-            let mut tls = acceptor.accept(sock).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+            // rustls reads the socket 4 KiB at a time; a large user-space buffer below it
+            // turns that into one syscall per 256 KiB.
+            let sock = tokio::io::BufReader::with_capacity(256 << 10, sock);
+            let mut tls = acceptor
+                .accept(sock)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
             let ex = tls
                 .get_ref()
                 .1
@@ -77,8 +95,12 @@ async fn accept(
         };
         match timeout_at(per_try, attempt).await {
             Ok(Ok(tls)) => return Ok(tls),
-            Ok(Err(reason)) => tracing::warn!(rank = ring.rank.0, peer = %addr, "refused ring link: {reason}"),
-            Err(_) => tracing::warn!(rank = ring.rank.0, peer = %addr, "refused ring link: handshake timed out"),
+            Ok(Err(reason)) => {
+                tracing::warn!(rank = ring.rank.0, peer = %addr, "refused ring link: {reason}")
+            }
+            Err(_) => {
+                tracing::warn!(rank = ring.rank.0, peer = %addr, "refused ring link: handshake timed out")
+            }
         }
     }
 }
@@ -100,13 +122,22 @@ async fn dial(
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
             Ok(Err(e)) => return Err(link_err(ring, &peer, format!("cannot connect: {e}"))),
-            Err(_) => return Err(link_err(ring, &peer, format!("no connection within {:?}", cfg.connect_timeout))),
+            Err(_) => {
+                return Err(link_err(
+                    ring,
+                    &peer,
+                    format!("no connection within {:?}", cfg.connect_timeout),
+                ))
+            }
         }
     };
     tune(&sock);
     let name = ServerName::try_from(CLUSTER_SERVER_NAME).expect("static server name is valid");
     let attempt = async {
-        let mut tls = connector.connect(name, sock).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let mut tls = connector
+            .connect(name, sock)
+            .await
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
         let ex = tls
             .get_ref()
             .1

@@ -50,7 +50,8 @@ impl ClusterIdentity {
     /// A fresh self-signed certificate for [`CLUSTER_SERVER_NAME`], which is also the only
     /// trust root.
     pub fn generate() -> Result<Self> {
-        let ck = rcgen::generate_simple_self_signed(vec![CLUSTER_SERVER_NAME.to_string()]).map_err(cred)?;
+        let ck = rcgen::generate_simple_self_signed(vec![CLUSTER_SERVER_NAME.to_string()])
+            .map_err(cred)?;
         let der = ck.cert.der().clone();
         Ok(Self {
             cert_chain: vec![der.clone()],
@@ -68,17 +69,25 @@ impl ClusterIdentity {
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|e| Error::Credentials(format!("{}: {e}", p.display())))?;
             if v.is_empty() {
-                return Err(Error::Credentials(format!("{}: no certificate in file", p.display())));
+                return Err(Error::Credentials(format!(
+                    "{}: no certificate in file",
+                    p.display()
+                )));
             }
             Ok(v)
         };
         let cert_chain = certs(cert)?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| Error::Credentials(format!("{}: {e}", key.display())))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| Error::Credentials(format!("{}: {e}", key.display())))?;
         let trust_roots = match ca {
             Some(ca) => certs(ca)?,
             None => vec![cert_chain[0].clone()],
         };
-        Ok(Self { cert_chain, key, trust_roots })
+        Ok(Self {
+            cert_chain,
+            key,
+            trust_roots,
+        })
     }
 
     /// Writes `cluster.crt` and `cluster.key` (mode 0600) into `dir`; returns their paths.
@@ -110,7 +119,9 @@ impl ClusterIdentity {
             o.write(true).create(true).truncate(true);
             #[cfg(unix)]
             o.mode(0o600);
-            let mut f = o.open(&key_path).map_err(io(format!("writing {}", key_path.display())))?;
+            let mut f = o
+                .open(&key_path)
+                .map_err(io(format!("writing {}", key_path.display())))?;
             f.write_all(pem_encode(label, self.key.secret_der()).as_bytes())
                 .map_err(io(format!("writing {}", key_path.display())))?;
         }
@@ -120,20 +131,35 @@ impl ClusterIdentity {
     fn roots(&self) -> Result<Arc<rustls::RootCertStore>> {
         let mut roots = rustls::RootCertStore::empty();
         for c in &self.trust_roots {
-            roots.add(c.clone()).map_err(|e| Error::Credentials(format!("trust root: {e}")))?;
+            roots
+                .add(c.clone())
+                .map_err(|e| Error::Credentials(format!("trust root: {e}")))?;
         }
         Ok(Arc::new(roots))
     }
 
+    /// ring's provider with AES-128-GCM preferred: it is ~1.5x faster than AES-256-GCM
+    /// (fewer rounds) and gradients are the bulk of what we encrypt. (ring's default order
+    /// puts AES-256 first.)
     fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+        use rustls::crypto::ring::cipher_suite as cs;
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites = vec![
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+        ];
+        Arc::new(p)
     }
 
     /// Server-side config: presents our chain, requires a client certificate from the roots.
     pub(crate) fn server_config(&self) -> Result<rustls::ServerConfig> {
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
-            .build()
-            .map_err(cred)?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots()?,
+            Self::provider(),
+        )
+        .build()
+        .map_err(cred)?;
         let mut c = rustls::ServerConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(cred)?
@@ -161,7 +187,9 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = String::new();
     for c in der.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         for i in 0..4 {
             if i <= c.len() {
                 b64.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -194,7 +222,8 @@ mod tests {
         assert_eq!(back.trust_roots, id.cert_chain);
         back.server_config().unwrap();
         back.client_config().unwrap();
-        let missing = ClusterIdentity::from_pem_files(&dir.path().join("nope.crt"), &k, None).unwrap_err();
+        let missing =
+            ClusterIdentity::from_pem_files(&dir.path().join("nope.crt"), &k, None).unwrap_err();
         assert!(missing.to_string().contains("nope.crt"), "{missing}");
     }
 }

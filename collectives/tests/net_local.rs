@@ -1,0 +1,167 @@
+//! The network transports in one process: every rank on its own thread, real sockets on
+//! 127.0.0.1, real TLS. (Process-level tests, with kill -9, live in cli/tests.)
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ringtune_collectives::auth::ClusterToken;
+use ringtune_collectives::net::{connect, NetConfig, NetSync, Transport};
+use ringtune_collectives::tls::ClusterIdentity;
+use ringtune_collectives::{Call, Error, GradSync, Rank, WireDtype, WorldSize};
+
+fn free_ports(n: usize) -> Vec<SocketAddr> {
+    let mut keep = Vec::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = t.local_addr().unwrap();
+        if let Ok(u) = std::net::UdpSocket::bind(a) {
+            out.push(a);
+            keep.push((t, u));
+        }
+    }
+    out
+}
+
+fn config(
+    rank: u32,
+    peers: &[SocketAddr],
+    id: &ClusterIdentity,
+    token: &ClusterToken,
+    transport: Transport,
+) -> NetConfig {
+    NetConfig {
+        rank: Rank(rank),
+        world: WorldSize(peers.len() as u32),
+        listen: peers[rank as usize],
+        peers: peers.to_vec(),
+        identity: id.clone(),
+        token: token.clone(),
+        connect_timeout: Duration::from_secs(5),
+        chunk_elems: 1000,
+        wire: WireDtype::F32,
+        transport,
+    }
+}
+
+/// Runs `body` on every rank of a fresh cluster, each on its own thread.
+fn on_cluster<T: Send + 'static>(
+    world: u32,
+    transport: Transport,
+    body: impl Fn(NetSync) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let peers = free_ports(world as usize);
+    let id = ClusterIdentity::generate().unwrap();
+    let token = ClusterToken::generate().unwrap();
+    let handles: Vec<_> = (0..world)
+        .map(|r| {
+            let cfg = config(r, &peers, &id, &token, transport);
+            let body = body.clone();
+            std::thread::spawn(move || {
+                body(connect(cfg).unwrap_or_else(|e| panic!("rank {r}: {e}")))
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn check_collectives(transport: Transport) {
+    let world = 3;
+    let results = on_cluster(world, transport, move |mut s: NetSync| {
+        let r = s.rank().0 as f32;
+        let call = Call::new(1, Duration::from_secs(10));
+        // Uneven length, several chunks per segment.
+        let mut a: Vec<f32> = (0..7_001).map(|i| (i % 13) as f32 * (r + 1.0)).collect();
+        s.all_reduce_sum(&mut a, call).unwrap();
+        let mut empty: Vec<f32> = Vec::new();
+        s.all_reduce_sum(&mut empty, call).unwrap();
+        let mut b = vec![r; 2_500];
+        s.broadcast(&mut b, Rank(2), call).unwrap();
+        s.barrier(call).unwrap();
+        let mut x = vec![1.0f32; 10];
+        let mut y = vec![r; 3_000];
+        let mut z = vec![2.0f32; 5];
+        s.all_reduce_sum_fused(&mut [&mut x, &mut y, &mut z], 64, call)
+            .unwrap();
+        (a, b, x, y, z, s.next_seq().0)
+    });
+    let tri = 6.0; // 1 + 2 + 3
+    for (a, b, x, y, z, seq) in results {
+        assert!(a
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| v == (i % 13) as f32 * tri));
+        assert!(b.iter().all(|&v| v == 2.0));
+        assert!(
+            x.iter().all(|&v| v == 3.0)
+                && y.iter().all(|&v| v == 3.0)
+                && z.iter().all(|&v| v == 6.0)
+        );
+        // 2 all-reduces (the empty one counts too) + broadcast + barrier + 3 fused
+        // collectives: [x], then y (over the bucket size) alone, then [z].
+        assert_eq!(seq, 7);
+    }
+}
+
+#[test]
+fn tcp_tls_collectives_are_correct() {
+    check_collectives(Transport::TcpTls);
+}
+
+#[test]
+fn quic_collectives_are_correct() {
+    check_collectives(Transport::Quic);
+}
+
+#[test]
+fn a_peer_that_leaves_fails_its_neighbours_and_poisons_the_communicator() {
+    let results = on_cluster(3, Transport::TcpTls, |mut s: NetSync| {
+        let call = Call::new(4, Duration::from_secs(3));
+        if s.rank() == Rank(1) {
+            return None; // drops its links: a process that died between collectives
+        }
+        let mut v = vec![1.0f32; 50_000];
+        let t0 = std::time::Instant::now();
+        let e = s.all_reduce_sum(&mut v, call).unwrap_err();
+        let again = s.barrier(call).unwrap_err();
+        Some((e, t0.elapsed(), again))
+    });
+    for (r, res) in results.into_iter().enumerate() {
+        let Some((e, took, again)) = res else {
+            continue;
+        };
+        assert!(took < Duration::from_secs(5), "rank {r} took {took:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("rank {r}")) && msg.contains("seq 0") && msg.contains("step 4"),
+            "{msg}"
+        );
+        assert!(matches!(again, Error::Poisoned { .. }), "{again}");
+    }
+}
+
+#[test]
+fn a_wrong_token_or_a_foreign_certificate_is_refused() {
+    let peers = free_ports(2);
+    let id = ClusterIdentity::generate().unwrap();
+    let token = ClusterToken::generate().unwrap();
+    for (bad_id, bad_token) in [
+        (id.clone(), ClusterToken::generate().unwrap()),
+        (ClusterIdentity::generate().unwrap(), token.clone()),
+    ] {
+        for transport in [Transport::TcpTls, Transport::Quic] {
+            let peers = free_ports(2);
+            let mut good = config(0, &peers, &id, &token, transport);
+            let mut bad = config(1, &peers, &bad_id, &bad_token, transport);
+            good.connect_timeout = Duration::from_secs(1);
+            bad.connect_timeout = Duration::from_secs(1);
+            let h = std::thread::spawn(move || connect(bad).map(|_| ()));
+            let g = connect(good).map(|_| ());
+            let b = h.join().unwrap();
+            let (g, b) = (g.unwrap_err().to_string(), b.unwrap_err().to_string());
+            assert!(g.contains("rank 0: link with"), "{g}");
+            assert!(b.contains("rank 1: link with"), "{b}");
+        }
+    }
+    let _ = peers;
+}
