@@ -34,6 +34,23 @@ pub const EVAL_FILE: &str = "quickstart_chat_eval.jsonl";
 /// Special tokens of the quickstart tokenizer, at ids 0, 1, 2: ChatML's,
 /// so both `role_colon` and `qwen` render with it.
 pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+/// Id of `<|endoftext|>`: the pad token, and the EOS for `role_colon`
+/// (a model's `config.json` / `generation_config.json` should say so).
+pub const ENDOFTEXT_ID: u32 = 0;
+/// Id of `<|im_start|>`.
+pub const IM_START_ID: u32 = 1;
+/// Id of `<|im_end|>`: the EOS for `qwen`.
+pub const IM_END_ID: u32 = 2;
+/// The EOS id a model folder should declare (`config.json`,
+/// `generation_config.json` `eos_token_id`) for a quickstart tokenizer built
+/// for `renderer`. The tokenizer has no BOS token, so `bos_token_id` should
+/// be null.
+pub fn eos_id(renderer: RendererName) -> u32 {
+    match renderer {
+        RendererName::Qwen => IM_END_ID,
+        _ => ENDOFTEXT_ID,
+    }
+}
 
 const WORDS: &[&str] = &[
     "apple", "river", "stone", "cloud", "tiger", "house", "green", "light", "water", "music",

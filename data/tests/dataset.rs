@@ -403,3 +403,24 @@ fn holdout_split_is_seeded_disjoint_and_sized() {
     }
     assert!(split_holdout(data[..1].to_vec(), 0.5, 1).is_err());
 }
+
+#[test]
+fn an_oversized_line_is_a_line_error_and_can_be_skipped() {
+    use std::io::Read;
+    let max = ringtune_data::dataset::MAX_LINE_BYTES;
+    let huge = std::io::repeat(b'a').take(max as u64 + 10);
+    let tail = "\n{\"tokens\": [1, 2]}\n".as_bytes();
+    let reader = std::io::BufReader::new(huge.chain(tail));
+    let opts = LoadOptions {
+        skip_bad_lines: true,
+        ..Default::default()
+    };
+    let ds = load_reader(reader, Path::new("big.jsonl"), None, &opts).unwrap();
+    assert_eq!(ds.examples.len(), 1);
+    assert_eq!(ds.report.bad_lines, 1);
+    assert!(
+        ds.report.bad_line_errors[0].starts_with("big.jsonl:1: line is longer than"),
+        "{:?}",
+        ds.report
+    );
+}

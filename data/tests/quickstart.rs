@@ -4,8 +4,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use ringtune_data::quickstart::{
-    build_quickstart_tokenizer, bundled_jsonl, generate_conversations, write_quickstart_tokenizer,
-    QuickstartTokenizerOptions, EVAL_FILE, SPECIAL_TOKENS, TRAIN_FILE,
+    build_quickstart_tokenizer, bundled_jsonl, eos_id, generate_conversations,
+    write_quickstart_tokenizer, QuickstartTokenizerOptions, ENDOFTEXT_ID, EVAL_FILE,
+    SPECIAL_TOKENS, TRAIN_FILE,
 };
 use ringtune_data::{
     load_jsonl, LoadOptions, Renderer, RendererName, Role, Tokenizer, TrainOnWhat,
@@ -98,6 +99,13 @@ fn quickstart_tokenizer_round_trips_and_loads_the_bundled_data() {
         tok.special_tokens().eos.as_ref().unwrap().text,
         "<|endoftext|>"
     );
+    assert_eq!(
+        tok.special_tokens().eos.as_ref().unwrap().id,
+        eos_id(RendererName::RoleColon)
+    );
+    assert_eq!(tok.token_id("<|im_end|>"), Some(eos_id(RendererName::Qwen)));
+    assert_eq!(tok.pad_id(), ENDOFTEXT_ID);
+    assert!(tok.special_tokens().bos.is_none());
     assert_eq!(RendererName::detect(tok.chat_template().unwrap()), None);
     // Digits are one token each, so sums are learnable digit by digit.
     assert_eq!(tok.encode("1234").unwrap().len(), 4);
