@@ -226,9 +226,11 @@ impl Sim {
 
     fn drain(&mut self) {
         while let Some(ev) = self.core.poll_event() {
+            roundtrip(&ev);
             self.events.push((self.now, ev));
         }
         while let Some(out) = self.core.poll_command() {
+            roundtrip(&out);
             let stop = matches!(out.command, Command::Stop(_));
             self.node_handles(out.to, out.command);
             if stop {
@@ -337,6 +339,20 @@ impl Sim {
             Action::Interrupt => self.core.handle_interrupt(now),
         }
     }
+}
+
+/// Everything the core emits must survive serde: exactly through bincode
+/// (what the wire protocol frames), and as JSON (what the run folder
+/// records; serde_json's default float parsing may move the last digit).
+fn roundtrip<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+    v: &T,
+) {
+    let bytes = bincode::serialize(v).unwrap();
+    let back: T = bincode::deserialize(&bytes).unwrap();
+    assert_eq!(&back, v, "bincode round trip");
+    let json = serde_json::to_string(v).unwrap();
+    let _: T =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("JSON round trip of {json}: {e}"));
 }
 
 fn transcript(sim: &Sim) -> Vec<String> {
@@ -549,4 +565,50 @@ fn killed_node_is_replaced_and_the_run_completes_from_the_checkpoint() {
         })
         .collect();
     assert_eq!(worlds, BTreeSet::from([2]));
+}
+
+proptest! {
+    /// Ranks depend on who registered, not on the order they arrived in:
+    /// launcher rank first (absent last), then host, then GPU slot.
+    #[test]
+    fn ranks_do_not_depend_on_arrival_order(
+        order in Just((0..6usize).collect::<Vec<_>>()).prop_shuffle(),
+        launch in prop::collection::vec(prop::option::of(0u32..100), 6),
+    ) {
+        let identities: Vec<NodeIdentity> = (0..6)
+            .map(|i| NodeIdentity {
+                host: ["b", "a", "c"][i % 3].to_string(),
+                local_rank: (i / 3) as u32,
+                launch_rank: launch[i],
+            })
+            .collect();
+        let t0 = Instant::now();
+        let cfg = CoordinatorConfig::new(RUN_HASH, WorldSize(6));
+        let mut core = Coordinator::new(cfg, plan(12, 6, 1), t0).unwrap();
+        for &i in &order {
+            let node = NodeId(i as u64);
+            core.handle_connect(t0, node, Auth::TokenVerified);
+            let reg = Registration {
+                identity: identities[i].clone(),
+                config_hash: RUN_HASH,
+                data_addr: Some(format!("10.0.0.{}:7000", i + 1).parse().unwrap()),
+            };
+            core.handle_message(t0, node, NodeMsg::Register(reg));
+        }
+        let mut rank_of = BTreeMap::new();
+        while let Some(out) = core.poll_command() {
+            if let Command::Assign(a) = out.command {
+                rank_of.insert(out.to.0 as usize, a.rank.0);
+            }
+        }
+        let mut expected: Vec<usize> = (0..6).collect();
+        expected.sort_by_key(|&i| {
+            let id = &identities[i];
+            // Equal launcher ranks fall back to host and slot, which are distinct here.
+            (id.launch_rank.is_none(), id.launch_rank, id.host.clone(), id.local_rank)
+        });
+        for (rank, i) in expected.iter().enumerate() {
+            prop_assert_eq!(rank_of.get(i).copied(), Some(rank as u32));
+        }
+    }
 }
