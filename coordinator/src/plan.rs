@@ -77,6 +77,35 @@ impl DataPlan {
         })
     }
 
+    /// A plan from ready-made global batches, one per step (what
+    /// `ringtune_data`'s resumable `BatchSampler` hands out). The global
+    /// batch size is the largest batch's.
+    pub fn from_batches(batches: Vec<Vec<PlannedExample>>) -> Result<DataPlan> {
+        if batches.is_empty() {
+            return Err(Error::InvalidPlan {
+                reason: "no batches".to_string(),
+            });
+        }
+        let mut order = Vec::new();
+        let mut ranges = Vec::with_capacity(batches.len());
+        for (i, batch) in batches.into_iter().enumerate() {
+            if batch.is_empty() {
+                return Err(Error::InvalidPlan {
+                    reason: format!("the batch of step {} is empty", i + 1),
+                });
+            }
+            let start = order.len();
+            order.extend(batch);
+            ranges.push((start, order.len()));
+        }
+        let global_batch = ranges.iter().map(|(s, e)| e - s).max().unwrap_or(0);
+        Ok(DataPlan {
+            global_batch,
+            order,
+            batches: ranges,
+        })
+    }
+
     /// The number of optimiser steps in the plan.
     pub fn total_steps(&self) -> u64 {
         self.batches.len() as u64
@@ -102,6 +131,7 @@ impl DataPlan {
     }
 
     /// Splits `step`'s global batch over `world` ranks, balanced by token count.
+    /// (The same rule, tie-breaks included, as `ringtune_data::batch::shard_by_tokens`.)
     ///
     /// Greedy longest-first: examples in decreasing token order go to the rank
     /// with the fewest tokens so far (ties: fewer examples, then lower rank).
@@ -223,6 +253,25 @@ mod tests {
         let drop = DataPlan::new(epochs, 2, true).unwrap();
         assert_eq!(drop.total_steps(), 2);
         assert_eq!(idx(&drop, 2), vec![100, 101]);
+    }
+
+    #[test]
+    fn plan_from_batches() {
+        let plan = DataPlan::from_batches(vec![epoch(&[4, 4, 1], 10), epoch(&[2, 2], 20)]).unwrap();
+        assert_eq!((plan.total_steps(), plan.global_batch()), (2, 3));
+        let shards = plan.shard(Step(1), WorldSize(2)).unwrap();
+        let idx = |sh: &Vec<PlannedExample>| sh.iter().map(|e| e.index.0).collect::<Vec<_>>();
+        assert_eq!((idx(&shards[0]), idx(&shards[1])), (vec![10, 12], vec![11]));
+        assert_eq!(
+            DataPlan::from_batches(vec![]).unwrap_err().to_string(),
+            "data plan: no batches"
+        );
+        assert_eq!(
+            DataPlan::from_batches(vec![epoch(&[1], 0), vec![]])
+                .unwrap_err()
+                .to_string(),
+            "data plan: the batch of step 2 is empty"
+        );
     }
 
     #[test]
