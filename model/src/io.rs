@@ -58,6 +58,33 @@ pub fn write_safetensors_atomic(path: &Path, tensors: &[(String, Tensor)], meta:
     write_atomic(path, &bytes)
 }
 
+/// Writes named tensors to a safetensors file atomically, streaming them to disk (no
+/// second in-memory copy; for large files such as whole models).
+pub fn write_safetensors_file_atomic(path: &Path, tensors: &[(String, Tensor)], meta: Option<HashMap<String, String>>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let res = (|| {
+        safetensors::serialize_to_file(views, meta, &tmp)
+            .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+        let f = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
 /// Reads every tensor of a (small) safetensors file onto the CPU, sorted by name, with the
 /// file's metadata.
 pub fn read_safetensors(path: &Path) -> Result<(NamedTensors, HashMap<String, String>)> {

@@ -53,5 +53,20 @@ pub use peft::AdapterConfig;
 pub use preset::{write_random_model, ModelPreset};
 pub use schedule::{lr_at, LrSchedule, ScheduleKind};
 
+/// Tunes the C allocator for training: keeps freed memory in the process instead of
+/// returning it to the OS after every step. Each step allocates and frees hundreds of
+/// megabytes of activations; with glibc's defaults those come back as fresh pages every
+/// time, and the page faults cost ~25% of a CPU step. Peak memory is unchanged (it is
+/// the peak either way). Process-wide, so only binaries call it, once, at start-up; a no-op
+/// where the C library is not glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; both values are valid options.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 /// Re-exported so callers name devices and dtypes without depending on candle directly.
 pub use candle_core::{DType, Device, Tensor};

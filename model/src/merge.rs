@@ -181,7 +181,7 @@ pub fn merge_with(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, opts: &M
         }
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
-        io::write_safetensors_atomic(&out_dir.join(&fname), &tensors, Some(meta))?;
+        io::write_safetensors_file_atomic(&out_dir.join(&fname), &tensors, Some(meta))?;
     }
     if n_shards > 1 {
         let index = serde_json::json!({

@@ -228,7 +228,6 @@ impl LoraModel {
 
     /// Like [`LoraModel::load`] with an already parsed config.
     pub fn load_with_config(model_dir: &Path, cfg: ModelConfig, lora: &LoraConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
-        let lora = lora.clone().validated()?;
         match (device.is_cpu(), dtype) {
             (_, DType::F32) => {}
             (false, DType::BF16 | DType::F16) => {}
@@ -240,7 +239,19 @@ impl LoraModel {
             (false, d) => return Err(Error::Unsupported(format!("compute dtype {d:?}"))),
         }
         let files = WeightFiles::open(model_dir)?;
-        let root = Vb { files: &files, dtype, device }.root();
+        Self::build(&files, model_dir, cfg, lora, device, dtype, seed)
+    }
+
+    /// A model with random base weights (transformers' init, see [`crate::preset`]) built
+    /// in memory, with no file: what benchmarks train on.
+    pub fn random(cfg: &ModelConfig, lora: &LoraConfig, device: &Device, base_seed: u64, lora_seed: u64) -> Result<Self> {
+        let files = WeightFiles::from_tensors(crate::preset::random_tensors(cfg, base_seed)?)?;
+        Self::build(&files, Path::new("<random>"), cfg.clone(), lora, device, DType::F32, lora_seed)
+    }
+
+    fn build(files: &WeightFiles, model_dir: &Path, cfg: ModelConfig, lora: &LoraConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        let lora = lora.clone().validated()?;
+        let root = Vb { files, dtype, device }.root();
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = root.pp("model.embed_tokens").get(&[v, h], "weight")?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -466,9 +477,13 @@ impl LoraModel {
         let pass_no = self.passes.fetch_add(1, Ordering::Relaxed);
         let dropout = (self.lora.dropout > 0.0).then(|| (self.lora.dropout, self.seed ^ pass_no.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
         let ids = batch.input_tensor(&self.device)?;
+        let prof = std::env::var_os("RINGTUNE_PROFILE").is_some();
+        let t0 = std::time::Instant::now();
         let h = self.trunk(&ids, None, Adapters::On, dropout)?;
+        let t1 = std::time::Instant::now();
         let hd = h.detach();
         let out = head::run(&hd, &self.lm_head, batch, kind, Adapters::On, true)?;
+        let t2 = std::time::Instant::now();
         let grad_h = out.grad_h.ok_or_else(|| Error::Unsupported("head returned no gradient".into()))?;
 
         let store = if h.track_op() {
@@ -478,6 +493,10 @@ impl LoraModel {
         } else {
             None
         };
+        if prof {
+            let t3 = std::time::Instant::now();
+            eprintln!("profile: trunk fwd {:.3}s head {:.3}s trunk bwd {:.3}s", (t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64());
+        }
         let mut tensors = Vec::with_capacity(self.params.len());
         for (key, var) in &self.params {
             let g = match (&out.lm_head_grads, key) {

@@ -141,8 +141,28 @@ pub fn tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// config.json, generation_config.json, model.safetensors (each file atomically).
 pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tensors = random_tensors(cfg, seed)?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    io::write_safetensors_file_atomic(&dir.join("model.safetensors"), &tensors, Some(meta))?;
+    drop(tensors);
+    let mut config = cfg.to_hf_json();
+    config["dtype"] = json!("float32");
+    config["transformers_version"] = json!("5.0.0");
+    let text = serde_json::to_string_pretty(&config).expect("json");
+    io::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    let gen = json!({
+        "_from_model_config": true,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+    });
+    io::write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&gen).expect("json").as_bytes())
+}
+
+/// Random f32 base weights for `cfg` (transformers' init), sorted by name.
+pub fn random_tensors(cfg: &ModelConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
     let shapes = tensor_shapes(cfg);
-    let tensors: Vec<(String, Tensor)> = shapes
+    shapes
         .par_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
@@ -155,21 +175,7 @@ pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()
             };
             Ok((name.clone(), Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?))
         })
-        .collect::<Result<_>>()?;
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    io::write_safetensors_atomic(&dir.join("model.safetensors"), &tensors, Some(meta))?;
-    let mut config = cfg.to_hf_json();
-    config["dtype"] = json!("float32");
-    config["transformers_version"] = json!("5.0.0");
-    let text = serde_json::to_string_pretty(&config).expect("json");
-    io::write_atomic(&dir.join("config.json"), text.as_bytes())?;
-    let gen = json!({
-        "_from_model_config": true,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id,
-    });
-    io::write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&gen).expect("json").as_bytes())
+        .collect::<Result<_>>()
 }
 
 /// `n` samples of N(0, std²), Box–Muller from a seeded generator.

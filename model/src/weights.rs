@@ -27,6 +27,8 @@ struct Entry {
 pub struct WeightFiles {
     paths: Vec<PathBuf>,
     files: Vec<MmapedSafetensors>,
+    /// Tensors held in memory instead of files (random-init models), keyed by name.
+    memory: BTreeMap<String, Tensor>,
     entries: BTreeMap<String, Entry>,
     taken: Mutex<BTreeSet<String>>,
 }
@@ -116,7 +118,25 @@ impl WeightFiles {
                 }
             }
         }
-        Ok(WeightFiles { paths, files, entries, taken: Mutex::new(BTreeSet::new()) })
+        Ok(WeightFiles { paths, files, memory: BTreeMap::new(), entries, taken: Mutex::new(BTreeSet::new()) })
+    }
+
+    /// Weights held in memory (e.g. a random init), checked like files; errors name the
+    /// file as `<memory>`.
+    pub fn from_tensors(tensors: Vec<(String, Tensor)>) -> Result<Self> {
+        let mut entries = BTreeMap::new();
+        let mut memory = BTreeMap::new();
+        for (name, t) in tensors {
+            let dtype = match t.dtype() {
+                DType::F32 => Dtype::F32,
+                DType::BF16 => Dtype::BF16,
+                DType::F16 => Dtype::F16,
+                d => return Err(Error::UnsupportedDType { tensor: name, file: "<memory>".into(), dtype: format!("{d:?}") }),
+            };
+            entries.insert(name.clone(), Entry { file: 0, shape: t.dims().to_vec(), dtype });
+            memory.insert(name, t);
+        }
+        Ok(WeightFiles { paths: vec![PathBuf::from("<memory>")], files: Vec::new(), memory, entries, taken: Mutex::new(BTreeSet::new()) })
     }
 
     /// The files' description for error messages.
@@ -161,6 +181,12 @@ impl WeightFiles {
         }
         if !matches!(e.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
             return Err(Error::UnsupportedDType { tensor: name.to_string(), file, dtype: format!("{:?}", e.dtype) });
+        }
+        if let Some(t) = self.memory.get(name) {
+            let t = t.to_device(device)?;
+            let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
+            self.taken.lock().expect("taken set poisoned").insert(name.to_string());
+            return Ok(t);
         }
         let view = self.files[e.file]
             .get(name)
