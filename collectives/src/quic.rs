@@ -107,8 +107,9 @@ pub(crate) async fn establish(cfg: &NetConfig, ring: &RingConfig) -> Result<Esta
         accept(&server, cfg, ring, deadline),
         dial(&client, cfg, ring, deadline)
     );
-    let (in_conn, (_in_send, in_recv)) = accepted?;
+    // The dialling side's error carries the peer's refusal reason: report it first.
     let (out_conn, (out_send, _out_recv)) = dialled?;
+    let (in_conn, (_in_send, in_recv)) = accepted?;
     Ok(Established {
         sink: Sink::Quic(out_send),
         source: Box::new(in_recv),
@@ -167,7 +168,14 @@ async fn accept(
             conn.export_keying_material(&mut ex, EXPORTER_LABEL, b"")
                 .map_err(|_| "TLS exporter unavailable".to_string())?;
             let mut s = tokio::io::join(recv, send);
-            server_handshake(&mut s, &ex, ring, &cfg.token).await?;
+            if let Err(reason) = server_handshake(&mut s, &ex, ring, &cfg.token).await {
+                // Let the refusal reach the peer before the connection goes away.
+                let (_, mut send) = s.into_inner();
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                conn.close(1u32.into(), b"refused");
+                return Err(reason);
+            }
             let (recv, send) = s.into_inner();
             Ok::<_, String>((conn, (send, recv)))
         };

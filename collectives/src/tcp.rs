@@ -32,8 +32,10 @@ pub(crate) async fn establish(cfg: &NetConfig, ring: &RingConfig) -> Result<Esta
         accept(&listener, &acceptor, cfg, ring, deadline),
         dial(&connector, cfg, ring, deadline)
     );
+    // The dialling side's error carries the peer's refusal reason: report it first.
+    let sink = Sink::Stream(Box::new(dialled?));
     Ok(Established {
-        sink: Sink::Stream(Box::new(dialled?)),
+        sink,
         source: Box::new(accepted?),
         keep: Vec::new(),
     })

@@ -114,8 +114,17 @@ pub fn run(args: Args) -> Result<()> {
     let (cert, key) = identity.write_pem(&dir)?;
     let token = ClusterToken::generate()?;
     let peers = free_ports(args.world as usize)?;
-    let peer_list = peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
-    let sizes = args.sizes_mib.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+    let peer_list = peers
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let sizes = args
+        .sizes_mib
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let exe = std::env::current_exe().context("locating the ringtune binary")?;
 
     let mut children: Vec<Child> = Vec::new();
@@ -128,16 +137,35 @@ pub fn run(args: Args) -> Result<()> {
             .arg(&cert)
             .arg("--key")
             .arg(&key)
-            .args(["--iters", &args.iters.to_string(), "--warmup", &args.warmup.to_string()])
-            .args(["--transport", &args.transport, "--chunk-elems", &args.chunk_elems.to_string()])
-            .args(["--timeout-ms", &((args.timeout_s * 1000.0) as u64).to_string()])
-            .env(TOKEN_ENV, std::str::from_utf8(token.expose()).expect("generated tokens are hex"))
+            .args([
+                "--iters",
+                &args.iters.to_string(),
+                "--warmup",
+                &args.warmup.to_string(),
+            ])
+            .args([
+                "--transport",
+                &args.transport,
+                "--chunk-elems",
+                &args.chunk_elems.to_string(),
+            ])
+            .args([
+                "--timeout-ms",
+                &((args.timeout_s * 1000.0) as u64).to_string(),
+            ])
+            .env(
+                TOKEN_ENV,
+                std::str::from_utf8(token.expose()).expect("generated tokens are hex"),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if args.bf16 {
             cmd.arg("--bf16");
         }
-        children.push(cmd.spawn().with_context(|| format!("starting worker rank {r}"))?);
+        children.push(
+            cmd.spawn()
+                .with_context(|| format!("starting worker rank {r}"))?,
+        );
     }
     let load_before = loadavg();
     // Read every worker's stdout on its own thread so no pipe fills up.
@@ -145,7 +173,12 @@ pub fn run(args: Args) -> Result<()> {
         .iter_mut()
         .map(|c| {
             let out = c.stdout.take().expect("piped stdout");
-            std::thread::spawn(move || BufReader::new(out).lines().map_while(|l| l.ok()).collect::<Vec<String>>())
+            std::thread::spawn(move || {
+                BufReader::new(out)
+                    .lines()
+                    .map_while(|l| l.ok())
+                    .collect::<Vec<String>>()
+            })
         })
         .collect();
     let mut per_rank = Vec::new();
@@ -181,8 +214,9 @@ pub fn run(args: Args) -> Result<()> {
         let bytes = per_rank[0][i].bytes;
         let iters = per_rank[0][i].times.len();
         // Per iteration: the slowest rank's time.
-        let mut t: Vec<f64> =
-            (0..iters).map(|k| per_rank.iter().map(|p| p[i].times[k]).fold(0.0, f64::max)).collect();
+        let mut t: Vec<f64> = (0..iters)
+            .map(|k| per_rank.iter().map(|p| p[i].times[k]).fold(0.0, f64::max))
+            .collect();
         let correct = per_rank.iter().all(|p| p[i].correct);
         t.sort_by(f64::total_cmp);
         let median = if iters == 0 {
@@ -243,10 +277,16 @@ fn free_ports(n: usize) -> Result<Vec<SocketAddr>> {
 fn parse_worker(lines: &[String]) -> Result<Vec<WorkerResult>> {
     let mut out = Vec::new();
     for l in lines.iter().filter(|l| l.starts_with('{')) {
-        let v: serde_json::Value = serde_json::from_str(l).with_context(|| format!("bad worker line {l:?}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(l).with_context(|| format!("bad worker line {l:?}"))?;
         out.push(WorkerResult {
             bytes: v["bytes"].as_u64().context("bytes")?,
-            times: v["times_s"].as_array().context("times_s")?.iter().filter_map(|t| t.as_f64()).collect(),
+            times: v["times_s"]
+                .as_array()
+                .context("times_s")?
+                .iter()
+                .filter_map(|t| t.as_f64())
+                .collect(),
             correct: v["correct"].as_bool().context("correct")?,
         });
     }
@@ -254,11 +294,21 @@ fn parse_worker(lines: &[String]) -> Result<Vec<WorkerResult>> {
 }
 
 pub fn run_worker(args: WorkerArgs) -> Result<()> {
+    // Refused links are logged as warnings (never with the token); show them on stderr.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(filter)
+        .try_init();
     let rank = args.rank;
     let token = ClusterToken::from_env(TOKEN_ENV)?;
     let identity = ClusterIdentity::from_pem_files(&args.cert, &args.key, args.ca.as_deref())?;
     let peers = args.peers.clone();
-    let listen = *peers.get(rank as usize).with_context(|| format!("no address for rank {rank} in --peers"))?;
+    let listen = *peers
+        .get(rank as usize)
+        .with_context(|| format!("no address for rank {rank} in --peers"))?;
     let cfg = NetConfig {
         rank: Rank(rank),
         world: WorldSize(args.world),
@@ -268,7 +318,11 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         token,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         chunk_elems: args.chunk_elems,
-        wire: if args.bf16 { WireDtype::Bf16 } else { WireDtype::F32 },
+        wire: if args.bf16 {
+            WireDtype::Bf16
+        } else {
+            WireDtype::F32
+        },
         transport: args.transport.parse()?,
     };
     let mut sync = net::connect(cfg).with_context(|| format!("rank {rank}: joining the ring"))?;
@@ -292,7 +346,11 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         return Ok(());
     }
 
-    let unit = if args.sizes_in_kib { 1u64 << 10 } else { 1u64 << 20 };
+    let unit = if args.sizes_in_kib {
+        1u64 << 10
+    } else {
+        1u64 << 20
+    };
     let mut step = 0u64;
     for &size in &args.sizes_mib {
         let n = (size * unit / 4) as usize;
@@ -304,7 +362,8 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         let mut correct = true;
         for it in 0..args.warmup + args.iters {
             buf.copy_from_slice(&src);
-            sync.barrier(Call::new(step, timeout)).with_context(|| format!("rank {rank}: barrier"))?;
+            sync.barrier(Call::new(step, timeout))
+                .with_context(|| format!("rank {rank}: barrier"))?;
             let t0 = Instant::now();
             sync.all_reduce_sum(&mut buf, Call::new(step, timeout))
                 .with_context(|| format!("rank {rank}: all-reduce of {size} units"))?;
@@ -312,7 +371,10 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
             step += 1;
             if args.bf16 {
                 // bf16 carries 8 significant bits: check closeness, not equality.
-                correct &= buf.iter().zip(&pattern).all(|(b, p)| (b - p * tri).abs() <= (p * tri).abs() / 64.0);
+                correct &= buf
+                    .iter()
+                    .zip(&pattern)
+                    .all(|(b, p)| (b - p * tri).abs() <= (p * tri).abs() / 64.0);
             } else {
                 correct &= buf.iter().zip(&pattern).all(|(b, p)| *b == p * tri);
             }
@@ -320,9 +382,13 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
                 times.push(dt);
             }
         }
-        println!("{}", serde_json::json!({"rank": rank, "bytes": size * unit, "times_s": times, "correct": correct}));
+        println!(
+            "{}",
+            serde_json::json!({"rank": rank, "bytes": size * unit, "times_s": times, "correct": correct})
+        );
     }
-    sync.barrier(Call::new(step, timeout)).context("final barrier")?;
+    sync.barrier(Call::new(step, timeout))
+        .context("final barrier")?;
     sync.driver_mut().close(Duration::from_secs(5));
     Ok(())
 }
