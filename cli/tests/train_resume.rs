@@ -1,0 +1,183 @@
+//! Exact resume through the real binary: a run killed with SIGKILL (mid-run, or in the
+//! middle of writing a checkpoint) or stopped with SIGTERM, then resumed, ends with the same
+//! adapter bits, optimizer state and losses as a run that was never interrupted.
+
+mod train_common;
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use train_common::*;
+
+/// The uninterrupted reference run (8 steps, checkpoints at 4 and 8), shared by the tests.
+fn reference() -> &'static Path {
+    static REF: OnceLock<(tempfile::TempDir, std::path::PathBuf)> = OnceLock::new();
+    let (_, run) = REF.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = setup(dir.path());
+        assert_ok(&ringtune(&["train", cfg.to_str().unwrap()]));
+        let run = dir.path().join("run");
+        (dir, run)
+    });
+    run
+}
+
+/// One training file for every run, so the configs (and their hashes) are identical.
+fn train_file() -> &'static Path {
+    static TRAIN: OnceLock<(tempfile::TempDir, std::path::PathBuf)> = OnceLock::new();
+    let (_, p) = TRAIN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("train.jsonl");
+        write_lines(&p, &chat_lines(48, 1));
+        (dir, p)
+    });
+    p
+}
+
+fn setup(dir: &Path) -> std::path::PathBuf {
+    small_config(dir, shared_model(), train_file(), "")
+}
+
+fn assert_matches_reference(run: &Path) {
+    let reference = reference();
+    assert_eq!(listed_steps(run), vec![4, 8]);
+    assert_eq!(losses(run), losses(reference), "per-step losses differ");
+    assert_eq!(losses(run).len(), 8);
+    assert_eq!(eval_nlls(run), eval_nlls(reference));
+    for step in ["step-4", "step-8"] {
+        assert_same_checkpoint(
+            &run.join("checkpoints").join(step),
+            &reference.join("checkpoints").join(step),
+        );
+    }
+}
+
+#[test]
+fn reference_run_learns_and_writes_the_run_folder() {
+    let run = reference();
+    let l = losses(run);
+    assert_eq!(
+        l.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    let first = f64::from_bits(l[0].1);
+    let last = f64::from_bits(l[7].1);
+    assert!(last < first, "loss did not fall: {first} → {last}");
+    let adapter = run.join("checkpoints/step-8/adapter");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_dropout"], 0.1);
+    // Nothing temporary is left behind.
+    for e in std::fs::read_dir(run.join("checkpoints")).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        assert!(name.starts_with("step-"), "leftover {name}");
+    }
+}
+
+#[test]
+fn kill_9_mid_run_then_resume_is_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path());
+    let cfg = cfg.to_str().unwrap();
+    let mut p = spawn(&["train", cfg], &[]);
+    p.wait_for("checkpoint: step 4");
+    p.kill_9();
+    let run = dir.path().join("run");
+    assert!(listed_steps(&run).contains(&4));
+    let out = ringtune(&["train", cfg, "--resume"]);
+    assert_ok(&out);
+    assert_matches_reference(&run);
+}
+
+#[test]
+fn kill_9_inside_a_checkpoint_write_keeps_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path());
+    let cfg = cfg.to_str().unwrap();
+    let run = dir.path().join("run");
+    // The writer stops after filling and syncing step 8's temp folder, before the rename.
+    let mut p = spawn(
+        &["train", cfg],
+        &[("RINGTUNE_TEST_PAUSE_IN_CHECKPOINT", "8")],
+    );
+    p.wait_for("paused inside checkpoint write of step 8");
+    p.kill_9();
+
+    assert_eq!(listed_steps(&run), vec![4]);
+    assert!(!run.join("checkpoints/step-8").exists());
+    let leftovers: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect();
+    assert_eq!(leftovers.len(), 1, "the interrupted write's temp folder");
+
+    // The previous checkpoint's adapter loads and evaluates.
+    let data = train_file();
+    let out = ringtune(&[
+        "eval",
+        "--model",
+        shared_model().to_str().unwrap(),
+        "--adapter",
+        run.join("checkpoints/step-4/adapter").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["nll"].as_f64().unwrap().is_finite());
+
+    // Resume continues from step 4, cleans the temp folder and matches the reference.
+    let out = ringtune(&["train", cfg, "--resume"]);
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("resuming at step 4"),
+        "{}",
+        stderr(&out)
+    );
+    assert_matches_reference(&run);
+    for e in std::fs::read_dir(run.join("checkpoints")).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        assert!(name.starts_with("step-"), "leftover {name}");
+    }
+}
+
+#[test]
+fn sigterm_saves_a_checkpoint_and_resume_finishes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path());
+    let cfg = cfg.to_str().unwrap();
+    let run = dir.path().join("run");
+    let mut p = spawn(&["train", cfg, "--plain"], &[]);
+    p.wait_for("step 1/8");
+    p.signal("TERM");
+    let (status, err) = p.wait();
+    assert!(status.success(), "exit {status:?}: {err}");
+    // Stopped between steps, with a checkpoint of the step it stopped at (off the cadence).
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("interrupted at step "))
+        .unwrap_or_else(|| panic!("not interrupted: {err}"));
+    let step: u64 = line["interrupted at step ".len()..]
+        .split(';')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..8).contains(&step), "{line}");
+    assert_eq!(*listed_steps(&run).last().unwrap(), step);
+    let out = ringtune(&["train", cfg, "--resume"]);
+    assert_ok(&out);
+    assert_eq!(*listed_steps(&run).last().unwrap(), 8);
+    assert_eq!(losses(&run), losses(reference()));
+    assert_eq!(eval_nlls(&run), eval_nlls(reference()));
+    assert_same_checkpoint(
+        &run.join("checkpoints/step-8"),
+        &reference().join("checkpoints/step-8"),
+    );
+}
