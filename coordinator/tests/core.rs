@@ -1099,3 +1099,82 @@ fn node_failure_report_with_restarts_exhausted() {
             ",
     );
 }
+
+#[test]
+fn invalid_settings_are_errors_naming_the_field() {
+    use ringtune_coordinator::*;
+    use std::time::Duration;
+    let check = |edit: &dyn Fn(&mut CoordinatorConfig), expect: &str| {
+        let mut cfg = CoordinatorConfig::new(util::RUN_HASH, WorldSize(4));
+        edit(&mut cfg);
+        let got = match Coordinator::new(cfg, util::plan(8, 4, 1), std::time::Instant::now()) {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert_eq!(got, expect);
+    };
+    check(&|_| {}, "ok");
+    check(&|c| c.min_nodes = WorldSize(1), "ok");
+    check(
+        &|c| c.world_size = WorldSize(0),
+        "coordinator setting `world_size`: 0 is not in 1..=65536",
+    );
+    check(
+        &|c| c.min_nodes = WorldSize(5),
+        "coordinator setting `min_nodes`: 5 is not in 1..=world_size (4)",
+    );
+    check(
+        &|c| c.min_nodes = WorldSize(0),
+        "coordinator setting `min_nodes`: 0 is not in 1..=world_size (4)",
+    );
+    check(
+        &|c| c.save_every = Some(0),
+        "coordinator setting `save_every`: must be at least 1 when set",
+    );
+    check(
+        &|c| c.max_steps = Some(0),
+        "coordinator setting `max_steps`: must be at least 1 when set",
+    );
+    check(
+        &|c| c.timeouts.heartbeat = Duration::ZERO,
+        "coordinator setting `timeouts.heartbeat`: must be longer than zero",
+    );
+    check(
+        &|c| c.timeouts.stop = Duration::ZERO,
+        "coordinator setting `timeouts.stop`: must be longer than zero",
+    );
+}
+
+#[test]
+fn max_steps_caps_the_plan_and_the_last_step_is_saved() {
+    check(
+        "
+        config world=1 steps=1
+        plan n=12 batch=4
+        connect 1
+        register 1
+        ready 1
+        done 1
+        saved 1
+        ack 1
+        ",
+        "
+            t=0.0   connect 1
+            t=0.0   register 1
+              ev registered node#1 h1:0
+              ev run started g0 world 1 resume 0 ranks [0=1]
+              -> 1 accepted
+              -> 1 assign g0 rank 0/1 left r0@10.0.0.1:7000 right r0@10.0.0.1:7000 resume 0 total 1
+            t=0.0   ready 1
+              -> 1 run step 1 g0 w1 [0 1 2 3] save hash
+            t=0.0   done 1
+              ev step 1 done g0 w1: loss 1.000 tokens 10 examples 4 wall 0.0s compute 0.30/0.30s comm 0.10/0.10s
+            t=0.0   saved 1
+              ev checkpoint recorded step 1
+              ev stopping: training finished
+              -> 1 stop: training finished
+            t=0.0   ack 1
+              ev finished: completed 1 steps, checkpoint 1
+            ",
+    );
+}
