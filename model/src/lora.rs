@@ -243,6 +243,12 @@ impl LoraLinear {
     /// `x [.., in] → [.., out]`. `dropout_mask`, when given, multiplies the adapter's input
     /// (already scaled by 1/(1−p)).
     pub(crate) fn forward(&self, x: &Tensor, adapters: Adapters, dropout_mask: Option<&Tensor>) -> Result<Tensor> {
+        if let (Some(ad), Adapters::On, None) = (&self.adapter, adapters, dropout_mask) {
+            let fused = ops::lora_linear_fused(x, &self.weight, self.bias.as_ref(), ad.a.as_tensor(), ad.b.as_tensor(), ad.scale)?;
+            if let Some(y) = fused {
+                return Ok(y);
+            }
+        }
         let mut y = ops::frozen_linear(x, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;

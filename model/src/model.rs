@@ -157,9 +157,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
-        let g = pass.linear(&self.gate_proj, x)?.silu()?;
+        let g = pass.linear(&self.gate_proj, x)?;
         let u = pass.linear(&self.up_proj, x)?;
-        pass.linear(&self.down_proj, &(g * u)?)
+        pass.linear(&self.down_proj, &ops::swiglu(&g, &u)?)
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor, D,
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D,
 };
 use rayon::prelude::*;
 
@@ -222,6 +222,219 @@ pub(crate) fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return Ok(y.reshape(od)?);
     }
     Ok(x.apply_op1_arc(Arc::new(Box::new(FrozenLinear { w: w.clone() })))?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Direct f32 GEMM (the gemm crate candle itself uses), for kernels that accumulate.
+
+/// A row-major-or-strided f32 matrix operand: data, row stride, column stride.
+type Mat<'a> = (&'a [f32], usize, usize);
+
+/// `dst [m×n] (contiguous) = (accumulate ? dst : 0) + beta · A[m×k] · B[k×n]`.
+fn sgemm((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, a: Mat<'_>, b: Mat<'_>, beta: f32) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let (a, a_rs, a_cs) = a;
+    let (b, b_rs, b_cs) = b;
+    // The gemm call reads through raw pointers: check every operand's extent first.
+    assert!(dst.len() >= m * n, "sgemm: dst too small");
+    assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "sgemm: lhs too small");
+    assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "sgemm: rhs too small");
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: extents checked above; dst does not alias a or b (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// The contiguous f32 data of a CPU tensor (copying only if it is not contiguous).
+fn host_f32(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.contiguous()
+}
+
+// ---------------------------------------------------------------------------------------
+// LoRA linear, fused: y = x·Wᵀ (+ b) + s·(x·Aᵀ)·Bᵀ in one op with one output buffer.
+
+struct LoraLinearOp {
+    w: Tensor,
+    bias: Option<Tensor>,
+    scale: f32,
+}
+
+impl CustomOp3 for LoraLinearOp {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sa: &CpuStorage, la: &Layout, sb: &CpuStorage, lb: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, a, b) = (slice(sx, lx)?, slice(sa, la)?, slice(sb, lb)?);
+        let (m, k) = lx.shape().dims2()?;
+        let (r, k2) = la.shape().dims2()?;
+        let (n, r2) = lb.shape().dims2()?;
+        if k != k2 || r != r2 || self.w.dims() != [n, k] {
+            bail!("lora-linear: shapes x {:?} A {:?} B {:?} W {:?} do not fit", lx.dims(), la.dims(), lb.dims(), self.w.dims())
+        }
+        let mut y = vec![0f32; m * n];
+        let biased = match &self.bias {
+            Some(bias) => {
+                with_cpu_f32(bias, |bv| {
+                    y.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bv));
+                    Ok(())
+                })?;
+                true
+            }
+            None => false,
+        };
+        with_cpu_f32(&self.w, |w| {
+            sgemm((m, n, k), &mut y, biased, (x, k, 1), (w, 1, k), 1.0);
+            Ok(())
+        })?;
+        let mut t = vec![0f32; m * r];
+        sgemm((m, r, k), &mut t, false, (x, k, 1), (a, 1, k), 1.0);
+        sgemm((m, n, r), &mut y, true, (&t, r, 1), (b, 1, r), self.scale);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = host_f32(grad)?;
+        let (m, k) = x.dims2()?;
+        let (r, n) = (a.dim(0)?, b.dim(0)?);
+        let s = self.scale;
+        let want_dx = x.track_op();
+        let (gs, gl) = g.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (as_, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (Storage::Cpu(gs), Storage::Cpu(xs), Storage::Cpu(as_), Storage::Cpu(bs)) = (&*gs, &*xs, &*as_, &*bs) else {
+            bail!("lora-linear: backward expects CPU tensors")
+        };
+        let (g, xv, av, bv) = (slice(gs, gl)?, slice(xs, xl)?, slice(as_, al)?, slice(bs, bl)?);
+        // u = G·B [m, r]
+        let mut u = vec![0f32; m * r];
+        sgemm((m, r, n), &mut u, false, (g, n, 1), (bv, r, 1), 1.0);
+        // dx = G·W + s·u·A [m, k]
+        let dx = if want_dx {
+            let mut dx = vec![0f32; m * k];
+            with_cpu_f32(&self.w, |w| {
+                sgemm((m, k, n), &mut dx, false, (g, n, 1), (w, k, 1), 1.0);
+                Ok(())
+            })?;
+            sgemm((m, k, r), &mut dx, true, (&u, r, 1), (av, k, 1), s);
+            Some(Tensor::from_vec(dx, (m, k), x.device())?)
+        } else {
+            None
+        };
+        // t = x·Aᵀ [m, r]; dB = s·Gᵀ·t [n, r]; dA = s·uᵀ·x [r, k]
+        let mut t = vec![0f32; m * r];
+        sgemm((m, r, k), &mut t, false, (xv, k, 1), (av, 1, k), 1.0);
+        let mut db = vec![0f32; n * r];
+        sgemm((n, r, m), &mut db, false, (g, 1, n), (&t, r, 1), s);
+        let mut da = vec![0f32; r * k];
+        sgemm((r, k, m), &mut da, false, (&u, 1, r), (xv, k, 1), s);
+        Ok((
+            dx,
+            Some(Tensor::from_vec(da, (r, k), a.device())?),
+            Some(Tensor::from_vec(db, (n, r), b.device())?),
+        ))
+    }
+}
+
+/// `x [m, in] → x·Wᵀ (+ b) + scale·(x·Aᵀ)·Bᵀ` as one op on the CPU in f32, `None` where
+/// the fused kernel does not apply (the caller then composes the same math).
+pub(crate) fn lora_linear_fused(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    if !(cpu_f32(x) && x.rank() == 2 && w.dtype() == DType::F32 && a.dtype() == DType::F32) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let op = LoraLinearOp { w: w.clone(), bias: bias.cloned(), scale: scale as f32 };
+    Ok(Some(x.apply_op3_arc(a, b, Arc::new(Box::new(op)))?))
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU: silu(gate) · up in one op.
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (slice(s1, l1)?, slice(s2, l2)?);
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(yc, (gc, uc))| {
+            for ((y, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
+                *y = g / (1.0 + exp_approx(-g)) * u;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, d: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = d.contiguous()?;
+        let (ds, dl) = d.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (us, ul) = u.storage_and_layout();
+        let (Storage::Cpu(ds), Storage::Cpu(gs), Storage::Cpu(us)) = (&*ds, &*gs, &*us) else {
+            bail!("swiglu: backward expects CPU tensors")
+        };
+        let (dv, gv, uv) = (slice(ds, dl)?, slice(gs, gl)?, slice(us, ul)?);
+        let mut dg = vec![0f32; gv.len()];
+        let mut du = vec![0f32; gv.len()];
+        dg.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .zip(gv.par_chunks(4096).zip(uv.par_chunks(4096)).zip(dv.par_chunks(4096)))
+            .for_each(|((dgc, duc), ((gc, uc), dc))| {
+                for i in 0..gc.len() {
+                    let sig = 1.0 / (1.0 + exp_approx(-gc[i]));
+                    let silu = gc[i] * sig;
+                    dgc[i] = dc[i] * uc[i] * (sig * (1.0 + gc[i] * (1.0 - sig)));
+                    duc[i] = dc[i] * silu;
+                }
+            });
+        Ok((
+            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
+            Some(Tensor::from_vec(du, u.shape(), u.device())?),
+        ))
+    }
+}
+
+/// `silu(gate) · up`.
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if cpu_f32(gate) {
+        let (g, u) = (gate.contiguous()?, up.contiguous()?);
+        return Ok(g.apply_op2_arc(&u, Arc::new(Box::new(SwiGlu)))?);
+    }
+    Ok((gate.silu()? * up)?)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -437,11 +650,17 @@ impl CustomOp1 for MaskedSoftmax {
                 yr[lo..hi].fill(0.0);
                 return;
             }
-            let mut sum = 0f32;
-            for v in &mut yr[lo..hi] {
-                *v = if *v == f32::NEG_INFINITY { 0.0 } else { (*v - m).exp() };
-                sum += *v;
-            }
+            let sum = if self.mask.key_valid.is_none() {
+                // No holes in lo..hi: the vectorised exp.
+                exp_shift_sum(&mut yr[lo..hi], m)
+            } else {
+                let mut sum = 0f32;
+                for v in &mut yr[lo..hi] {
+                    *v = if *v == f32::NEG_INFINITY { 0.0 } else { exp_approx(*v - m) };
+                    sum += *v;
+                }
+                sum
+            };
             let inv = 1.0 / sum;
             for v in &mut yr[lo..hi] {
                 *v *= inv;
