@@ -727,7 +727,7 @@ pub(crate) fn masked_softmax(scores: &Tensor, scale: f64, mask: &AttnMask) -> Re
     let x = (scores.to_dtype(DType::F32)? * scale)?.add(&add)?;
     let m = x.max_keepdim(D::Minus1)?.detach();
     // A fully masked row has max −inf; shift it by 0 instead so it becomes all zeros.
-    let m = m.where_cond(&m.ne(f32::NEG_INFINITY)?, &m.zeros_like()?)?;
+    let m = m.ne(f32::NEG_INFINITY)?.where_cond(&m, &m.zeros_like()?)?;
     let e = x.broadcast_sub(&m)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     let sum = (sum.clone() + sum.eq(0f32)?.to_dtype(DType::F32)?)?;

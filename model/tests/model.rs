@@ -1,0 +1,465 @@
+//! Behaviour of the model core beyond the PyTorch parity run: the other architectures
+//! against transformers, B = 0, merge, finite differences, PEFT round trips, padding,
+//! the generic (non-CPU) code path, exact resume, and every bad input's named error.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ringtune_model::io::{read_safetensors, write_safetensors_atomic};
+use ringtune_model::peft::read_adapter_tensors;
+use ringtune_model::{
+    merge_with, set_force_generic, Adapters, AdamW, AdamWConfig, Batch, DType, Device, Error, Gradients, LoraConfig,
+    LoraModel, LossKind, MergeOptions, ModelConfig, Tensor,
+};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn tiny() -> PathBuf {
+    fixtures().join("llama-tiny")
+}
+
+fn vec_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let (a, b) = (vec_f32(a), vec_f32(b));
+    let d: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    if n == 0.0 {
+        d
+    } else {
+        d / n
+    }
+}
+
+fn all_targets(rank: usize) -> LoraConfig {
+    LoraConfig { alpha: 16.0, ..LoraConfig::from_tinker(rank, true, true, true) }
+}
+
+/// The reference adapter after two steps (B ≠ 0) on the llama-tiny base.
+fn trained_tiny() -> LoraModel {
+    LoraModel::load_with_adapter(&tiny().join("base"), &tiny().join("adapter_step2"), &Device::Cpu, DType::F32).unwrap()
+}
+
+fn ref_batch() -> Batch {
+    let (t, _) = read_safetensors(&tiny().join("batch.safetensors")).unwrap();
+    let t: BTreeMap<_, _> = t.into_iter().collect();
+    let ids = &t["input_ids"];
+    let (rows, n) = ids.dims2().unwrap();
+    let ids: Vec<u32> = ids.to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    Batch::from_dense_tokens(rows, n, &ids, &vec_f32(&t["loss_weights"])).unwrap()
+}
+
+fn ids_tensor(b: &Batch) -> Tensor {
+    b.input_tensor(&Device::Cpu).unwrap()
+}
+
+#[test]
+fn other_architectures_match_transformers_logits() {
+    for name in ["llama3", "mistral", "qwen2", "qwen3"] {
+        let dir = fixtures().join("archs").join(name);
+        let cfg = ModelConfig::from_file(dir.join("config.json")).unwrap();
+        let model = LoraModel::load(&dir, &LoraConfig::from_tinker(4, true, true, false), &Device::Cpu, DType::F32, 0).unwrap();
+        let (t, _) = read_safetensors(&dir.join("logits.safetensors")).unwrap();
+        let t: BTreeMap<_, _> = t.into_iter().collect();
+        let ids = t["input_ids"].to_dtype(DType::U32).unwrap();
+        let logits = model.forward(&ids, None).unwrap();
+        let e = rel_err(&logits, &t["logits"]);
+        assert!(e < 1e-5, "{name} ({:?}): logits relative error {e:.2e}", cfg.architecture);
+        // And through the device-independent path that other backends take.
+        set_force_generic(true);
+        let g = model.forward(&ids, None).unwrap();
+        set_force_generic(false);
+        let e = rel_err(&g, &t["logits"]);
+        assert!(e < 1e-5, "{name}: generic-path logits relative error {e:.2e}");
+    }
+}
+
+#[test]
+fn zero_b_gives_exactly_the_base_logits() {
+    // Fresh adapters: A random, B zero.
+    let model = LoraModel::load(&tiny().join("base"), &all_targets(8), &Device::Cpu, DType::F32, 7).unwrap();
+    let a = model.adapter_tensors();
+    assert!(a.iter().any(|(k, t)| k.ends_with("lora_A.weight") && vec_f32(t).iter().any(|&v| v != 0.0)));
+    let ids = ids_tensor(&ref_batch());
+    let on = vec_f32(&model.forward_with(&ids, None, Adapters::On).unwrap());
+    let off = vec_f32(&model.forward_with(&ids, None, Adapters::Off).unwrap());
+    assert!(on.iter().zip(&off).all(|(x, y)| x.to_bits() == y.to_bits()), "B = 0 must not change a single bit");
+    // Sanity: a trained adapter does change them.
+    let trained = trained_tiny();
+    let on2 = vec_f32(&trained.forward_with(&ids, None, Adapters::On).unwrap());
+    assert!(on2.iter().zip(&off).any(|(x, y)| x != y));
+    let off2 = vec_f32(&trained.forward_with(&ids, None, Adapters::Off).unwrap());
+    assert_eq!(off, off2, "adapters off is the base model");
+}
+
+#[test]
+fn merged_model_matches_the_adapter_forward_single_and_sharded() {
+    let model = trained_tiny();
+    let ids = ids_tensor(&ref_batch());
+    let want = model.forward(&ids, None).unwrap();
+    for (max_shard, shards) in [(u64::MAX, 1), (200_000, 5)] {
+        let out = tempfile::tempdir().unwrap();
+        let rep = merge_with(&tiny().join("base"), &tiny().join("adapter_step2"), out.path(), &MergeOptions { max_shard_bytes: max_shard }).unwrap();
+        assert_eq!(rep.merged_tensors, 15);
+        assert!(rep.shards >= shards.min(2) && (shards > 1 || rep.shards == 1), "{rep:?}");
+        if rep.shards > 1 {
+            assert!(out.path().join("model.safetensors.index.json").is_file());
+        }
+        let merged = LoraModel::load(out.path(), &all_targets(8), &Device::Cpu, DType::F32, 0).unwrap();
+        let got = merged.forward_with(&ids, None, Adapters::Off).unwrap();
+        let e = rel_err(&got, &want);
+        assert!(e <= 1e-5, "merged vs adapter forward: {e:.2e}");
+    }
+}
+
+#[test]
+fn merge_of_a_tied_lm_head_unties_it() {
+    let dir = fixtures().join("archs/qwen3");
+    let model = LoraModel::load(&dir, &all_targets(4), &Device::Cpu, DType::F32, 3).unwrap();
+    // Give B values so the merge changes something.
+    let flat: Vec<f32> = (0..model.param_layout().numel()).map(|i| ((i * 7919 % 13) as f32 - 6.0) * 1e-3).collect();
+    model.set_params_flat(&flat).unwrap();
+    let ad = tempfile::tempdir().unwrap();
+    model.save_adapter(ad.path()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    merge_with(&dir, ad.path(), out.path(), &MergeOptions::default()).unwrap();
+    let cfg = ModelConfig::from_file(out.path().join("config.json")).unwrap();
+    assert!(!cfg.tie_word_embeddings);
+    let merged = LoraModel::load(out.path(), &all_targets(4), &Device::Cpu, DType::F32, 0).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 14, 3, 7]], &Device::Cpu).unwrap();
+    let e = rel_err(&merged.forward_with(&ids, None, Adapters::Off).unwrap(), &model.forward(&ids, None).unwrap());
+    assert!(e <= 1e-5, "{e:.2e}");
+}
+
+#[test]
+fn gradients_agree_with_finite_differences() {
+    let model = trained_tiny();
+    let batch = ref_batch();
+    let (_, grads) = model.forward_backward(&batch, LossKind::CrossEntropy).unwrap();
+    let base = model.params_flat().unwrap();
+    let layout = model.param_layout().clone();
+    let flat_g = grads.to_flat().unwrap();
+    // The largest-gradient coordinate of a few tensors, A and B, attention, MLP and head.
+    let mut checked = 0;
+    let mut offset = 0;
+    for (key, shape) in layout.entries() {
+        let n: usize = shape.iter().product();
+        let pick = key.contains("layers.0.self_attn.q_proj") || key.contains("layers.1.mlp.down_proj") || key.contains("lm_head");
+        if pick {
+            let (i, g) = flat_g[offset..offset + n].iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
+            let eps = 1e-2f32;
+            let loss_at = |d: f32| {
+                let mut p = base.clone();
+                p[offset + i] += d;
+                model.set_params_flat(&p).unwrap();
+                model.logprobs(&batch, LossKind::CrossEntropy, Adapters::On).unwrap().loss_sum
+            };
+            let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
+            let rel = (fd - *g as f64).abs() / (g.abs() as f64);
+            assert!(rel < 2e-2, "{key}[{i}]: analytic {g} vs finite difference {fd} (rel {rel:.2e})");
+            checked += 1;
+        }
+        offset += n;
+    }
+    model.set_params_flat(&base).unwrap();
+    assert_eq!(checked, 6);
+}
+
+#[test]
+fn peft_save_load_round_trips_bit_exactly() {
+    let model = trained_tiny();
+    let dir = tempfile::tempdir().unwrap();
+    model.save_adapter(dir.path()).unwrap();
+    // Same bits as the PEFT file it came from.
+    let theirs = read_adapter_tensors(&tiny().join("adapter_step2")).unwrap();
+    let ours = read_adapter_tensors(dir.path()).unwrap();
+    assert_eq!(theirs.keys().collect::<Vec<_>>(), ours.keys().collect::<Vec<_>>());
+    for (k, t) in &theirs {
+        let (a, b) = (vec_f32(t), vec_f32(&ours[k]));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{k} changed");
+    }
+    // The config PEFT and vLLM read.
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["lora_alpha"], 16.0);
+    assert_eq!(cfg["bias"], "none");
+    assert_eq!(cfg["fan_in_fan_out"], false);
+    assert_eq!(cfg["use_rslora"], false);
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 8);
+    // Load into a fresh model: identical bits again.
+    let fresh = LoraModel::load(&tiny().join("base"), &all_targets(8), &Device::Cpu, DType::F32, 99).unwrap();
+    fresh.load_adapter(dir.path()).unwrap();
+    assert_eq!(fresh.params_fingerprint().unwrap(), model.params_fingerprint().unwrap());
+    assert_eq!(fresh.params_flat().unwrap(), model.params_flat().unwrap());
+}
+
+#[test]
+fn padding_never_changes_the_real_tokens() {
+    let model = trained_tiny();
+    let rows: Vec<Vec<u32>> = vec![(0..9).map(|i| (i * 37 + 5) % 1024).collect(), (0..21).map(|i| (i * 101 + 11) % 1024).collect()];
+    let weights: Vec<Vec<f32>> = rows.iter().map(|r| (0..r.len()).map(|i| if i % 3 == 0 { 0.0 } else { 1.0 }).collect()).collect();
+    let padded = Batch::from_token_rows(&rows, &weights, 0).unwrap();
+    assert_eq!(padded.seq(), 20);
+    let (all, g_all) = model.forward_backward(&padded, LossKind::CrossEntropy).unwrap();
+    let mut loss = 0.0;
+    let mut g_sum: Option<Gradients> = None;
+    for (b, (r, w)) in rows.iter().zip(&weights).enumerate() {
+        let one = Batch::from_token_rows(std::slice::from_ref(r), std::slice::from_ref(w), 0).unwrap();
+        let (o, g) = model.forward_backward(&one, LossKind::CrossEntropy).unwrap();
+        for t in 0..one.seq() {
+            let (x, y) = (o.logprobs[t], all.logprobs[b * padded.seq() + t]);
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "row {b} position {t}: {x} vs {y}");
+        }
+        for t in one.seq()..padded.seq() {
+            assert_eq!(all.logprobs[b * padded.seq() + t], 0.0, "padding logprob is 0");
+        }
+        loss += o.loss_sum;
+        match &mut g_sum {
+            None => g_sum = Some(g),
+            Some(acc) => acc.add_assign(&g).unwrap(),
+        }
+    }
+    assert!((loss - all.loss_sum).abs() <= 1e-5 * loss.abs());
+    assert_eq!(all.tokens, 8 + 20);
+    for ((k, a), (_, b)) in g_all.tensors().iter().zip(g_sum.unwrap().tensors()) {
+        let e = rel_err(a, b);
+        assert!(e <= 1e-5, "{k}: {e:.2e}");
+    }
+}
+
+#[test]
+fn generic_path_matches_the_cpu_kernels() {
+    let model = trained_tiny();
+    let batch = ref_batch();
+    let (fast, gf) = model.forward_backward(&batch, LossKind::CrossEntropy).unwrap();
+    set_force_generic(true);
+    let slow = model.forward_backward(&batch, LossKind::CrossEntropy);
+    set_force_generic(false);
+    let (slow, gs) = slow.unwrap();
+    assert!(((fast.loss_sum - slow.loss_sum) / slow.loss_sum).abs() < 1e-6);
+    for ((k, a), (_, b)) in gf.tensors().iter().zip(gs.tensors()) {
+        let e = rel_err(a, b);
+        assert!(e <= 1e-5, "{k}: {e:.2e}");
+    }
+}
+
+#[test]
+fn empty_batch_gives_zero_loss_and_zero_gradients() {
+    let model = trained_tiny();
+    let batch = Batch::from_token_rows(&[], &[], 0).unwrap();
+    let (out, g) = model.forward_backward(&batch, LossKind::CrossEntropy).unwrap();
+    assert_eq!((out.loss_sum, out.tokens, out.mean()), (0.0, 0, 0.0));
+    assert!(g.to_flat().unwrap().iter().all(|&v| v == 0.0));
+    assert_eq!(g.layout(), model.param_layout());
+}
+
+#[test]
+fn resume_from_saved_state_is_bit_exact() {
+    let batch = ref_batch();
+    let cfg = AdamWConfig { max_grad_norm: Some(1.0), weight_decay: 0.01, ..AdamWConfig::default() };
+    let step = |m: &LoraModel, opt: &mut AdamW| {
+        let (o, mut g) = m.forward_backward(&batch, LossKind::CrossEntropy).unwrap();
+        g.scale(1.0 / o.weight_sum).unwrap();
+        let mut p = m.params_flat().unwrap();
+        let mut gf = g.to_flat().unwrap();
+        opt.step_flat(&mut p, &mut gf, 1e-3).unwrap();
+        m.set_params_flat(&p).unwrap();
+    };
+    let straight = trained_tiny();
+    let mut opt = AdamW::new(cfg, straight.param_layout().clone());
+    for _ in 0..3 {
+        step(&straight, &mut opt);
+    }
+
+    let first = trained_tiny();
+    let mut opt1 = AdamW::new(cfg, first.param_layout().clone());
+    for _ in 0..2 {
+        step(&first, &mut opt1);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    first.save_adapter(&dir.path().join("adapter")).unwrap();
+    opt1.save(&dir.path().join("optimizer.safetensors")).unwrap();
+    drop(first);
+    let resumed = LoraModel::load_with_adapter(&tiny().join("base"), &dir.path().join("adapter"), &Device::Cpu, DType::F32).unwrap();
+    let mut opt2 = AdamW::load(&dir.path().join("optimizer.safetensors"), cfg, resumed.param_layout().clone()).unwrap();
+    assert_eq!(opt2.step_count(), 2);
+    step(&resumed, &mut opt2);
+    assert_eq!(resumed.params_flat().unwrap(), straight.params_flat().unwrap());
+    assert_eq!(opt2, opt);
+}
+
+#[test]
+fn flat_gradients_round_trip() {
+    let model = trained_tiny();
+    let (_, g) = model.forward_backward(&ref_batch(), LossKind::CrossEntropy).unwrap();
+    let flat = g.to_flat().unwrap();
+    assert_eq!(flat.len(), model.param_layout().numel());
+    let back = Gradients::from_flat(model.param_layout(), &flat, &Device::Cpu).unwrap();
+    assert_eq!(back.to_flat().unwrap(), flat);
+    let keys: Vec<&String> = g.tensors().iter().map(|(k, _)| k).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "gradients are in sorted PEFT-key order");
+    assert!(matches!(Gradients::from_flat(model.param_layout(), &flat[1..], &Device::Cpu), Err(Error::ParamMismatch(_))));
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad inputs: each gives its named error.
+
+/// Copies the tiny base to a temp dir, letting `edit` change its tensors or config.
+fn edited_base(edit_tensors: impl FnOnce(&mut Vec<(String, Tensor)>), edit_config: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let (mut t, _) = read_safetensors(&tiny().join("base/model.safetensors")).unwrap();
+    edit_tensors(&mut t);
+    write_safetensors_atomic(&d.path().join("model.safetensors"), &t, None).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny().join("base/config.json")).unwrap()).unwrap();
+    edit_config(&mut cfg);
+    std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
+    d
+}
+
+fn load_err(dir: &Path) -> Error {
+    LoraModel::load(dir, &all_targets(8), &Device::Cpu, DType::F32, 0).unwrap_err()
+}
+
+#[test]
+fn bad_configs_name_the_field() {
+    let d = edited_base(|_| {}, |c| c["architectures"] = serde_json::json!(["GPT2LMHeadModel"]));
+    let e = load_err(d.path());
+    assert!(matches!(&e, Error::UnknownArchitecture { found, .. } if found == "GPT2LMHeadModel"), "{e}");
+    let d = edited_base(|_| {}, |c| {
+        c.as_object_mut().unwrap().remove("hidden_size");
+    });
+    let e = load_err(d.path());
+    assert!(matches!(&e, Error::MissingField { field, .. } if field == "hidden_size"), "{e}");
+    assert!(e.to_string().contains("config.json"), "{e}");
+    let d = edited_base(|_| {}, |c| c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4}));
+    let e = load_err(d.path());
+    assert!(matches!(&e, Error::InvalidField { field, .. } if field == "rope_parameters.rope_type"), "{e}");
+    let d = edited_base(|_| {}, |c| c["num_key_value_heads"] = serde_json::json!(3));
+    assert!(matches!(load_err(d.path()), Error::InvalidField { field, .. } if field == "num_key_value_heads"));
+    let d = edited_base(|_| {}, |_| {});
+    std::fs::write(d.path().join("config.json"), "{ not json").unwrap();
+    assert!(matches!(load_err(d.path()), Error::Json { .. }));
+}
+
+#[test]
+fn bad_weights_name_tensor_file_and_shapes() {
+    let d = edited_base(|t| t.retain(|(k, _)| k != "model.layers.1.mlp.up_proj.weight"), |_| {});
+    let e = load_err(d.path());
+    assert!(matches!(&e, Error::MissingTensor { tensor, .. } if tensor == "model.layers.1.mlp.up_proj.weight"), "{e}");
+    assert!(e.to_string().contains("model.safetensors"), "{e}");
+
+    let d = edited_base(|t| t.push(("model.layers.7.extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap())), |_| {});
+    let e = load_err(d.path());
+    assert!(matches!(&e, Error::UnexpectedTensor { tensor, .. } if tensor == "model.layers.7.extra.weight"), "{e}");
+
+    let d = edited_base(
+        |t| {
+            for (k, v) in t.iter_mut() {
+                if k == "model.layers.0.self_attn.k_proj.weight" {
+                    *v = Tensor::zeros((16, 64), DType::F32, &Device::Cpu).unwrap();
+                }
+            }
+        },
+        |_| {},
+    );
+    let e = load_err(d.path());
+    match &e {
+        Error::ShapeMismatch { tensor, file, expected, found } => {
+            assert_eq!(tensor, "model.layers.0.self_attn.k_proj.weight");
+            assert!(file.ends_with("model.safetensors"));
+            assert_eq!((expected.as_slice(), found.as_slice()), (&[32, 64][..], &[16, 64][..]));
+        }
+        other => panic!("expected ShapeMismatch, got {other}"),
+    }
+    let msg = e.to_string();
+    assert!(msg.contains("[32, 64]") && msg.contains("[16, 64]"), "{msg}");
+
+    let d = edited_base(|_| {}, |_| {});
+    std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
+    assert!(matches!(load_err(d.path()), Error::Io { .. }));
+    std::fs::write(d.path().join("model.safetensors"), b"garbage!").unwrap();
+    assert!(matches!(load_err(d.path()), Error::Safetensors { .. }));
+}
+
+#[test]
+fn bad_adapters_name_the_key() {
+    let model = LoraModel::load(&tiny().join("base"), &all_targets(8), &Device::Cpu, DType::F32, 0).unwrap();
+    let write = |edit: &dyn Fn(&mut Vec<(String, Tensor)>)| {
+        let d = tempfile::tempdir().unwrap();
+        let mut t: Vec<(String, Tensor)> = read_adapter_tensors(&tiny().join("adapter_step1")).unwrap().into_iter().collect();
+        edit(&mut t);
+        write_safetensors_atomic(&d.path().join("adapter_model.safetensors"), &t, None).unwrap();
+        std::fs::copy(tiny().join("adapter_step1/adapter_config.json"), d.path().join("adapter_config.json")).unwrap();
+        d
+    };
+    let key = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight";
+    let d = write(&|t| t.retain(|(k, _)| k != key));
+    assert!(matches!(model.load_adapter(d.path()), Err(Error::MissingTensor { tensor, .. }) if tensor == key));
+    let d = write(&|t| t.push(("base_model.model.model.layers.5.mlp.up_proj.lora_A.weight".into(), Tensor::zeros((8, 64), DType::F32, &Device::Cpu).unwrap())));
+    assert!(matches!(model.load_adapter(d.path()), Err(Error::UnexpectedTensor { .. })));
+    let d = write(&|t| {
+        for (k, v) in t.iter_mut() {
+            if k == key {
+                *v = Tensor::zeros((176, 4), DType::F32, &Device::Cpu).unwrap();
+            }
+        }
+    });
+    assert!(matches!(model.load_adapter(d.path()), Err(Error::ShapeMismatch { tensor, .. }) if tensor == key));
+    // A base_layer tensor, as PEFT writes for lm_head, is accepted.
+    model.load_adapter(&tiny().join("adapter_step1")).unwrap();
+    // A different rank in the config.
+    let d = write(&|_| {});
+    let cfg = std::fs::read_to_string(d.path().join("adapter_config.json")).unwrap().replace("\"r\": 8", "\"r\": 4");
+    std::fs::write(d.path().join("adapter_config.json"), cfg).unwrap();
+    assert!(matches!(model.load_adapter(d.path()), Err(Error::InvalidField { field, .. }) if field == "r"));
+    let cfg = std::fs::read_to_string(d.path().join("adapter_config.json")).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
+    std::fs::write(d.path().join("adapter_config.json"), cfg).unwrap();
+    assert!(matches!(model.load_adapter(d.path()), Err(Error::InvalidField { field, .. }) if field == "use_dora"));
+}
+
+#[test]
+fn bad_batches_are_refused() {
+    let model = trained_tiny();
+    let e = Batch::from_token_rows(&[vec![1, 2, 3]], &[vec![1.0, 1.0]], 0).unwrap_err();
+    assert!(matches!(e, Error::InvalidBatch(_)));
+    assert!(matches!(Batch::from_token_rows(&[vec![1]], &[vec![1.0]], 0), Err(Error::InvalidBatch(_))));
+    assert!(matches!(Batch::from_token_rows(&[vec![1, 2]], &[vec![0.0, f32::NAN]], 0), Err(Error::InvalidBatch(_))));
+    // Padding with weight.
+    let e = Batch::new(1, 3, vec![1, 2, 3], vec![2, 3, 4], vec![1.0, 1.0, 1.0], vec![2]).unwrap_err();
+    assert!(e.to_string().contains("padding"), "{e}");
+    let big = Batch::from_token_rows(&[vec![1, 5000, 3]], &[vec![0.0, 1.0, 1.0]], 0).unwrap();
+    let e = model.forward_backward(&big, LossKind::CrossEntropy).unwrap_err();
+    assert!(matches!(&e, Error::InvalidBatch(m) if m.contains("5000")), "{e}");
+    let ids = Tensor::new(&[[1u32, 2000]], &Device::Cpu).unwrap();
+    assert!(matches!(model.forward(&ids, None), Err(Error::InvalidBatch(_))));
+    let ids = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
+    assert!(matches!(model.forward(&ids, None), Err(Error::InvalidBatch(_))));
+    assert!(matches!(model.set_params_flat(&[0.0; 3]), Err(Error::ParamMismatch(_))));
+}
+
+#[test]
+fn attention_mask_hides_left_padding() {
+    let model = trained_tiny();
+    let real = [5u32, 17, 300, 42, 9];
+    let alone = model.forward(&Tensor::new(&[real], &Device::Cpu).unwrap(), None).unwrap();
+    // The same tokens after two masked keys: with the mask, the last position (which sees
+    // every real token) differs from `alone` only through positions — RoPE is relative, so
+    // attention scores are unchanged and the logits agree.
+    let padded = Tensor::new(&[[0u32, 0, 5, 17, 300, 42, 9]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[0u32, 0, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+    let with = model.forward(&padded, Some(&mask)).unwrap();
+    let a = alone.narrow(1, 4, 1).unwrap();
+    let b = with.narrow(1, 6, 1).unwrap();
+    assert!(rel_err(&b, &a) < 1e-5, "{}", rel_err(&b, &a));
+    let without = model.forward(&padded, None).unwrap().narrow(1, 6, 1).unwrap();
+    assert!(rel_err(&without, &a) > 1e-4, "unmasked padding must change the numbers");
+}
