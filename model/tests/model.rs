@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use ringtune_model::io::{read_safetensors, write_safetensors_atomic};
+use ringtune_model::io::{read_safetensors, write_safetensors_atomic, NamedTensors};
 use ringtune_model::peft::read_adapter_tensors;
 use ringtune_model::{
     merge_with, set_force_generic, Adapters, AdamW, AdamWConfig, Batch, DType, Device, Error, Gradients, LoraConfig,
@@ -393,7 +393,7 @@ fn bad_weights_name_tensor_file_and_shapes() {
 #[test]
 fn bad_adapters_name_the_key() {
     let model = LoraModel::load(&tiny().join("base"), &all_targets(8), &Device::Cpu, DType::F32, 0).unwrap();
-    let write = |edit: &dyn Fn(&mut Vec<(String, Tensor)>)| {
+    let write = |edit: &dyn Fn(&mut NamedTensors)| {
         let d = tempfile::tempdir().unwrap();
         let mut t: Vec<(String, Tensor)> = read_adapter_tensors(&tiny().join("adapter_step1")).unwrap().into_iter().collect();
         edit(&mut t);
