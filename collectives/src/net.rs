@@ -156,16 +156,22 @@ struct Pool(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
 impl Pool {
     const MAX: usize = 64;
 
+    /// An empty buffer (for appending a frame to).
     fn get(&self) -> Vec<u8> {
-        let mut v = self
-            .0
+        let mut v = self.get_dirty();
+        v.clear();
+        v
+    }
+
+    /// A buffer with stale contents, to be overwritten: resizing it to the same frame size
+    /// again costs no memset.
+    fn get_dirty(&self) -> Vec<u8> {
+        self.0
             .lock()
             .map(|mut p| p.pop())
             .ok()
             .flatten()
-            .unwrap_or_default();
-        v.clear();
-        v
+            .unwrap_or_default()
     }
 
     fn put(&self, v: Vec<u8>) {
@@ -289,7 +295,7 @@ async fn reader_task(
             }
         };
         let mut head = [0u8; CHUNK_HEADER_LEN];
-        let mut payload = pool.get();
+        let mut payload = pool.get_dirty();
         let r = async {
             src.read_exact(&mut head).await?;
             let header = ChunkHeader::decode(&head)
@@ -343,6 +349,15 @@ impl NetDriver {
             r.abort();
         }
         for k in self.keep.drain(..) {
+            let k = match k.downcast::<quinn::Connection>() {
+                Ok(c) => {
+                    if std::env::var_os("RINGTUNE_QUIC_STATS").is_some() {
+                        eprintln!("rank {} QUIC stats: {:?}", self.cfg.rank, c.stats());
+                    }
+                    continue;
+                }
+                Err(k) => k,
+            };
             if let Ok(ep) = k.downcast::<quinn::Endpoint>() {
                 ep.close(0u32.into(), b"done");
             }

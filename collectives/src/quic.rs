@@ -35,18 +35,48 @@ fn transport_config() -> quinn::TransportConfig {
     ));
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.initial_rtt(Duration::from_millis(20));
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
-    if let Some(m) = std::env::var("RINGTUNE_QUIC_INITIAL_MTU")
+    // Path MTU: discovered (up to 64 KiB on loopback), or fixed by RINGTUNE_QUIC_MTU.
+    // Fixing it high on loopback did not help in measurements: drops while a receiver is
+    // descheduled look like a black hole and quinn falls back to 1200-byte packets.
+    match std::env::var("RINGTUNE_QUIC_MTU")
+        .ok()
+        .and_then(|v| v.parse::<u16>().ok())
+    {
+        Some(m) => {
+            t.initial_mtu(m);
+            t.mtu_discovery_config(None);
+        }
+        None => {
+            let mut mtu = quinn::MtuDiscoveryConfig::default();
+            mtu.upper_bound(MAX_UDP_PAYLOAD);
+            t.mtu_discovery_config(Some(mtu));
+        }
+    }
+    // Congestion control: start with a large window (loopback and datacentre links), Cubic
+    // by default. RINGTUNE_QUIC_CC=cubic|newreno|bbr and RINGTUNE_QUIC_WINDOW (bytes) are
+    // tuning knobs; none of them changed throughput measurably on the 2-core test host,
+    // where QUIC is limited by per-packet CPU work (see README, Collectives).
+    let window: u64 = std::env::var("RINGTUNE_QUIC_WINDOW")
         .ok()
         .and_then(|v| v.parse().ok())
-    {
-        t.initial_mtu(m);
+        .unwrap_or(32 << 20);
+    match std::env::var("RINGTUNE_QUIC_CC").as_deref() {
+        Ok("newreno") => {
+            let mut c = quinn::congestion::NewRenoConfig::default();
+            c.initial_window(window);
+            t.congestion_controller_factory(Arc::new(c));
+        }
+        Ok("bbr") => {
+            let mut c = quinn::congestion::BbrConfig::default();
+            c.initial_window(window);
+            t.congestion_controller_factory(Arc::new(c));
+        }
+        _ => {
+            let mut c = quinn::congestion::CubicConfig::default();
+            c.initial_window(window);
+            t.congestion_controller_factory(Arc::new(c));
+        }
     }
-    let mut cubic = quinn::congestion::CubicConfig::default();
-    cubic.initial_window(8 << 20);
-    t.congestion_controller_factory(Arc::new(cubic));
     t
 }
 
@@ -59,8 +89,30 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
     let s = socket2::SockRef::from(&sock);
     let _ = s.set_recv_buffer_size(16 << 20);
     let _ = s.set_send_buffer_size(16 << 20);
+    force_recv_buffer(&sock, 64 << 20);
     Ok(sock)
 }
+
+/// Past net.core.rmem_max where we are allowed to (CAP_NET_ADMIN): a receiver that is
+/// descheduled for a few milliseconds otherwise drops datagrams, and every drop costs a
+/// retransmission and a congestion event. Silently keeps the normal size otherwise.
+#[cfg(target_os = "linux")]
+fn force_recv_buffer(sock: &UdpSocket, bytes: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain setsockopt on a socket we own, with a correctly sized int argument.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &bytes as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn force_recv_buffer(_: &UdpSocket, _: i32) {}
 
 pub(crate) async fn establish(cfg: &NetConfig, ring: &RingConfig) -> Result<Established> {
     let cred = |e: &dyn std::fmt::Display| Error::Credentials(e.to_string());
