@@ -7,7 +7,7 @@ use std::time::Instant;
 use ringtune_model::{AdamW, AdamWConfig, Batch, Device, LoraConfig, LoraModel, LossKind, ModelPreset};
 
 fn main() -> ringtune_model::Result<()> {
-    ringtune_model::tune_allocator();
+    ringtune_model::init_cpu_runtime(None);
     let args: Vec<String> = std::env::args().collect();
     let preset = ModelPreset::from_name(args.get(1).map_or("tiny", String::as_str), Some(32000))?;
     let steps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);

@@ -68,5 +68,24 @@ pub fn tune_allocator() {
     }
 }
 
+/// Sets up a process for CPU training; call once at the start of `main`, before any other
+/// thread exists (it sets environment variables that thread pools read when they start).
+///
+/// - `threads`: compute threads for matmuls and ringtune's kernels (rayon's global pool);
+///   `None` keeps rayon's default (or an existing `RAYON_NUM_THREADS`).
+/// - candle's own element-wise ops get one thread unless `CANDLE_NUM_THREADS` is set: their
+///   pool spin-waits, which on a loaded 2-core machine costs more than it gains, and the hot
+///   element-wise work runs in ringtune's rayon kernels anyway.
+/// - [`tune_allocator`].
+pub fn init_cpu_runtime(threads: Option<usize>) {
+    if let Some(n) = threads.filter(|&n| n > 0) {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    tune_allocator();
+}
+
 /// Re-exported so callers name devices and dtypes without depending on candle directly.
 pub use candle_core::{DType, Device, Tensor};
