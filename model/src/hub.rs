@@ -3,9 +3,11 @@
 //! `models--ORG--NAME/snapshots/<commit>`, with `refs/<REV>` naming the commit of a branch
 //! or tag (default `main`).
 //!
-//! Resolution is offline: this module reads the cache, it does not download. Filling the
-//! cache (`huggingface-cli download ORG/NAME`, or any HF client) is a separate step, so a
-//! training job never starts a surprise multi-gigabyte download on every node.
+//! Resolution reads the cache. Only with the cargo feature `hub`, and only when the cache
+//! lacks the model and `HF_HUB_OFFLINE` is not set, does [`resolve_model_dir`] download it
+//! (config, weights — single file or every shard of the index — and tokenizer files) into the
+//! same layout with the hf-hub crate. Without the feature, fill the cache with
+//! `huggingface-cli download ORG/NAME` (or any HF client).
 
 use std::path::{Path, PathBuf};
 
@@ -121,8 +123,65 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
                 })
             }
         }
-        ModelSpec::Hub { repo, revision } => resolve_in_cache(&hf_cache_dir(), &repo, &revision),
+        ModelSpec::Hub { repo, revision } => {
+            let cache = hf_cache_dir();
+            match resolve_in_cache(&cache, &repo, &revision) {
+                Ok(p) => Ok(p),
+                #[cfg(feature = "hub")]
+                Err(Error::ModelNotFound { .. }) if std::env::var_os("HF_HUB_OFFLINE").is_none_or(|v| v.is_empty() || v == "0") => {
+                    download(&cache, &repo, &revision)?;
+                    resolve_in_cache(&cache, &repo, &revision)
+                }
+                Err(e) => Err(e),
+            }
+        }
     }
+}
+
+/// Downloads a model's files into the cache at `cache` (feature `hub`).
+#[cfg(feature = "hub")]
+fn download(cache: &Path, repo: &str, revision: &str) -> Result<()> {
+    use hf_hub::api::sync::ApiBuilder;
+    use hf_hub::{Repo, RepoType};
+
+    let spec = format!("hf:{repo}@{revision}");
+    let fail = |what: &str, e: &dyn std::fmt::Display| Error::Download { spec: spec.clone(), reason: format!("{what}: {e}") };
+    let api = ApiBuilder::new()
+        .with_cache_dir(cache.to_path_buf())
+        .with_progress(false)
+        .build()
+        .map_err(|e| fail("client", &e))?;
+    let r = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
+    r.get("config.json").map_err(|e| fail("config.json", &e))?;
+    match r.get("model.safetensors.index.json") {
+        Ok(index) => {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
+            let mut shards: Vec<&str> = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::MissingField { path: index.clone(), field: "weight_map".into() })?
+                .values()
+                .filter_map(|f| f.as_str())
+                .collect();
+            shards.sort_unstable();
+            shards.dedup();
+            for f in shards {
+                if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+                    return Err(fail("index", &format!("shard name {f:?} is not a plain file name")));
+                }
+                r.get(f).map_err(|e| fail(f, &e))?;
+            }
+        }
+        Err(_) => {
+            r.get("model.safetensors").map_err(|e| fail("model.safetensors", &e))?;
+        }
+    }
+    // Optional files: a model without them is still a model.
+    for f in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        let _ = r.get(f);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
