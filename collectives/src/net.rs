@@ -96,8 +96,15 @@ pub fn connect(cfg: NetConfig) -> Result<NetSync> {
             cfg.world
         )));
     }
+    // Two workers let a link's encryption and the other link's decryption run in parallel;
+    // RINGTUNE_NET_THREADS overrides it (measured in the README's benchmark notes).
+    let threads = std::env::var("RINGTUNE_NET_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2usize)
+        .max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .thread_name("ringtune-net")
         .enable_all()
         .build()
@@ -446,7 +453,8 @@ impl Driver for NetDriver {
                 };
                 tokio::select! {
                     biased;
-                    ev = events.recv() => match ev {
+                    // Only while this collective still expects frames: see `wants_frames`.
+                    ev = events.recv(), if core.wants_frames() => match ev {
                         Some(Event::Frame(h, payload)) => {
                             let r = core.handle_chunk(data, &h, &payload);
                             pool.put(payload);

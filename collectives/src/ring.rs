@@ -113,6 +113,10 @@ pub trait Collective {
     fn handle_timeout(&mut self, now: Instant) -> Result<()>;
     /// All frames received and all frames handed out.
     fn is_done(&self) -> bool;
+    /// Whether frames are still expected. Once every frame has arrived a driver must stop
+    /// reading the link: the next frames there belong to the next collective (the left
+    /// neighbour may be done already while this rank still flushes its own sends).
+    fn wants_frames(&self) -> bool;
     /// Context for errors raised by drivers (link failures).
     fn ids(&self) -> (Rank, Seq, Step);
 }
@@ -506,7 +510,11 @@ impl Collective for AllReduce {
     }
 
     fn is_done(&self) -> bool {
-        self.queue.is_empty() && self.rs_n == self.rs_got.len() && self.ag_n == self.ag_got.len()
+        self.queue.is_empty() && !self.wants_frames()
+    }
+
+    fn wants_frames(&self) -> bool {
+        self.rs_n < self.rs_got.len() || self.ag_n < self.ag_got.len()
     }
 
     fn ids(&self) -> (Rank, Seq, Step) {
@@ -646,7 +654,11 @@ impl Collective for Broadcast {
     }
 
     fn is_done(&self) -> bool {
-        self.queue.is_empty() && self.n == self.pieces
+        self.queue.is_empty() && !self.wants_frames()
+    }
+
+    fn wants_frames(&self) -> bool {
+        self.n < self.pieces
     }
 
     fn ids(&self) -> (Rank, Seq, Step) {

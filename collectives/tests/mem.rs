@@ -81,3 +81,32 @@ fn a_stalled_rank_times_out_the_others() {
         );
     }
 }
+
+#[test]
+fn many_pieces_many_rounds_stay_exact() {
+    // Pipelines of 64 pieces per segment over 4 ranks, repeated: the shape of the 256 MiB
+    // benchmark, scaled down.
+    let hs: Vec<_> = mem_cluster(4, 64, WireDtype::F32)
+        .unwrap()
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                let r = s.rank().0 as f32 + 1.0;
+                let n = 4 * 64 * 64 + 3;
+                for step in 0..20u64 {
+                    let call = Call::new(step, Duration::from_secs(10));
+                    s.barrier(call).unwrap();
+                    let mut v: Vec<f32> = (0..n).map(|i| (i % 7 + 1) as f32 * r).collect();
+                    s.all_reduce_sum(&mut v, call).unwrap();
+                    assert!(v
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &x)| x == (i % 7 + 1) as f32 * 10.0));
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+}

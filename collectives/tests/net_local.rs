@@ -165,3 +165,34 @@ fn a_wrong_token_or_a_foreign_certificate_is_refused() {
     }
     let _ = peers;
 }
+
+/// A rank can have received every frame of a collective while its own last frames still
+/// wait for room in the link's queue; meanwhile its left neighbour may already be sending
+/// the next collective. Those frames must wait, not be read early (they once were, and
+/// surfaced as "got a frame for seq N+1" under scheduling pressure). Many small pieces and
+/// back-to-back collectives make that window common.
+#[test]
+fn back_to_back_collectives_with_full_send_queues() {
+    let results = on_cluster(4, Transport::TcpTls, |mut s: NetSync| {
+        let r = s.rank().0 as f32 + 1.0;
+        for step in 0..40u64 {
+            let call = Call::new(step, Duration::from_secs(20));
+            let mut v: Vec<f32> = (0..60_000).map(|i| (i % 5) as f32 * r).collect();
+            s.all_reduce_sum(&mut v, call).map_err(|e| e.to_string())?;
+            if !v
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == (i % 5) as f32 * 10.0)
+            {
+                return Err(format!("wrong sum at step {step}"));
+            }
+            if step % 4 == 0 {
+                s.barrier(call).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    });
+    for (r, res) in results.into_iter().enumerate() {
+        assert!(res.is_ok(), "rank {r}: {res:?}");
+    }
+}
