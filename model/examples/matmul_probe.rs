@@ -21,7 +21,11 @@ fn probe(name: &str, m: usize, k: usize, n: usize, transpose_rhs: bool) -> candl
     }
     ts.sort_by(|x, y| x.total_cmp(y));
     let med = ts[ts.len() / 2];
-    println!("{name:<28} [{m}x{k}]·[{k}x{n}] median {:.1} ms  {:.1} GFLOP/s", med * 1e3, 2.0 * (m * k * n) as f64 / med / 1e9);
+    println!(
+        "{name:<28} [{m}x{k}]·[{k}x{n}] median {:.1} ms  {:.1} GFLOP/s",
+        med * 1e3,
+        2.0 * (m * k * n) as f64 / med / 1e9
+    );
     Ok(())
 }
 

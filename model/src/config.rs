@@ -148,7 +148,10 @@ impl<'a> Fields<'a> {
     }
 
     fn missing(&self, field: &str) -> Error {
-        Error::MissingField { path: self.path.to_path_buf(), field: field.to_string() }
+        Error::MissingField {
+            path: self.path.to_path_buf(),
+            field: field.to_string(),
+        }
     }
 
     fn usize_opt(&self, field: &str) -> Result<Option<usize>> {
@@ -158,7 +161,9 @@ impl<'a> Fields<'a> {
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
                 .map(Some)
-                .ok_or_else(|| self.invalid(field, format!("expected a non-negative integer, got {v}"))),
+                .ok_or_else(|| {
+                    self.invalid(field, format!("expected a non-negative integer, got {v}"))
+                }),
         }
     }
 
@@ -234,8 +239,10 @@ impl ModelConfig {
 
     /// Parses the text of a config.json; `path` is only used to name errors.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let value: Value =
-            serde_json::from_str(text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+        let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let obj = value.as_object().ok_or_else(|| Error::InvalidField {
             path: path.to_path_buf(),
             field: "<root>".into(),
@@ -260,13 +267,18 @@ impl ModelConfig {
 
         if let Some(act) = f.str_opt("hidden_act")? {
             if act != "silu" {
-                return Err(f.invalid("hidden_act", format!("only \"silu\" is supported, got {act:?}")));
+                return Err(f.invalid(
+                    "hidden_act",
+                    format!("only \"silu\" is supported, got {act:?}"),
+                ));
             }
         }
 
         let hidden_size = f.positive("hidden_size")?;
         let num_attention_heads = f.positive("num_attention_heads")?;
-        let num_key_value_heads = f.usize_opt("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = f
+            .usize_opt("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(f.invalid(
                 "num_key_value_heads",
@@ -324,7 +336,10 @@ impl ModelConfig {
             rms_norm_eps,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: f.usize_opt("max_position_embeddings")?.unwrap_or(2048).max(1),
+            max_position_embeddings: f
+                .usize_opt("max_position_embeddings")?
+                .unwrap_or(2048)
+                .max(1),
             // The transformers classes of these four families default to untied.
             tie_word_embeddings: f.bool_opt("tie_word_embeddings")?.unwrap_or(false),
             qkv_bias,
@@ -360,7 +375,11 @@ impl ModelConfig {
         if self.qk_norm {
             layer += 2 * d;
         }
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
     }
 
@@ -431,7 +450,13 @@ impl ModelConfig {
             let types: Vec<&str> = self
                 .sliding_windows
                 .iter()
-                .map(|w| if w.is_some() { "sliding_attention" } else { "full_attention" })
+                .map(|w| {
+                    if w.is_some() {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
                 .collect();
             obj.insert("layer_types".into(), json!(types));
             if matches!(self.architecture, Architecture::Qwen2 | Architecture::Qwen3) {
@@ -469,7 +494,11 @@ impl ModelConfig {
                 inv.into_iter()
                     .map(|f| {
                         let wavelen = 2.0 * std::f32::consts::PI / f;
-                        let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+                        let scaled = if wavelen > low_freq_wavelen {
+                            f / factor
+                        } else {
+                            f
+                        };
                         let smooth = (old_ctx / wavelen - lo) / (hi - lo);
                         let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
                         let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
@@ -493,19 +522,28 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, RopeScaling)> {
         Some(v) => return Err(f.invalid("rope_parameters", format!("expected an object, got {v}"))),
         None => match f.get("rope_scaling") {
             Some(Value::Object(p)) => (Some(p), "rope_scaling"),
-            Some(v) => return Err(f.invalid("rope_scaling", format!("expected an object, got {v}"))),
+            Some(v) => {
+                return Err(f.invalid("rope_scaling", format!("expected an object, got {v}")))
+            }
             None => (None, "rope_scaling"),
         },
     };
     let sub = params.map(|obj| Fields { path: f.path, obj });
-    let theta = match sub.as_ref().map(|s| s.f64_opt("rope_theta")).transpose()?.flatten() {
+    let theta = match sub
+        .as_ref()
+        .map(|s| s.f64_opt("rope_theta"))
+        .transpose()?
+        .flatten()
+    {
         Some(t) => t,
         None => f.f64_opt("rope_theta")?.unwrap_or(10000.0),
     };
     if theta <= 0.0 {
         return Err(f.invalid("rope_theta", "must be > 0"));
     }
-    let Some(sub) = sub else { return Ok((theta, RopeScaling::Default)) };
+    let Some(sub) = sub else {
+        return Ok((theta, RopeScaling::Default));
+    };
     let kind = match sub.str_opt("rope_type")? {
         Some(k) => k,
         None => sub.str_opt("type")?.unwrap_or("default"),
@@ -518,7 +556,9 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, RopeScaling)> {
     };
     let scaling = match kind {
         "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear { factor: num("factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")?,
+        },
         "llama3" => {
             let lo = num("low_freq_factor")?;
             let hi = num("high_freq_factor")?;
@@ -544,11 +584,7 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, RopeScaling)> {
     Ok((theta, scaling))
 }
 
-fn parse_windows(
-    f: &Fields<'_>,
-    arch: Architecture,
-    layers: usize,
-) -> Result<Vec<Option<usize>>> {
+fn parse_windows(f: &Fields<'_>, arch: Architecture, layers: usize) -> Result<Vec<Option<usize>>> {
     let window = f.usize_opt("sliding_window")?;
     let windows = match arch {
         Architecture::Llama => vec![None; layers],
@@ -590,4 +626,128 @@ fn parse_windows(
 /// The path of `config.json` inside a model folder.
 pub fn config_path(model_dir: &Path) -> PathBuf {
     model_dir.join("config.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preset::ModelPreset;
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        ModelConfig::from_json_str(&v.to_string(), Path::new("config.json"))
+    }
+
+    fn base(arch: &str) -> Value {
+        json!({
+            "architectures": [arch], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        })
+    }
+
+    #[test]
+    fn older_spelling_with_llama3_rope_scaling() {
+        let mut v = base("LlamaForCausalLM");
+        v["rope_theta"] = json!(500000.0);
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        v["torch_dtype"] = json!("bfloat16");
+        let c = parse(v).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.torch_dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(c.head_dim, 16);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        // High frequencies (short wavelengths) are kept, low ones divided by the factor.
+        let plain = ModelConfig {
+            rope_scaling: RopeScaling::Default,
+            ..c.clone()
+        }
+        .rope_inv_freq();
+        let scaled = c.rope_inv_freq();
+        assert_eq!(scaled[0], plain[0]);
+        let last = plain.len() - 1;
+        assert!((scaled[last] - plain[last] / 8.0).abs() <= 1e-6 * plain[last]);
+    }
+
+    #[test]
+    fn rope_type_may_be_spelled_type() {
+        let mut v = base("MistralForCausalLM");
+        v["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
+        v["sliding_window"] = json!(16);
+        let c = parse(v).unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(c.sliding_windows, vec![Some(16), Some(16)]);
+        assert!(!c.qkv_bias);
+    }
+
+    #[test]
+    fn qwen_flags() {
+        let mut v = base("Qwen2ForCausalLM");
+        v["use_sliding_window"] = json!(true);
+        v["sliding_window"] = json!(32);
+        v["max_window_layers"] = json!(1);
+        let c = parse(v).unwrap();
+        assert!(c.qkv_bias && !c.o_bias && !c.qk_norm);
+        assert_eq!(c.sliding_windows, vec![None, Some(32)]);
+        let mut v = base("Qwen3ForCausalLM");
+        v["head_dim"] = json!(32);
+        v["sliding_window"] = json!(32); // ignored without use_sliding_window
+        let c = parse(v).unwrap();
+        assert!(c.qk_norm && !c.qkv_bias);
+        assert_eq!(c.head_dim, 32);
+        assert_eq!(c.sliding_windows, vec![None, None]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut v = base("LlamaForCausalLM");
+        v.as_object_mut().unwrap().remove("architectures");
+        assert!(
+            matches!(parse(v), Err(Error::MissingField { field, .. }) if field == "architectures")
+        );
+        let mut v = base("LlamaForCausalLM");
+        v["vocab_size"] = json!("many");
+        assert!(
+            matches!(parse(v), Err(Error::InvalidField { field, .. }) if field == "vocab_size")
+        );
+        let mut v = base("LlamaForCausalLM");
+        v["hidden_act"] = json!("gelu");
+        assert!(
+            matches!(parse(v), Err(Error::InvalidField { field, .. }) if field == "hidden_act")
+        );
+        let mut v = base("LlamaForCausalLM");
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0});
+        let e = parse(v).unwrap_err();
+        assert!(
+            matches!(&e, Error::MissingField { field, .. } if field == "rope_scaling.low_freq_factor"),
+            "{e}"
+        );
+        assert!(
+            matches!(parse(base("BertModel")), Err(Error::UnknownArchitecture { found, .. }) if found == "BertModel")
+        );
+    }
+
+    #[test]
+    fn written_configs_read_back_the_same() {
+        let mut qwen = ModelPreset::Tiny.config();
+        qwen.architecture = Architecture::Qwen3;
+        qwen.qk_norm = true;
+        qwen.sliding_windows = vec![None, None, Some(8), Some(8)];
+        let mut llama3 = ModelPreset::Smol.config();
+        llama3.rope_scaling = RopeScaling::Llama3 {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        for c in [
+            ModelPreset::Tiny.config(),
+            ModelPreset::Smol.config(),
+            ModelPreset::Quickstart { vocab_size: 1711 }.config(),
+            qwen,
+            llama3,
+        ] {
+            let back = parse(c.to_hf_json()).unwrap();
+            assert_eq!(back, c);
+        }
+    }
 }

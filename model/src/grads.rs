@@ -19,7 +19,10 @@ impl ParamLayout {
     pub fn new(mut entries: Vec<(String, Vec<usize>)>) -> Result<Self> {
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
-            return Err(Error::ParamMismatch(format!("duplicate parameter key `{}`", w[0].0)));
+            return Err(Error::ParamMismatch(format!(
+                "duplicate parameter key `{}`",
+                w[0].0
+            )));
         }
         Ok(ParamLayout { entries })
     }
@@ -41,12 +44,17 @@ impl ParamLayout {
 
     /// Total number of scalars (length of the flat buffer).
     pub fn numel(&self) -> usize {
-        self.entries.iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.entries
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 
     /// Position of a key.
     pub fn index_of(&self, key: &str) -> Option<usize> {
-        self.entries.binary_search_by(|(k, _)| k.as_str().cmp(key)).ok()
+        self.entries
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
     }
 
     /// Splits a flat buffer into named tensors following this layout.
@@ -62,7 +70,10 @@ impl ParamLayout {
         let mut out = Vec::with_capacity(self.entries.len());
         for (k, shape) in &self.entries {
             let n: usize = shape.iter().product();
-            out.push((k.clone(), Tensor::from_slice(&flat[off..off + n], shape.as_slice(), device)?));
+            out.push((
+                k.clone(),
+                Tensor::from_slice(&flat[off..off + n], shape.as_slice(), device)?,
+            ));
             off += n;
         }
         Ok(out)
@@ -74,7 +85,11 @@ impl ParamLayout {
         self.check(tensors)?;
         let mut flat = Vec::with_capacity(self.numel());
         for (_, t) in tensors {
-            let t = if t.dtype() == DType::F32 { t.clone() } else { t.to_dtype(DType::F32)? };
+            let t = if t.dtype() == DType::F32 {
+                t.clone()
+            } else {
+                t.to_dtype(DType::F32)?
+            };
             flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(flat)
@@ -91,7 +106,9 @@ impl ParamLayout {
         }
         for ((k, shape), (k2, t)) in self.entries.iter().zip(tensors) {
             if k != k2 {
-                return Err(Error::ParamMismatch(format!("expected `{k}`, found `{k2}`")));
+                return Err(Error::ParamMismatch(format!(
+                    "expected `{k}`, found `{k2}`"
+                )));
             }
             if t.dims() != shape.as_slice() {
                 return Err(Error::ParamMismatch(format!(
@@ -123,7 +140,10 @@ impl Gradients {
     /// Rebuilds gradients from a flat buffer (e.g. after an all-reduce).
     pub fn from_flat(layout: &ParamLayout, flat: &[f32], device: &Device) -> Result<Self> {
         let tensors = layout.unflatten(flat, device)?;
-        Ok(Gradients { layout: layout.clone(), tensors })
+        Ok(Gradients {
+            layout: layout.clone(),
+            tensors,
+        })
     }
 
     /// One flat f32 buffer in layout order.
@@ -157,7 +177,9 @@ impl Gradients {
     /// Adds another set of gradients with the same layout (micro-batch accumulation).
     pub fn add_assign(&mut self, other: &Gradients) -> Result<()> {
         if self.layout != other.layout {
-            return Err(Error::ParamMismatch("adding gradients of different layouts".into()));
+            return Err(Error::ParamMismatch(
+                "adding gradients of different layouts".into(),
+            ));
         }
         for ((_, a), (_, b)) in self.tensors.iter_mut().zip(&other.tensors) {
             *a = (&*a + b)?;
@@ -168,6 +190,10 @@ impl Gradients {
     /// √Σ g² over every tensor, accumulated in f64.
     pub fn global_norm(&self) -> Result<f64> {
         let flat = self.to_flat()?;
-        Ok(flat.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt())
+        Ok(flat
+            .iter()
+            .map(|&g| (g as f64) * (g as f64))
+            .sum::<f64>()
+            .sqrt())
     }
 }

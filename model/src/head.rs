@@ -88,7 +88,14 @@ fn chunk_rows(vocab: usize, n: usize) -> usize {
 }
 
 /// Runs the head on `h [N, hidden]` (detached) for `batch` (N = rows · seq).
-pub(crate) fn run(h: &Tensor, lm_head: &LoraLinear, batch: &Batch, kind: LossKind, adapters: Adapters, want_grad: bool) -> Result<HeadOutput> {
+pub(crate) fn run(
+    h: &Tensor,
+    lm_head: &LoraLinear,
+    batch: &Batch,
+    kind: LossKind,
+    adapters: Adapters,
+    want_grad: bool,
+) -> Result<HeadOutput> {
     let (n, hidden) = h.dims2()?;
     let seq = batch.seq();
     let valid: Vec<bool> = (0..n).map(|i| i % seq < batch.lengths()[i / seq]).collect();
@@ -103,7 +110,11 @@ pub(crate) fn run(h: &Tensor, lm_head: &LoraLinear, batch: &Batch, kind: LossKin
 
     let mut logprobs = vec![0f32; n];
     let mut loss_sum = 0f64;
-    let mut grad_h = if want_grad { vec![0f32; n * hidden] } else { Vec::new() };
+    let mut grad_h = if want_grad {
+        vec![0f32; n * hidden]
+    } else {
+        Vec::new()
+    };
     let mut d_a: Option<Tensor> = None;
     let mut d_b: Option<Tensor> = None;
     let step = chunk_rows(vocab, n);
@@ -128,7 +139,14 @@ pub(crate) fn run(h: &Tensor, lm_head: &LoraLinear, batch: &Batch, kind: LossKin
             &valid[r0..r0 + rows],
         );
         let (rows_out, g) = if fast {
-            let op = LossRows { targets: tg, weights: wt, valid: vd, kind, want_grad, out: Mutex::new(Vec::new()) };
+            let op = LossRows {
+                targets: tg,
+                weights: wt,
+                valid: vd,
+                kind,
+                want_grad,
+                out: Mutex::new(Vec::new()),
+            };
             logits.inplace_op1(&op)?;
             (op.out.into_inner().expect("row output poisoned"), logits)
         } else {
@@ -147,7 +165,11 @@ pub(crate) fn run(h: &Tensor, lm_head: &LoraLinear, batch: &Batch, kind: LossKin
                 .collect();
             if !live.is_empty() {
                 let (g, hsel, xsel) = if live.len() == rows {
-                    (g, ha.as_ref().map(|p| p.0.clone()), ha.as_ref().map(|p| p.1.clone()))
+                    (
+                        g,
+                        ha.as_ref().map(|p| p.0.clone()),
+                        ha.as_ref().map(|p| p.1.clone()),
+                    )
                 } else {
                     let idx = Tensor::from_slice(&live, live.len(), g.device())?;
                     (
@@ -191,7 +213,11 @@ pub(crate) fn run(h: &Tensor, lm_head: &LoraLinear, batch: &Batch, kind: LossKin
         )),
         _ => None,
     };
-    let grad_h = if want_grad { Some(Tensor::from_vec(grad_h, (n, hidden), h.device())?) } else { None };
+    let grad_h = if want_grad {
+        Some(Tensor::from_vec(grad_h, (n, hidden), h.device())?)
+    } else {
+        None
+    };
     let loss = LossOutput {
         kind,
         loss_sum,
@@ -199,7 +225,11 @@ pub(crate) fn run(h: &Tensor, lm_head: &LoraLinear, batch: &Batch, kind: LossKin
         tokens: batch.tokens(),
         logprobs,
     };
-    Ok(HeadOutput { loss, grad_h, lm_head_grads })
+    Ok(HeadOutput {
+        loss,
+        grad_h,
+        lm_head_grads,
+    })
 }
 
 /// The same as [`LossRows`] with candle ops, for devices without the CPU kernel.
@@ -235,7 +265,11 @@ fn generic_rows(
         return Ok((out, logits.clone()));
     }
     let c = Tensor::from_vec(coefs, (n, 1), dev)?;
-    let onehot = Tensor::zeros((n, v), DType::F32, dev)?.scatter_add(&idx, &Tensor::ones((n, 1), DType::F32, dev)?, D::Minus1)?;
+    let onehot = Tensor::zeros((n, v), DType::F32, dev)?.scatter_add(
+        &idx,
+        &Tensor::ones((n, 1), DType::F32, dev)?,
+        D::Minus1,
+    )?;
     let g = (onehot - e.broadcast_div(&sum)?)?.broadcast_mul(&c)?;
     Ok((out, g))
 }

@@ -32,14 +32,16 @@ fn valid_repo_part(s: &str) -> bool {
         && s != "."
         && s != ".."
         && !s.starts_with('-')
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn valid_revision(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with('/')
         && !s.split('/').any(|p| p.is_empty() || p == "." || p == "..")
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
 }
 
 impl ModelSpec {
@@ -48,7 +50,10 @@ impl ModelSpec {
         let Some(rest) = spec.strip_prefix("hf:") else {
             return Ok(ModelSpec::Path(PathBuf::from(spec)));
         };
-        let bad = |reason: &str| Error::ModelNotFound { spec: spec.to_string(), reason: reason.to_string() };
+        let bad = |reason: &str| Error::ModelNotFound {
+            spec: spec.to_string(),
+            reason: reason.to_string(),
+        };
         let (repo, revision) = match rest.split_once('@') {
             Some((r, rev)) => (r, rev),
             None => (rest, "main"),
@@ -60,7 +65,10 @@ impl ModelSpec {
         if !valid_revision(revision) {
             return Err(bad("invalid revision after '@'"));
         }
-        Ok(ModelSpec::Hub { repo: repo.to_string(), revision: revision.to_string() })
+        Ok(ModelSpec::Hub {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+        })
     }
 }
 
@@ -83,7 +91,10 @@ pub fn hf_cache_dir() -> PathBuf {
 /// Finds `repo` at `revision` in the cache rooted at `cache`.
 pub fn resolve_in_cache(cache: &Path, repo: &str, revision: &str) -> Result<PathBuf> {
     let spec = format!("hf:{repo}@{revision}");
-    let not_found = |reason: String| Error::ModelNotFound { spec: spec.clone(), reason };
+    let not_found = |reason: String| Error::ModelNotFound {
+        spec: spec.clone(),
+        reason,
+    };
     let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
     if !repo_dir.is_dir() {
         return Err(not_found(format!(
@@ -96,10 +107,14 @@ pub fn resolve_in_cache(cache: &Path, repo: &str, revision: &str) -> Result<Path
         revision.to_string()
     } else {
         let r = repo_dir.join("refs").join(revision);
-        let text = std::fs::read_to_string(&r).map_err(|e| not_found(format!("cannot read {}: {e}", r.display())))?;
+        let text = std::fs::read_to_string(&r)
+            .map_err(|e| not_found(format!("cannot read {}: {e}", r.display())))?;
         let c = text.trim().to_string();
         if !(c.len() == 40 && c.chars().all(|ch| ch.is_ascii_hexdigit())) {
-            return Err(not_found(format!("{} does not hold a commit hash", r.display())));
+            return Err(not_found(format!(
+                "{} does not hold a commit hash",
+                r.display()
+            )));
         }
         c
     };
@@ -128,7 +143,10 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
             match resolve_in_cache(&cache, &repo, &revision) {
                 Ok(p) => Ok(p),
                 #[cfg(feature = "hub")]
-                Err(Error::ModelNotFound { .. }) if std::env::var_os("HF_HUB_OFFLINE").is_none_or(|v| v.is_empty() || v == "0") => {
+                Err(Error::ModelNotFound { .. })
+                    if std::env::var_os("HF_HUB_OFFLINE")
+                        .is_none_or(|v| v.is_empty() || v == "0") =>
+                {
                     download(&cache, &repo, &revision)?;
                     resolve_in_cache(&cache, &repo, &revision)
                 }
@@ -145,22 +163,36 @@ fn download(cache: &Path, repo: &str, revision: &str) -> Result<()> {
     use hf_hub::{Repo, RepoType};
 
     let spec = format!("hf:{repo}@{revision}");
-    let fail = |what: &str, e: &dyn std::fmt::Display| Error::Download { spec: spec.clone(), reason: format!("{what}: {e}") };
+    let fail = |what: &str, e: &dyn std::fmt::Display| Error::Download {
+        spec: spec.clone(),
+        reason: format!("{what}: {e}"),
+    };
     let api = ApiBuilder::new()
         .with_cache_dir(cache.to_path_buf())
         .with_progress(false)
         .build()
         .map_err(|e| fail("client", &e))?;
-    let r = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
+    let r = api.repo(Repo::with_revision(
+        repo.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    ));
     r.get("config.json").map_err(|e| fail("config.json", &e))?;
     match r.get("model.safetensors.index.json") {
         Ok(index) => {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| Error::Json {
+                    path: index.clone(),
+                    source,
+                })?;
             let mut shards: Vec<&str> = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::MissingField { path: index.clone(), field: "weight_map".into() })?
+                .ok_or_else(|| Error::MissingField {
+                    path: index.clone(),
+                    field: "weight_map".into(),
+                })?
                 .values()
                 .filter_map(|f| f.as_str())
                 .collect();
@@ -168,17 +200,26 @@ fn download(cache: &Path, repo: &str, revision: &str) -> Result<()> {
             shards.dedup();
             for f in shards {
                 if f.contains('/') || f.contains('\\') || f.starts_with('.') {
-                    return Err(fail("index", &format!("shard name {f:?} is not a plain file name")));
+                    return Err(fail(
+                        "index",
+                        &format!("shard name {f:?} is not a plain file name"),
+                    ));
                 }
                 r.get(f).map_err(|e| fail(f, &e))?;
             }
         }
         Err(_) => {
-            r.get("model.safetensors").map_err(|e| fail("model.safetensors", &e))?;
+            r.get("model.safetensors")
+                .map_err(|e| fail("model.safetensors", &e))?;
         }
     }
     // Optional files: a model without them is still a model.
-    for f in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+    for f in [
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
         let _ = r.get(f);
     }
     Ok(())
@@ -197,23 +238,47 @@ mod tests {
         std::fs::create_dir_all(repo.join("snapshots").join(COMMIT)).unwrap();
         std::fs::write(repo.join("refs/main"), format!("{COMMIT}\n")).unwrap();
         std::fs::write(repo.join("refs/v1"), COMMIT).unwrap();
-        std::fs::write(repo.join("snapshots").join(COMMIT).join("config.json"), "{}").unwrap();
+        std::fs::write(
+            repo.join("snapshots").join(COMMIT).join("config.json"),
+            "{}",
+        )
+        .unwrap();
         d
     }
 
     #[test]
     fn parses_specs() {
-        assert_eq!(ModelSpec::parse("./m").unwrap(), ModelSpec::Path("./m".into()));
+        assert_eq!(
+            ModelSpec::parse("./m").unwrap(),
+            ModelSpec::Path("./m".into())
+        );
         assert_eq!(
             ModelSpec::parse("hf:Org/Name").unwrap(),
-            ModelSpec::Hub { repo: "Org/Name".into(), revision: "main".into() }
+            ModelSpec::Hub {
+                repo: "Org/Name".into(),
+                revision: "main".into()
+            }
         );
         assert_eq!(
             ModelSpec::parse("hf:Org/Na.me-1@refs/pr/1").unwrap(),
-            ModelSpec::Hub { repo: "Org/Na.me-1".into(), revision: "refs/pr/1".into() }
+            ModelSpec::Hub {
+                repo: "Org/Na.me-1".into(),
+                revision: "refs/pr/1".into()
+            }
         );
-        for bad in ["hf:Org", "hf:Org/Name/x", "hf:../x", "hf:Org/..", "hf:Org/Name@../../etc", "hf:Org/Name@", "hf:O rg/N"] {
-            assert!(matches!(ModelSpec::parse(bad), Err(Error::ModelNotFound { .. })), "{bad} should be refused");
+        for bad in [
+            "hf:Org",
+            "hf:Org/Name/x",
+            "hf:../x",
+            "hf:Org/..",
+            "hf:Org/Name@../../etc",
+            "hf:Org/Name@",
+            "hf:O rg/N",
+        ] {
+            assert!(
+                matches!(ModelSpec::parse(bad), Err(Error::ModelNotFound { .. })),
+                "{bad} should be refused"
+            );
         }
     }
 
@@ -221,19 +286,31 @@ mod tests {
     fn resolves_refs_and_commits_in_a_fake_cache() {
         let c = fake_cache();
         let want = c.path().join("models--Org--Name/snapshots").join(COMMIT);
-        assert_eq!(resolve_in_cache(c.path(), "Org/Name", "main").unwrap(), want);
+        assert_eq!(
+            resolve_in_cache(c.path(), "Org/Name", "main").unwrap(),
+            want
+        );
         assert_eq!(resolve_in_cache(c.path(), "Org/Name", "v1").unwrap(), want);
-        assert_eq!(resolve_in_cache(c.path(), "Org/Name", COMMIT).unwrap(), want);
+        assert_eq!(
+            resolve_in_cache(c.path(), "Org/Name", COMMIT).unwrap(),
+            want
+        );
     }
 
     #[test]
     fn misses_name_the_path_tried() {
         let c = fake_cache();
-        let e = resolve_in_cache(c.path(), "Org/Other", "main").unwrap_err().to_string();
+        let e = resolve_in_cache(c.path(), "Org/Other", "main")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("models--Org--Other"), "{e}");
-        let e = resolve_in_cache(c.path(), "Org/Name", "nope").unwrap_err().to_string();
+        let e = resolve_in_cache(c.path(), "Org/Name", "nope")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("refs/nope") || e.contains("refs\\nope"), "{e}");
-        let e = resolve_in_cache(c.path(), "Org/Name", &"f".repeat(40)).unwrap_err().to_string();
+        let e = resolve_in_cache(c.path(), "Org/Name", &"f".repeat(40))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no config.json"), "{e}");
     }
 }

@@ -101,7 +101,12 @@ impl Default for LoraConfig {
 impl LoraConfig {
     /// Tinker's toggles: train_attn → q/k/v/o_proj, train_mlp → gate/up/down_proj,
     /// train_unembed → lm_head. Alpha equals the rank (tinker's convention), no dropout.
-    pub fn from_tinker(rank: usize, train_attn: bool, train_mlp: bool, train_unembed: bool) -> Self {
+    pub fn from_tinker(
+        rank: usize,
+        train_attn: bool,
+        train_mlp: bool,
+        train_unembed: bool,
+    ) -> Self {
         let mut target_modules = Vec::new();
         if train_attn {
             target_modules.extend([
@@ -112,12 +117,22 @@ impl LoraConfig {
             ]);
         }
         if train_mlp {
-            target_modules.extend([TargetModule::GateProj, TargetModule::UpProj, TargetModule::DownProj]);
+            target_modules.extend([
+                TargetModule::GateProj,
+                TargetModule::UpProj,
+                TargetModule::DownProj,
+            ]);
         }
         if train_unembed {
             target_modules.push(TargetModule::LmHead);
         }
-        LoraConfig { rank, alpha: rank as f64, dropout: 0.0, use_rslora: false, target_modules }
+        LoraConfig {
+            rank,
+            alpha: rank as f64,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules,
+        }
     }
 
     /// Builds a config from PEFT-style module names (errors name an unknown module).
@@ -133,7 +148,13 @@ impl LoraConfig {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let cfg = LoraConfig { rank, alpha, dropout: 0.0, use_rslora: false, target_modules };
+        let cfg = LoraConfig {
+            rank,
+            alpha,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules,
+        };
         cfg.validated()
     }
 
@@ -143,10 +164,16 @@ impl LoraConfig {
             return Err(Error::InvalidLoraConfig("rank must be > 0".into()));
         }
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(Error::InvalidLoraConfig(format!("alpha must be > 0, got {}", self.alpha)));
+            return Err(Error::InvalidLoraConfig(format!(
+                "alpha must be > 0, got {}",
+                self.alpha
+            )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::InvalidLoraConfig(format!("dropout must be in [0, 1), got {}", self.dropout)));
+            return Err(Error::InvalidLoraConfig(format!(
+                "dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
         }
         if self.target_modules.is_empty() {
             return Err(Error::InvalidLoraConfig("no target modules".into()));
@@ -188,7 +215,14 @@ impl LoraAdapter {
     /// PEFT's init: A kaiming-uniform(a = √5) i.e. U(−1/√in, 1/√in), B zeros. `seed` and
     /// the prefix together pick A's values, so every rank that uses the same seed builds the
     /// same adapters without communicating.
-    pub fn init(prefix: String, in_dim: usize, out_dim: usize, cfg: &LoraConfig, seed: u64, device: &Device) -> Result<Self> {
+    pub fn init(
+        prefix: String,
+        in_dim: usize,
+        out_dim: usize,
+        cfg: &LoraConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ fnv1a(prefix.as_bytes()));
         let bound = 1.0 / (in_dim as f64).sqrt();
         let a: Vec<f32> = (0..cfg.rank * in_dim)
@@ -196,7 +230,12 @@ impl LoraAdapter {
             .collect();
         let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, in_dim), device)?)?;
         let b = Var::from_tensor(&Tensor::zeros((out_dim, cfg.rank), DType::F32, device)?)?;
-        Ok(LoraAdapter { prefix, a, b, scale: cfg.scale() })
+        Ok(LoraAdapter {
+            prefix,
+            a,
+            b,
+            scale: cfg.scale(),
+        })
     }
 
     /// `base_model.model.<module>.lora_A.weight`
@@ -242,9 +281,21 @@ pub enum Adapters {
 impl LoraLinear {
     /// `x [.., in] → [.., out]`. `dropout_mask`, when given, multiplies the adapter's input
     /// (already scaled by 1/(1−p)).
-    pub(crate) fn forward(&self, x: &Tensor, adapters: Adapters, dropout_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        adapters: Adapters,
+        dropout_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if let (Some(ad), Adapters::On, None) = (&self.adapter, adapters, dropout_mask) {
-            let fused = ops::lora_linear_fused(x, &self.weight, self.bias.as_ref(), ad.a.as_tensor(), ad.b.as_tensor(), ad.scale)?;
+            let fused = ops::lora_linear_fused(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                ad.a.as_tensor(),
+                ad.b.as_tensor(),
+                ad.scale,
+            )?;
             if let Some(y) = fused {
                 return Ok(y);
             }
@@ -258,12 +309,20 @@ impl LoraLinear {
                 Some(m) => x.broadcast_mul(m)?,
                 None => x.clone(),
             };
-            let xin = if xin.dtype() == DType::F32 { xin } else { xin.to_dtype(DType::F32)? };
+            let xin = if xin.dtype() == DType::F32 {
+                xin
+            } else {
+                xin.to_dtype(DType::F32)?
+            };
             let a_t = ad.a.as_tensor().t()?;
             let b_t = ad.b.as_tensor().t()?;
             let delta = xin.broadcast_matmul(&a_t)?.broadcast_matmul(&b_t)?;
             let delta = (delta * ad.scale)?;
-            let delta = if delta.dtype() == y.dtype() { delta } else { delta.to_dtype(y.dtype())? };
+            let delta = if delta.dtype() == y.dtype() {
+                delta
+            } else {
+                delta.to_dtype(y.dtype())?
+            };
             y = (y + delta)?;
         }
         Ok(y)

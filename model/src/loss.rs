@@ -81,22 +81,35 @@ impl Batch {
         let n = rows
             .checked_mul(seq)
             .ok_or_else(|| Error::InvalidBatch(format!("{rows} x {seq} overflows")))?;
-        for (name, len) in [("input_ids", input_ids.len()), ("target_ids", target_ids.len()), ("weights", weights.len())] {
+        for (name, len) in [
+            ("input_ids", input_ids.len()),
+            ("target_ids", target_ids.len()),
+            ("weights", weights.len()),
+        ] {
             if len != n {
-                return Err(Error::InvalidBatch(format!("{name} has {len} values, expected {rows} x {seq} = {n}")));
+                return Err(Error::InvalidBatch(format!(
+                    "{name} has {len} values, expected {rows} x {seq} = {n}"
+                )));
             }
         }
         if lengths.len() != rows {
-            return Err(Error::InvalidBatch(format!("{} lengths for {rows} rows", lengths.len())));
+            return Err(Error::InvalidBatch(format!(
+                "{} lengths for {rows} rows",
+                lengths.len()
+            )));
         }
         for (b, &len) in lengths.iter().enumerate() {
             if len > seq {
-                return Err(Error::InvalidBatch(format!("row {b}: length {len} exceeds {seq} positions")));
+                return Err(Error::InvalidBatch(format!(
+                    "row {b}: length {len} exceeds {seq} positions"
+                )));
             }
             for t in 0..seq {
                 let w = weights[b * seq + t];
                 if !w.is_finite() {
-                    return Err(Error::InvalidBatch(format!("row {b}, position {t}: weight {w} is not finite")));
+                    return Err(Error::InvalidBatch(format!(
+                        "row {b}, position {t}: weight {w} is not finite"
+                    )));
                 }
                 if t >= len && w != 0.0 {
                     return Err(Error::InvalidBatch(format!(
@@ -105,7 +118,14 @@ impl Batch {
                 }
             }
         }
-        Ok(Batch { rows, seq, input_ids, target_ids, weights, lengths })
+        Ok(Batch {
+            rows,
+            seq,
+            input_ids,
+            target_ids,
+            weights,
+            lengths,
+        })
     }
 
     /// From full token rows (ragged) with weights aligned to the tokens: inputs =
@@ -113,15 +133,26 @@ impl Batch {
     /// in the reference data). Rows are right-padded with `pad_id`.
     pub fn from_token_rows(tokens: &[Vec<u32>], weights: &[Vec<f32>], pad_id: u32) -> Result<Self> {
         if tokens.len() != weights.len() {
-            return Err(Error::InvalidBatch(format!("{} token rows but {} weight rows", tokens.len(), weights.len())));
+            return Err(Error::InvalidBatch(format!(
+                "{} token rows but {} weight rows",
+                tokens.len(),
+                weights.len()
+            )));
         }
         let mut seq = 0;
         for (b, (t, w)) in tokens.iter().zip(weights).enumerate() {
             if t.len() != w.len() {
-                return Err(Error::InvalidBatch(format!("row {b}: {} tokens but {} weights", t.len(), w.len())));
+                return Err(Error::InvalidBatch(format!(
+                    "row {b}: {} tokens but {} weights",
+                    t.len(),
+                    w.len()
+                )));
             }
             if t.len() < 2 {
-                return Err(Error::InvalidBatch(format!("row {b}: {} tokens, need at least 2", t.len())));
+                return Err(Error::InvalidBatch(format!(
+                    "row {b}: {} tokens, need at least 2",
+                    t.len()
+                )));
             }
             seq = seq.max(t.len() - 1);
         }
@@ -142,7 +173,12 @@ impl Batch {
 
     /// From dense `[rows, T]` token ids and weights aligned to the tokens (the layout of the
     /// reference `batch.safetensors`: `input_ids`, `loss_weights`). Every row is full length.
-    pub fn from_dense_tokens(rows: usize, t: usize, tokens: &[u32], weights: &[f32]) -> Result<Self> {
+    pub fn from_dense_tokens(
+        rows: usize,
+        t: usize,
+        tokens: &[u32],
+        weights: &[f32],
+    ) -> Result<Self> {
         if tokens.len() != rows * t || weights.len() != rows * t {
             return Err(Error::InvalidBatch(format!(
                 "expected {rows} x {t} tokens and weights, got {} and {}",
@@ -151,7 +187,9 @@ impl Batch {
             )));
         }
         if t < 2 {
-            return Err(Error::InvalidBatch(format!("{t} tokens per row, need at least 2")));
+            return Err(Error::InvalidBatch(format!(
+                "{t} tokens per row, need at least 2"
+            )));
         }
         let tok: Vec<Vec<u32>> = tokens.chunks(t).map(<[u32]>::to_vec).collect();
         let w: Vec<Vec<f32>> = weights.chunks(t).map(<[f32]>::to_vec).collect();
@@ -200,12 +238,19 @@ impl Batch {
 
     /// The input ids as a `[rows, seq]` u32 tensor.
     pub fn input_tensor(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.input_ids, (self.rows, self.seq), device)?)
+        Ok(Tensor::from_slice(
+            &self.input_ids,
+            (self.rows, self.seq),
+            device,
+        )?)
     }
 
     /// Checks every id against the vocabulary size.
     pub(crate) fn check_vocab(&self, vocab: usize) -> Result<()> {
-        for (name, ids) in [("input_ids", &self.input_ids), ("target_ids", &self.target_ids)] {
+        for (name, ids) in [
+            ("input_ids", &self.input_ids),
+            ("target_ids", &self.target_ids),
+        ] {
             if let Some(i) = ids.iter().position(|&id| id as usize >= vocab) {
                 return Err(Error::InvalidBatch(format!(
                     "{name}[{}, {}] = {} is outside the vocabulary (size {vocab})",

@@ -40,7 +40,9 @@ pub struct MergeOptions {
 
 impl Default for MergeOptions {
     fn default() -> Self {
-        MergeOptions { max_shard_bytes: 5_000_000_000 }
+        MergeOptions {
+            max_shard_bytes: 5_000_000_000,
+        }
     }
 }
 
@@ -61,7 +63,12 @@ pub fn merge(model_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Result<Mer
 }
 
 /// [`merge`] with options.
-pub fn merge_with(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, opts: &MergeOptions) -> Result<MergeReport> {
+pub fn merge_with(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    opts: &MergeOptions,
+) -> Result<MergeReport> {
     let cfg_path = model_dir.join("config.json");
     let cfg = ModelConfig::from_file(&cfg_path)?;
     let acfg = AdapterConfig::read(adapter_dir)?;
@@ -79,22 +86,33 @@ pub fn merge_with(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, opts: &M
             if k.ends_with(".lora_B.weight") {
                 continue;
             }
-            return Err(Error::UnexpectedTensor { tensor: k, file: adapter_file });
+            return Err(Error::UnexpectedTensor {
+                tensor: k,
+                file: adapter_file,
+            });
         };
-        let module = prefix
-            .strip_prefix("base_model.model.")
-            .ok_or_else(|| Error::UnexpectedTensor { tensor: k.clone(), file: adapter_file.clone() })?;
+        let module =
+            prefix
+                .strip_prefix("base_model.model.")
+                .ok_or_else(|| Error::UnexpectedTensor {
+                    tensor: k.clone(),
+                    file: adapter_file.clone(),
+                })?;
         let a = lora.remove(&k).expect("key listed");
         let kb = format!("{prefix}.lora_B.weight");
-        let b = lora
-            .remove(&kb)
-            .ok_or_else(|| Error::MissingTensor { tensor: kb.clone(), file: adapter_file.clone() })?;
+        let b = lora.remove(&kb).ok_or_else(|| Error::MissingTensor {
+            tensor: kb.clone(),
+            file: adapter_file.clone(),
+        })?;
         deltas.insert(format!("{module}.weight"), (a, b));
     }
     if let Some(k) = lora.keys().next() {
         // A B without its A.
         let a = k.replace(".lora_B.", ".lora_A.");
-        return Err(Error::MissingTensor { tensor: a, file: adapter_file });
+        return Err(Error::MissingTensor {
+            tensor: a,
+            file: adapter_file,
+        });
     }
 
     let mut names: Vec<String> = files.names().map(str::to_string).collect();
@@ -165,7 +183,10 @@ pub fn merge_with(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, opts: &M
                     let (out_dim, in_dim) = (shape[0], shape.get(1).copied().unwrap_or(0));
                     if b.dim(0)? != out_dim || a.dim(1)? != in_dim || a.dim(0)? != b.dim(1)? {
                         return Err(Error::ShapeMismatch {
-                            tensor: format!("base_model.model.{}", name.trim_end_matches(".weight")),
+                            tensor: format!(
+                                "base_model.model.{}",
+                                name.trim_end_matches(".weight")
+                            ),
                             file: adapter_file.clone(),
                             expected: vec![out_dim, in_dim],
                             found: vec![b.dim(0)?, a.dim(1)?],
@@ -189,12 +210,18 @@ pub fn merge_with(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, opts: &M
             "weight_map": weight_map,
         });
         let text = serde_json::to_string_pretty(&index).expect("json");
-        io::write_atomic(&out_dir.join("model.safetensors.index.json"), text.as_bytes())?;
+        io::write_atomic(
+            &out_dir.join("model.safetensors.index.json"),
+            text.as_bytes(),
+        )?;
     }
 
     // config.json: the base's own text, so fields this crate does not model survive.
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let mut v: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: cfg_path.clone(), source })?;
+    let mut v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: cfg_path.clone(),
+        source,
+    })?;
     if untie {
         v["tie_word_embeddings"] = Value::Bool(false);
     }
@@ -207,7 +234,11 @@ pub fn merge_with(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, opts: &M
             io::write_atomic(&out_dir.join(f), &bytes)?;
         }
     }
-    Ok(MergeReport { merged_tensors: merged, shards: n_shards, total_bytes })
+    Ok(MergeReport {
+        merged_tensors: merged,
+        shards: n_shards,
+        total_bytes,
+    })
 }
 
 fn disk_dtype(files: &WeightFiles, name: &str) -> Result<DType> {
@@ -219,7 +250,10 @@ fn disk_dtype(files: &WeightFiles, name: &str) -> Result<DType> {
         other => {
             return Err(Error::UnsupportedDType {
                 tensor: name.to_string(),
-                file: files.file_of(name).map(|p| p.display().to_string()).unwrap_or_default(),
+                file: files
+                    .file_of(name)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 dtype: other.to_string(),
             })
         }

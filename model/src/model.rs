@@ -40,11 +40,21 @@ struct Pass<'a> {
 
 impl Pass<'_> {
     /// A dropout mask for one adapter input `[n, width]`, or `None` (no dropout).
-    fn dropout_mask(&self, prefix: &str, n: usize, width: usize, device: &Device) -> Result<Option<Tensor>> {
-        let Some((p, seed)) = self.dropout else { return Ok(None) };
+    fn dropout_mask(
+        &self,
+        prefix: &str,
+        n: usize,
+        width: usize,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        let Some((p, seed)) = self.dropout else {
+            return Ok(None);
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ fnv1a(prefix.as_bytes()));
         let keep = 1.0 / (1.0 - p) as f32;
-        let m: Vec<f32> = (0..n * width).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+        let m: Vec<f32> = (0..n * width)
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+            .collect();
         Ok(Some(Tensor::from_vec(m, (n, width), device)?))
     }
 
@@ -60,15 +70,38 @@ impl Pass<'_> {
     }
 }
 
-fn linear(vb: &VbPath<'_>, lora: &LoraConfig, target: TargetModule, in_dim: usize, out_dim: usize, bias: bool, seed: u64) -> Result<LoraLinear> {
+fn linear(
+    vb: &VbPath<'_>,
+    lora: &LoraConfig,
+    target: TargetModule,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    seed: u64,
+) -> Result<LoraLinear> {
     let weight = vb.get(&[out_dim, in_dim], "weight")?;
-    let bias = if bias { Some(vb.get(&[out_dim], "bias")?) } else { None };
-    let adapter = if lora.targets(target) {
-        Some(LoraAdapter::init(format!("base_model.model.{}", vb.prefix()), in_dim, out_dim, lora, seed, vb.device())?)
+    let bias = if bias {
+        Some(vb.get(&[out_dim], "bias")?)
     } else {
         None
     };
-    Ok(LoraLinear { weight, bias, adapter })
+    let adapter = if lora.targets(target) {
+        Some(LoraAdapter::init(
+            format!("base_model.model.{}", vb.prefix()),
+            in_dim,
+            out_dim,
+            lora,
+            seed,
+            vb.device(),
+        )?)
+    } else {
+        None
+    };
+    Ok(LoraLinear {
+        weight,
+        bias,
+        adapter,
+    })
 }
 
 #[derive(Debug)]
@@ -87,19 +120,60 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: &VbPath<'_>, cfg: &ModelConfig, lora: &LoraConfig, seed: u64, window: Option<usize>) -> Result<Self> {
+    fn load(
+        vb: &VbPath<'_>,
+        cfg: &ModelConfig,
+        lora: &LoraConfig,
+        seed: u64,
+        window: Option<usize>,
+    ) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
         let (q_norm, k_norm) = if cfg.qk_norm {
-            (Some(vb.pp("q_norm").get(&[d], "weight")?), Some(vb.pp("k_norm").get(&[d], "weight")?))
+            (
+                Some(vb.pp("q_norm").get(&[d], "weight")?),
+                Some(vb.pp("k_norm").get(&[d], "weight")?),
+            )
         } else {
             (None, None)
         };
         Ok(Attention {
-            q_proj: linear(&vb.pp("q_proj"), lora, TargetModule::QProj, h, q, cfg.qkv_bias, seed)?,
-            k_proj: linear(&vb.pp("k_proj"), lora, TargetModule::KProj, h, kv, cfg.qkv_bias, seed)?,
-            v_proj: linear(&vb.pp("v_proj"), lora, TargetModule::VProj, h, kv, cfg.qkv_bias, seed)?,
-            o_proj: linear(&vb.pp("o_proj"), lora, TargetModule::OProj, q, h, cfg.o_bias, seed)?,
+            q_proj: linear(
+                &vb.pp("q_proj"),
+                lora,
+                TargetModule::QProj,
+                h,
+                q,
+                cfg.qkv_bias,
+                seed,
+            )?,
+            k_proj: linear(
+                &vb.pp("k_proj"),
+                lora,
+                TargetModule::KProj,
+                h,
+                kv,
+                cfg.qkv_bias,
+                seed,
+            )?,
+            v_proj: linear(
+                &vb.pp("v_proj"),
+                lora,
+                TargetModule::VProj,
+                h,
+                kv,
+                cfg.qkv_bias,
+                seed,
+            )?,
+            o_proj: linear(
+                &vb.pp("o_proj"),
+                lora,
+                TargetModule::OProj,
+                q,
+                h,
+                cfg.o_bias,
+                seed,
+            )?,
             q_norm,
             k_norm,
             heads: cfg.num_attention_heads,
@@ -121,9 +195,18 @@ impl Attention {
             q = ops::rms_norm(&q.reshape((n * self.heads, d))?, qn, self.eps)?;
             k = ops::rms_norm(&k.reshape((n * self.kv_heads, d))?, kn, self.eps)?;
         }
-        let q = q.reshape((b, t, self.heads, d))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, t, self.kv_heads, d))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, t, self.kv_heads, d))?.transpose(1, 2)?.contiguous()?;
+        let q = q
+            .reshape((b, t, self.heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = k
+            .reshape((b, t, self.kv_heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = v
+            .reshape((b, t, self.kv_heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = ops::rope(&q, pass.cos, pass.sin)?;
         let k = ops::rope(&k, pass.cos, pass.sin)?;
         // Grouped-query attention without copying k/v: the query heads that share a kv head
@@ -131,10 +214,17 @@ impl Attention {
         let rep = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, rep * t, d))?;
         let scores = q.matmul(&k.t()?)?;
-        let mask = AttnMask { window: self.window, ..pass.mask.clone() };
+        let mask = AttnMask {
+            window: self.window,
+            ..pass.mask.clone()
+        };
         let p = ops::masked_softmax(&scores, 1.0 / (d as f64).sqrt(), &mask)?;
         let o = p.matmul(&v)?;
-        let o = o.reshape((b, self.heads, t, d))?.transpose(1, 2)?.contiguous()?.reshape((n, self.heads * d))?;
+        let o = o
+            .reshape((b, self.heads, t, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n, self.heads * d))?;
         pass.linear(&self.o_proj, &o)
     }
 }
@@ -150,9 +240,33 @@ impl Mlp {
     fn load(vb: &VbPath<'_>, cfg: &ModelConfig, lora: &LoraConfig, seed: u64) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
-            gate_proj: linear(&vb.pp("gate_proj"), lora, TargetModule::GateProj, h, i, cfg.mlp_bias, seed)?,
-            up_proj: linear(&vb.pp("up_proj"), lora, TargetModule::UpProj, h, i, cfg.mlp_bias, seed)?,
-            down_proj: linear(&vb.pp("down_proj"), lora, TargetModule::DownProj, i, h, cfg.mlp_bias, seed)?,
+            gate_proj: linear(
+                &vb.pp("gate_proj"),
+                lora,
+                TargetModule::GateProj,
+                h,
+                i,
+                cfg.mlp_bias,
+                seed,
+            )?,
+            up_proj: linear(
+                &vb.pp("up_proj"),
+                lora,
+                TargetModule::UpProj,
+                h,
+                i,
+                cfg.mlp_bias,
+                seed,
+            )?,
+            down_proj: linear(
+                &vb.pp("down_proj"),
+                lora,
+                TargetModule::DownProj,
+                i,
+                h,
+                cfg.mlp_bias,
+                seed,
+            )?,
         })
     }
 
@@ -173,7 +287,13 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(vb: &VbPath<'_>, cfg: &ModelConfig, lora: &LoraConfig, seed: u64, window: Option<usize>) -> Result<Self> {
+    fn load(
+        vb: &VbPath<'_>,
+        cfg: &ModelConfig,
+        lora: &LoraConfig,
+        seed: u64,
+        window: Option<usize>,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(DecoderLayer {
             input_layernorm: vb.pp("input_layernorm").get(&[h], "weight")?,
@@ -193,7 +313,15 @@ impl DecoderLayer {
 
     fn linears(&self) -> [&LoraLinear; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
     }
 }
 
@@ -221,13 +349,26 @@ pub struct LoraModel {
 impl LoraModel {
     /// Loads the base model in `model_dir` (config.json + safetensors) in `dtype` on `device`
     /// and puts freshly initialised adapters (PEFT's init, seeded by `seed`) on it.
-    pub fn load(model_dir: &Path, lora: &LoraConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+    pub fn load(
+        model_dir: &Path,
+        lora: &LoraConfig,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<Self> {
         let cfg = ModelConfig::from_file(model_dir.join("config.json"))?;
         Self::load_with_config(model_dir, cfg, lora, device, dtype, seed)
     }
 
     /// Like [`LoraModel::load`] with an already parsed config.
-    pub fn load_with_config(model_dir: &Path, cfg: ModelConfig, lora: &LoraConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+    pub fn load_with_config(
+        model_dir: &Path,
+        cfg: ModelConfig,
+        lora: &LoraConfig,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<Self> {
         match (device.is_cpu(), dtype) {
             (_, DType::F32) => {}
             (false, DType::BF16 | DType::F16) => {}
@@ -244,38 +385,93 @@ impl LoraModel {
 
     /// A model with random base weights (transformers' init, see [`crate::preset`]) built
     /// in memory, with no file: what benchmarks train on.
-    pub fn random(cfg: &ModelConfig, lora: &LoraConfig, device: &Device, base_seed: u64, lora_seed: u64) -> Result<Self> {
+    pub fn random(
+        cfg: &ModelConfig,
+        lora: &LoraConfig,
+        device: &Device,
+        base_seed: u64,
+        lora_seed: u64,
+    ) -> Result<Self> {
         let files = WeightFiles::from_tensors(crate::preset::random_tensors(cfg, base_seed)?)?;
-        Self::build(&files, Path::new("<random>"), cfg.clone(), lora, device, DType::F32, lora_seed)
+        Self::build(
+            &files,
+            Path::new("<random>"),
+            cfg.clone(),
+            lora,
+            device,
+            DType::F32,
+            lora_seed,
+        )
     }
 
-    fn build(files: &WeightFiles, model_dir: &Path, cfg: ModelConfig, lora: &LoraConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+    fn build(
+        files: &WeightFiles,
+        model_dir: &Path,
+        cfg: ModelConfig,
+        lora: &LoraConfig,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<Self> {
         let lora = lora.clone().validated()?;
-        let root = Vb { files, dtype, device }.root();
+        let root = Vb {
+            files,
+            dtype,
+            device,
+        }
+        .root();
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let embed_tokens = root.pp("model.embed_tokens").get(&[v, h], "weight")?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let window = cfg.sliding_windows.get(i).copied().flatten();
-            layers.push(DecoderLayer::load(&root.pp("model.layers").pp(i), &cfg, &lora, seed, window)?);
+            layers.push(DecoderLayer::load(
+                &root.pp("model.layers").pp(i),
+                &cfg,
+                &lora,
+                seed,
+                window,
+            )?);
         }
         let norm = root.pp("model.norm").get(&[h], "weight")?;
         let lm_head = if cfg.tie_word_embeddings {
             // Some tied checkpoints also store lm_head.weight; the tie decides.
             files.skip("lm_head.weight");
             let adapter = if lora.targets(TargetModule::LmHead) {
-                Some(LoraAdapter::init("base_model.model.lm_head".into(), h, v, &lora, seed, device)?)
+                Some(LoraAdapter::init(
+                    "base_model.model.lm_head".into(),
+                    h,
+                    v,
+                    &lora,
+                    seed,
+                    device,
+                )?)
             } else {
                 None
             };
-            LoraLinear { weight: embed_tokens.clone(), bias: None, adapter }
+            LoraLinear {
+                weight: embed_tokens.clone(),
+                bias: None,
+                adapter,
+            }
         } else {
-            linear(&root.pp("lm_head"), &lora, TargetModule::LmHead, h, v, false, seed)?
+            linear(
+                &root.pp("lm_head"),
+                &lora,
+                TargetModule::LmHead,
+                h,
+                v,
+                false,
+                seed,
+            )?
         };
         files.check_all_taken()?;
 
         let mut params = Vec::new();
-        let all = layers.iter().flat_map(|l| l.linears()).chain(std::iter::once(&lm_head));
+        let all = layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .chain(std::iter::once(&lm_head));
         for l in all {
             if let Some(a) = &l.adapter {
                 params.push((a.key_a(), a.a.clone()));
@@ -283,7 +479,12 @@ impl LoraModel {
             }
         }
         params.sort_by(|x, y| x.0.cmp(&y.0));
-        let layout = ParamLayout::new(params.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect())?;
+        let layout = ParamLayout::new(
+            params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+                .collect(),
+        )?;
         let inv_freq = cfg.rope_inv_freq();
         Ok(LoraModel {
             cfg,
@@ -335,7 +536,10 @@ impl LoraModel {
 
     /// The adapter tensors (current values) in layout order.
     pub fn adapter_tensors(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+        self.params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect()
     }
 
     /// The adapter parameters as one flat f32 buffer in layout order.
@@ -392,27 +596,53 @@ impl LoraModel {
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
-        let (b, t) = ids
-            .dims2()
-            .map_err(|_| Error::InvalidBatch(format!("input_ids must be [B, T], got shape {:?}", ids.dims())))?;
+        let (b, t) = ids.dims2().map_err(|_| {
+            Error::InvalidBatch(format!(
+                "input_ids must be [B, T], got shape {:?}",
+                ids.dims()
+            ))
+        })?;
         if ids.dtype() != DType::U32 {
-            return Err(Error::InvalidBatch(format!("input_ids must be u32, got {:?}", ids.dtype())));
+            return Err(Error::InvalidBatch(format!(
+                "input_ids must be u32, got {:?}",
+                ids.dtype()
+            )));
         }
         let v = self.cfg.vocab_size as u32;
         let max = ids.flatten_all()?.to_vec1::<u32>()?.into_iter().max();
         if let Some(m) = max.filter(|&m| m >= v) {
-            return Err(Error::InvalidBatch(format!("token id {m} is outside the vocabulary (size {v})")));
+            return Err(Error::InvalidBatch(format!(
+                "token id {m} is outside the vocabulary (size {v})"
+            )));
         }
         Ok((b, t))
     }
 
     /// The trunk: embeddings, decoder layers, final norm. Returns `[B·T, hidden]`.
-    fn trunk(&self, ids: &Tensor, key_valid: Option<Arc<Vec<u8>>>, adapters: Adapters, dropout: Option<(f64, u64)>) -> Result<Tensor> {
+    fn trunk(
+        &self,
+        ids: &Tensor,
+        key_valid: Option<Arc<Vec<u8>>>,
+        adapters: Adapters,
+        dropout: Option<(f64, u64)>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
         let (cos, sin) = self.rope_tables(t)?;
-        let mask = AttnMask { t, window: None, key_valid };
-        let pass = Pass { adapters, dropout, mask: &mask, cos: &cos, sin: &sin, batch: b, seq: t };
+        let mask = AttnMask {
+            t,
+            window: None,
+            key_valid,
+        };
+        let pass = Pass {
+            adapters,
+            dropout,
+            mask: &mask,
+            cos: &cos,
+            sin: &sin,
+            batch: b,
+            seq: t,
+        };
         for layer in &self.layers {
             x = layer.forward(&x, &pass)?;
         }
@@ -426,7 +656,12 @@ impl LoraModel {
     }
 
     /// [`LoraModel::forward`] with the adapters on or off.
-    pub fn forward_with(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, adapters: Adapters) -> Result<Tensor> {
+    pub fn forward_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        adapters: Adapters,
+    ) -> Result<Tensor> {
         let (b, t) = self.check_ids(input_ids)?;
         let key_valid = match attention_mask {
             None => None,
@@ -439,7 +674,11 @@ impl LoraModel {
                     )));
                 }
                 let v = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                Some(Arc::new(v.into_iter().map(|x| u8::from(x != 0.0)).collect::<Vec<u8>>()))
+                Some(Arc::new(
+                    v.into_iter()
+                        .map(|x| u8::from(x != 0.0))
+                        .collect::<Vec<u8>>(),
+                ))
             }
         };
         let h = self.trunk(input_ids, key_valid, adapters, None)?.detach();
@@ -449,7 +688,12 @@ impl LoraModel {
 
     /// Per-token logprobs of a batch's targets and the loss, without gradients (the DPO
     /// reference pass uses [`Adapters::Off`]).
-    pub fn logprobs(&self, batch: &Batch, kind: LossKind, adapters: Adapters) -> Result<LossOutput> {
+    pub fn logprobs(
+        &self,
+        batch: &Batch,
+        kind: LossKind,
+        adapters: Adapters,
+    ) -> Result<LossOutput> {
         batch.check_vocab(self.cfg.vocab_size)?;
         if batch.rows() == 0 || batch.seq() == 0 {
             return Ok(empty_output(kind, batch));
@@ -463,19 +707,36 @@ impl LoraModel {
     /// tinker's forward_backward: the loss over a batch and the gradient of the loss *sum*
     /// with respect to every adapter tensor (divide by the global weight sum for the mean).
     /// Right padding (and weight 0 on it) keeps padding out of every real token's numbers.
-    pub fn forward_backward(&self, batch: &Batch, kind: LossKind) -> Result<(LossOutput, Gradients)> {
+    pub fn forward_backward(
+        &self,
+        batch: &Batch,
+        kind: LossKind,
+    ) -> Result<(LossOutput, Gradients)> {
         batch.check_vocab(self.cfg.vocab_size)?;
         if batch.rows() == 0 || batch.seq() == 0 {
             let zeros = self
                 .layout
                 .entries()
                 .iter()
-                .map(|(k, s)| Ok((k.clone(), Tensor::zeros(s.as_slice(), DType::F32, &self.device)?)))
+                .map(|(k, s)| {
+                    Ok((
+                        k.clone(),
+                        Tensor::zeros(s.as_slice(), DType::F32, &self.device)?,
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?;
-            return Ok((empty_output(kind, batch), Gradients::new(self.layout.clone(), zeros)?));
+            return Ok((
+                empty_output(kind, batch),
+                Gradients::new(self.layout.clone(), zeros)?,
+            ));
         }
         let pass_no = self.passes.fetch_add(1, Ordering::Relaxed);
-        let dropout = (self.lora.dropout > 0.0).then(|| (self.lora.dropout, self.seed ^ pass_no.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let dropout = (self.lora.dropout > 0.0).then(|| {
+            (
+                self.lora.dropout,
+                self.seed ^ pass_no.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            )
+        });
         let ids = batch.input_tensor(&self.device)?;
         let prof = std::env::var_os("RINGTUNE_PROFILE").is_some();
         let t0 = std::time::Instant::now();
@@ -484,7 +745,9 @@ impl LoraModel {
         let hd = h.detach();
         let out = head::run(&hd, &self.lm_head, batch, kind, Adapters::On, true)?;
         let t2 = std::time::Instant::now();
-        let grad_h = out.grad_h.ok_or_else(|| Error::Unsupported("head returned no gradient".into()))?;
+        let grad_h = out
+            .grad_h
+            .ok_or_else(|| Error::Unsupported("head returned no gradient".into()))?;
 
         let store = if h.track_op() {
             // d/dh Σ h ⊙ G = G: one backward carries the head's gradient through the trunk.
@@ -495,13 +758,28 @@ impl LoraModel {
         };
         if prof {
             let t3 = std::time::Instant::now();
-            eprintln!("profile: trunk fwd {:.3}s head {:.3}s trunk bwd {:.3}s", (t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64());
+            eprintln!(
+                "profile: trunk fwd {:.3}s head {:.3}s trunk bwd {:.3}s",
+                (t1 - t0).as_secs_f64(),
+                (t2 - t1).as_secs_f64(),
+                (t3 - t2).as_secs_f64()
+            );
         }
         let mut tensors = Vec::with_capacity(self.params.len());
         for (key, var) in &self.params {
             let g = match (&out.lm_head_grads, key) {
-                (Some((ga, _)), k) if k.starts_with("base_model.model.lm_head.") && k.ends_with("lora_A.weight") => ga.clone(),
-                (Some((_, gb)), k) if k.starts_with("base_model.model.lm_head.") && k.ends_with("lora_B.weight") => gb.clone(),
+                (Some((ga, _)), k)
+                    if k.starts_with("base_model.model.lm_head.")
+                        && k.ends_with("lora_A.weight") =>
+                {
+                    ga.clone()
+                }
+                (Some((_, gb)), k)
+                    if k.starts_with("base_model.model.lm_head.")
+                        && k.ends_with("lora_B.weight") =>
+                {
+                    gb.clone()
+                }
                 _ => match store.as_ref().and_then(|s| s.get(var.as_tensor())) {
                     Some(g) => g.to_dtype(DType::F32)?,
                     // Not on the path to the loss (e.g. a layer after every weighted token):
@@ -516,5 +794,11 @@ impl LoraModel {
 }
 
 fn empty_output(kind: LossKind, batch: &Batch) -> LossOutput {
-    LossOutput { kind, loss_sum: 0.0, weight_sum: 0.0, tokens: 0, logprobs: vec![0.0; batch.rows() * batch.seq()] }
+    LossOutput {
+        kind,
+        loss_sum: 0.0,
+        weight_sum: 0.0,
+        tokens: 0,
+        logprobs: vec![0.0; batch.rows() * batch.seq()],
+    }
 }

@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor, D,
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage,
+    Tensor, D,
 };
 use rayon::prelude::*;
 
@@ -41,14 +42,20 @@ fn cpu_f32(t: &Tensor) -> bool {
 /// A contiguous f32 view of a CPU storage.
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     if !l.is_contiguous() {
-        bail!("kernel expects a contiguous input, got strides {:?}", l.stride())
+        bail!(
+            "kernel expects a contiguous input, got strides {:?}",
+            l.stride()
+        )
     }
     let all = s.as_slice::<f32>()?;
     Ok(&all[l.start_offset()..l.start_offset() + l.shape().elem_count()])
 }
 
 /// Runs `f` on the f32 data of a captured (non-argument) CPU tensor.
-fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+fn with_cpu_f32<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
     let (s, l) = t.storage_and_layout();
     match &*s {
         Storage::Cpu(c) => f(slice(c, l)?),
@@ -114,7 +121,8 @@ unsafe fn exp_shift_sum_avx2(row: &mut [f32], shift: f32) -> f32 {
 pub(crate) fn exp_shift_sum(row: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has the features the function was compiled for.
             return unsafe { exp_shift_sum_avx2(row, shift) };
         }
@@ -131,7 +139,10 @@ fn max_body(row: &[f32]) -> f32 {
             *a = a.max(*v);
         }
     }
-    let m = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let m = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     acc.iter().fold(m, |m, &v| m.max(v))
 }
 
@@ -161,7 +172,13 @@ struct FrozenLinear {
 }
 
 impl FrozenLinear {
-    fn fwd<S: BackendStorage>(&self, x: &S, xl: &Layout, w: &S, wl: &Layout) -> candle_core::Result<(S, Shape)> {
+    fn fwd<S: BackendStorage>(
+        &self,
+        x: &S,
+        xl: &Layout,
+        w: &S,
+        wl: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
         if !xl.is_contiguous() || !wl.is_contiguous() {
             bail!("frozen-linear expects contiguous operands")
         }
@@ -169,7 +186,10 @@ impl FrozenLinear {
         let k = *dims.last().unwrap_or(&0);
         let (out, k2) = (wl.dims()[0], wl.dims()[1]);
         if k != k2 {
-            bail!("frozen-linear: input width {k} does not match weight {:?}", wl.dims())
+            bail!(
+                "frozen-linear: input width {k} does not match weight {:?}",
+                wl.dims()
+            )
         }
         let m = xl.shape().elem_count() / k.max(1);
         let lhs = Layout::contiguous_with_offset((m, k), xl.start_offset());
@@ -202,7 +222,12 @@ impl CustomOp1 for FrozenLinear {
         }
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let out = self.w.dim(0)?;
         let g = grad.reshape(((), out))?;
         Ok(Some(g.matmul(&self.w)?.reshape(arg.shape())?))
@@ -231,7 +256,14 @@ pub(crate) fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 type Mat<'a> = (&'a [f32], usize, usize);
 
 /// `dst [m×n] (contiguous) = (accumulate ? dst : 0) + beta · A[m×k] · B[k×n]`.
-fn sgemm((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, a: Mat<'_>, b: Mat<'_>, beta: f32) {
+fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    beta: f32,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -245,10 +277,20 @@ fn sgemm((m, n, k): (usize, usize, usize), dst: &mut [f32], accumulate: bool, a:
     let (b, b_rs, b_cs) = b;
     // The gemm call reads through raw pointers: check every operand's extent first.
     assert!(dst.len() >= m * n, "sgemm: dst too small");
-    assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs, "sgemm: lhs too small");
-    assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs, "sgemm: rhs too small");
+    assert!(
+        a.len() > (m - 1) * a_rs + (k - 1) * a_cs,
+        "sgemm: lhs too small"
+    );
+    assert!(
+        b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
+        "sgemm: rhs too small"
+    );
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     // SAFETY: extents checked above; dst does not alias a or b (distinct borrows).
     unsafe {
         gemm::gemm(
@@ -294,19 +336,34 @@ impl CustomOp3 for LoraLinearOp {
         "lora-linear"
     }
 
-    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sa: &CpuStorage, la: &Layout, sb: &CpuStorage, lb: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, a, b) = (slice(sx, lx)?, slice(sa, la)?, slice(sb, lb)?);
         let (m, k) = lx.shape().dims2()?;
         let (r, k2) = la.shape().dims2()?;
         let (n, r2) = lb.shape().dims2()?;
         if k != k2 || r != r2 || self.w.dims() != [n, k] {
-            bail!("lora-linear: shapes x {:?} A {:?} B {:?} W {:?} do not fit", lx.dims(), la.dims(), lb.dims(), self.w.dims())
+            bail!(
+                "lora-linear: shapes x {:?} A {:?} B {:?} W {:?} do not fit",
+                lx.dims(),
+                la.dims(),
+                lb.dims(),
+                self.w.dims()
+            )
         }
         let mut y = vec![0f32; m * n];
         let biased = match &self.bias {
             Some(bias) => {
                 with_cpu_f32(bias, |bv| {
-                    y.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bv));
+                    y.chunks_exact_mut(n)
+                        .for_each(|row| row.copy_from_slice(bv));
                     Ok(())
                 })?;
                 true
@@ -323,7 +380,14 @@ impl CustomOp3 for LoraLinearOp {
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
-    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = host_f32(grad)?;
         let (m, k) = x.dims2()?;
         let (r, n) = (a.dim(0)?, b.dim(0)?);
@@ -333,10 +397,17 @@ impl CustomOp3 for LoraLinearOp {
         let (xs, xl) = x.storage_and_layout();
         let (as_, al) = a.storage_and_layout();
         let (bs, bl) = b.storage_and_layout();
-        let (Storage::Cpu(gs), Storage::Cpu(xs), Storage::Cpu(as_), Storage::Cpu(bs)) = (&*gs, &*xs, &*as_, &*bs) else {
+        let (Storage::Cpu(gs), Storage::Cpu(xs), Storage::Cpu(as_), Storage::Cpu(bs)) =
+            (&*gs, &*xs, &*as_, &*bs)
+        else {
             bail!("lora-linear: backward expects CPU tensors")
         };
-        let (g, xv, av, bv) = (slice(gs, gl)?, slice(xs, xl)?, slice(as_, al)?, slice(bs, bl)?);
+        let (g, xv, av, bv) = (
+            slice(gs, gl)?,
+            slice(xs, xl)?,
+            slice(as_, al)?,
+            slice(bs, bl)?,
+        );
         // u = G·B [m, r]
         let mut u = vec![0f32; m * r];
         sgemm((m, r, n), &mut u, false, (g, n, 1), (bv, r, 1), 1.0);
@@ -369,12 +440,23 @@ impl CustomOp3 for LoraLinearOp {
 
 /// `x [m, in] → x·Wᵀ (+ b) + scale·(x·Aᵀ)·Bᵀ` as one op on the CPU in f32, `None` where
 /// the fused kernel does not apply (the caller then composes the same math).
-pub(crate) fn lora_linear_fused(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+pub(crate) fn lora_linear_fused(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
     if !(cpu_f32(x) && x.rank() == 2 && w.dtype() == DType::F32 && a.dtype() == DType::F32) {
         return Ok(None);
     }
     let x = x.contiguous()?;
-    let op = LoraLinearOp { w: w.clone(), bias: bias.cloned(), scale: scale as f32 };
+    let op = LoraLinearOp {
+        w: w.clone(),
+        bias: bias.cloned(),
+        scale: scale as f32,
+    };
     Ok(Some(x.apply_op3_arc(a, b, Arc::new(Box::new(op)))?))
 }
 
@@ -388,18 +470,32 @@ impl CustomOp2 for SwiGlu {
         "swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (g, u) = (slice(s1, l1)?, slice(s2, l2)?);
         let mut y = vec![0f32; g.len()];
-        y.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(yc, (gc, uc))| {
-            for ((y, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
-                *y = g / (1.0 + exp_approx(-g)) * u;
-            }
-        });
+        y.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(yc, (gc, uc))| {
+                for ((y, &g), &u) in yc.iter_mut().zip(gc).zip(uc) {
+                    *y = g / (1.0 + exp_approx(-g)) * u;
+                }
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, d: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        d: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let d = d.contiguous()?;
         let (ds, dl) = d.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
@@ -412,7 +508,11 @@ impl CustomOp2 for SwiGlu {
         let mut du = vec![0f32; gv.len()];
         dg.par_chunks_mut(4096)
             .zip(du.par_chunks_mut(4096))
-            .zip(gv.par_chunks(4096).zip(uv.par_chunks(4096)).zip(dv.par_chunks(4096)))
+            .zip(
+                gv.par_chunks(4096)
+                    .zip(uv.par_chunks(4096))
+                    .zip(dv.par_chunks(4096)),
+            )
             .for_each(|((dgc, duc), ((gc, uc), dc))| {
                 for i in 0..gc.len() {
                     let sig = 1.0 / (1.0 + exp_approx(-gc[i]));
@@ -455,21 +555,34 @@ impl CustomOp1 for RmsNorm {
         let h = *l.dims().last().unwrap_or(&1);
         let mut y = vec![0f32; x.len()];
         with_cpu_f32(&self.w, |w| {
-            y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(yr, xr)| {
-                let ss: f32 = xr.iter().map(|v| v * v).sum();
-                let r = 1.0 / (ss / h as f32 + self.eps).sqrt();
-                for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
-                    *yv = wv * (xv * r);
-                }
-            });
+            y.par_chunks_mut(h)
+                .zip(x.par_chunks(h))
+                .for_each(|(yr, xr)| {
+                    let ss: f32 = xr.iter().map(|v| v * v).sum();
+                    let r = 1.0 / (ss / h as f32 + self.eps).sqrt();
+                    for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+                        *yv = wv * (xv * r);
+                    }
+                });
             Ok(())
         })?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let g = grad.contiguous()?;
-        Ok(Some(arg.apply_op2_no_bwd(&g, &RmsNormBwd { w: self.w.clone(), eps: self.eps })?))
+        Ok(Some(arg.apply_op2_no_bwd(
+            &g,
+            &RmsNormBwd {
+                w: self.w.clone(),
+                eps: self.eps,
+            },
+        )?))
     }
 }
 
@@ -483,22 +596,30 @@ impl CustomOp2 for RmsNormBwd {
         "rms-norm-frozen-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
         let h = *l1.dims().last().unwrap_or(&1);
         let mut dx = vec![0f32; x.len()];
         with_cpu_f32(&self.w, |w| {
-            dx.par_chunks_mut(h).zip(x.par_chunks(h).zip(g.par_chunks(h))).for_each(|(dr, (xr, gr))| {
-                // y = w ⊙ x · r, r = (mean x² + eps)^-1/2:
-                // dx = r (w ⊙ g) − x · r³ · mean(w ⊙ g ⊙ x).
-                let ss: f32 = xr.iter().map(|v| v * v).sum();
-                let r = 1.0 / (ss / h as f32 + self.eps).sqrt();
-                let dot: f32 = xr.iter().zip(gr).zip(w).map(|((x, g), w)| x * g * w).sum();
-                let c = dot * r * r * r / h as f32;
-                for (((d, xv), gv), wv) in dr.iter_mut().zip(xr).zip(gr).zip(w) {
-                    *d = r * (wv * gv) - xv * c;
-                }
-            });
+            dx.par_chunks_mut(h)
+                .zip(x.par_chunks(h).zip(g.par_chunks(h)))
+                .for_each(|(dr, (xr, gr))| {
+                    // y = w ⊙ x · r, r = (mean x² + eps)^-1/2:
+                    // dx = r (w ⊙ g) − x · r³ · mean(w ⊙ g ⊙ x).
+                    let ss: f32 = xr.iter().map(|v| v * v).sum();
+                    let r = 1.0 / (ss / h as f32 + self.eps).sqrt();
+                    let dot: f32 = xr.iter().zip(gr).zip(w).map(|((x, g), w)| x * g * w).sum();
+                    let c = dot * r * r * r / h as f32;
+                    for (((d, xv), gv), wv) in dr.iter_mut().zip(xr).zip(gr).zip(w) {
+                        *d = r * (wv * gv) - xv * c;
+                    }
+                });
             Ok(())
         })?;
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -510,7 +631,10 @@ impl CustomOp2 for RmsNormBwd {
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if cpu_f32(x) {
         let x = x.contiguous()?;
-        return Ok(x.apply_op1_arc(Arc::new(Box::new(RmsNorm { w: w.clone(), eps: eps as f32 })))?);
+        return Ok(x.apply_op1_arc(Arc::new(Box::new(RmsNorm {
+            w: w.clone(),
+            eps: eps as f32,
+        })))?);
     }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
@@ -545,30 +669,44 @@ impl CustomOp1 for Rope {
         let sign = if self.inverse { -1f32 } else { 1f32 };
         with_cpu_f32(&self.cos, |cos| {
             with_cpu_f32(&self.sin, |sin| {
-                y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(yb, xb)| {
-                    for p in 0..t {
-                        let (c, sn) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
-                        let (xr, yr) = (&xb[p * d..(p + 1) * d], &mut yb[p * d..(p + 1) * d]);
-                        let (x1, x2) = xr.split_at(half);
-                        let (y1, y2) = yr.split_at_mut(half);
-                        for i in 0..half {
-                            let s = sign * sn[i];
-                            // q·cos + rotate_half(q)·sin, rotate_half(q) = (−q2, q1).
-                            y1[i] = x1[i] * c[i] + (-x2[i]) * s;
-                            y2[i] = x2[i] * c[i] + x1[i] * s;
+                y.par_chunks_mut(t * d)
+                    .zip(x.par_chunks(t * d))
+                    .for_each(|(yb, xb)| {
+                        for p in 0..t {
+                            let (c, sn) = (
+                                &cos[p * half..(p + 1) * half],
+                                &sin[p * half..(p + 1) * half],
+                            );
+                            let (xr, yr) = (&xb[p * d..(p + 1) * d], &mut yb[p * d..(p + 1) * d]);
+                            let (x1, x2) = xr.split_at(half);
+                            let (y1, y2) = yr.split_at_mut(half);
+                            for i in 0..half {
+                                let s = sign * sn[i];
+                                // q·cos + rotate_half(q)·sin, rotate_half(q) = (−q2, q1).
+                                y1[i] = x1[i] * c[i] + (-x2[i]) * s;
+                                y2[i] = x2[i] * c[i] + x1[i] * s;
+                            }
                         }
-                    }
-                });
+                    });
                 Ok(())
             })
         })?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         // A rotation's transpose is the rotation by −θ.
         let g = grad.contiguous()?;
-        let inv = Rope { cos: self.cos.clone(), sin: self.sin.clone(), inverse: !self.inverse };
+        let inv = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            inverse: !self.inverse,
+        };
         Ok(Some(g.apply_op1_no_bwd(&inv)?))
     }
 }
@@ -577,7 +715,11 @@ impl CustomOp1 for Rope {
 pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if cpu_f32(x) {
         let x = x.contiguous()?;
-        let op = Rope { cos: cos.clone(), sin: sin.clone(), inverse: false };
+        let op = Rope {
+            cos: cos.clone(),
+            sin: sin.clone(),
+            inverse: false,
+        };
         return Ok(x.apply_op1_arc(Arc::new(Box::new(op)))?);
     }
     let dtype = x.dtype();
@@ -609,7 +751,10 @@ impl AttnMask {
     fn allowed(&self, b: usize, i: usize, j: usize) -> bool {
         j <= i
             && self.window.is_none_or(|w| i - j < w)
-            && self.key_valid.as_ref().is_none_or(|m| m[b * self.t + j] != 0)
+            && self
+                .key_valid
+                .as_ref()
+                .is_none_or(|m| m[b * self.t + j] != 0)
     }
 }
 
@@ -627,51 +772,69 @@ impl CustomOp1 for MaskedSoftmax {
         let x = slice(s, l)?;
         let dims = l.dims();
         // [B, groups, rows, T]
-        let (b, rows_per_b, t) = (dims[0], l.shape().elem_count() / dims[0] / dims[dims.len() - 1], dims[dims.len() - 1]);
+        let (b, rows_per_b, t) = (
+            dims[0],
+            l.shape().elem_count() / dims[0] / dims[dims.len() - 1],
+            dims[dims.len() - 1],
+        );
         let _ = b;
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(t).zip(x.par_chunks(t)).enumerate().for_each(|(row, (yr, xr))| {
-            let bi = row / rows_per_b;
-            let i = row % self.mask.t;
-            // Causal: keys 0..=i; the window and key padding remove more.
-            let lo = self.mask.window.map_or(0, |w| (i + 1).saturating_sub(w));
-            let hi = i + 1;
-            let mut m = f32::NEG_INFINITY;
-            for j in lo..hi {
-                if self.mask.allowed(bi, i, j) {
-                    yr[j] = xr[j] * self.scale;
-                    m = m.max(yr[j]);
+        y.par_chunks_mut(t)
+            .zip(x.par_chunks(t))
+            .enumerate()
+            .for_each(|(row, (yr, xr))| {
+                let bi = row / rows_per_b;
+                let i = row % self.mask.t;
+                // Causal: keys 0..=i; the window and key padding remove more.
+                let lo = self.mask.window.map_or(0, |w| (i + 1).saturating_sub(w));
+                let hi = i + 1;
+                let mut m = f32::NEG_INFINITY;
+                for j in lo..hi {
+                    if self.mask.allowed(bi, i, j) {
+                        yr[j] = xr[j] * self.scale;
+                        m = m.max(yr[j]);
+                    } else {
+                        yr[j] = f32::NEG_INFINITY;
+                    }
+                }
+                if m == f32::NEG_INFINITY {
+                    // No visible key (a padding query): output zeros, not NaN.
+                    yr[lo..hi].fill(0.0);
+                    return;
+                }
+                let sum = if self.mask.key_valid.is_none() {
+                    // No holes in lo..hi: the vectorised exp.
+                    exp_shift_sum(&mut yr[lo..hi], m)
                 } else {
-                    yr[j] = f32::NEG_INFINITY;
-                }
-            }
-            if m == f32::NEG_INFINITY {
-                // No visible key (a padding query): output zeros, not NaN.
-                yr[lo..hi].fill(0.0);
-                return;
-            }
-            let sum = if self.mask.key_valid.is_none() {
-                // No holes in lo..hi: the vectorised exp.
-                exp_shift_sum(&mut yr[lo..hi], m)
-            } else {
-                let mut sum = 0f32;
+                    let mut sum = 0f32;
+                    for v in &mut yr[lo..hi] {
+                        *v = if *v == f32::NEG_INFINITY {
+                            0.0
+                        } else {
+                            exp_approx(*v - m)
+                        };
+                        sum += *v;
+                    }
+                    sum
+                };
+                let inv = 1.0 / sum;
                 for v in &mut yr[lo..hi] {
-                    *v = if *v == f32::NEG_INFINITY { 0.0 } else { exp_approx(*v - m) };
-                    sum += *v;
+                    *v *= inv;
                 }
-                sum
-            };
-            let inv = 1.0 / sum;
-            for v in &mut yr[lo..hi] {
-                *v *= inv;
-            }
-        });
+            });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let g = grad.contiguous()?;
-        Ok(Some(res.apply_op2_no_bwd(&g, &SoftmaxBwd { scale: self.scale })?))
+        Ok(Some(
+            res.apply_op2_no_bwd(&g, &SoftmaxBwd { scale: self.scale })?,
+        ))
     }
 }
 
@@ -684,17 +847,25 @@ impl CustomOp2 for SoftmaxBwd {
         "masked-softmax-bwd"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (y, g) = (slice(s1, l1)?, slice(s2, l2)?);
         let t = *l1.dims().last().unwrap_or(&1);
         let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(t).zip(y.par_chunks(t).zip(g.par_chunks(t))).for_each(|(dr, (yr, gr))| {
-            // d/dx softmax(scale·x) = scale · y ⊙ (g − Σ g ⊙ y)
-            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-            for ((d, yv), gv) in dr.iter_mut().zip(yr).zip(gr) {
-                *d = self.scale * yv * (gv - dot);
-            }
-        });
+        dx.par_chunks_mut(t)
+            .zip(y.par_chunks(t).zip(g.par_chunks(t)))
+            .for_each(|(dr, (yr, gr))| {
+                // d/dx softmax(scale·x) = scale · y ⊙ (g − Σ g ⊙ y)
+                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                for ((d, yv), gv) in dr.iter_mut().zip(yr).zip(gr) {
+                    *d = self.scale * yv * (gv - dot);
+                }
+            });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -705,7 +876,10 @@ impl CustomOp2 for SoftmaxBwd {
 pub(crate) fn masked_softmax(scores: &Tensor, scale: f64, mask: &AttnMask) -> Result<Tensor> {
     if cpu_f32(scores) {
         let s = scores.contiguous()?;
-        let op = MaskedSoftmax { scale: scale as f32, mask: mask.clone() };
+        let op = MaskedSoftmax {
+            scale: scale as f32,
+            mask: mask.clone(),
+        };
         return Ok(s.apply_op1_arc(Arc::new(Box::new(op)))?);
     }
     // Composition for other devices: an additive −inf mask, then a max-shifted softmax.
@@ -753,7 +927,9 @@ mod tests {
 
     #[test]
     fn exp_shift_sum_matches_scalar() {
-        let row: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32) * 0.05 - 2.0).collect();
+        let row: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37 % 101) as f32) * 0.05 - 2.0)
+            .collect();
         let mut a = row.clone();
         let s = exp_shift_sum(&mut a, 1.5);
         let s_ref: f64 = row.iter().map(|&v| ((v - 1.5) as f64).exp()).sum();

@@ -32,7 +32,14 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-12, weight_decay: 0.0, max_grad_norm: None }
+        AdamWConfig {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-12,
+            weight_decay: 0.0,
+            max_grad_norm: None,
+        }
     }
 }
 
@@ -61,7 +68,13 @@ impl AdamW {
     /// Fresh state (zeros, step 0) for parameters laid out as `layout`.
     pub fn new(cfg: AdamWConfig, layout: ParamLayout) -> Self {
         let n = layout.numel();
-        AdamW { cfg, layout, exp_avg: vec![0.0; n], exp_avg_sq: vec![0.0; n], step: 0 }
+        AdamW {
+            cfg,
+            layout,
+            exp_avg: vec![0.0; n],
+            exp_avg_sq: vec![0.0; n],
+            step: 0,
+        }
     }
 
     /// The hyper-parameters.
@@ -91,7 +104,12 @@ impl AdamW {
 
     /// One update of `params` with `grads` (both flat, layout order) at learning rate `lr`.
     /// `grads` is clipped in place when `max_grad_norm` is set.
-    pub fn step_flat(&mut self, params: &mut [f32], grads: &mut [f32], lr: f64) -> Result<StepReport> {
+    pub fn step_flat(
+        &mut self,
+        params: &mut [f32],
+        grads: &mut [f32],
+        lr: f64,
+    ) -> Result<StepReport> {
         let n = self.exp_avg.len();
         if params.len() != n || grads.len() != n {
             return Err(Error::ParamMismatch(format!(
@@ -101,9 +119,15 @@ impl AdamW {
             )));
         }
         if !lr.is_finite() || lr < 0.0 {
-            return Err(Error::ParamMismatch(format!("learning rate {lr} is not a finite value >= 0")));
+            return Err(Error::ParamMismatch(format!(
+                "learning rate {lr} is not a finite value >= 0"
+            )));
         }
-        let grad_norm = grads.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt();
+        let grad_norm = grads
+            .iter()
+            .map(|&g| (g as f64) * (g as f64))
+            .sum::<f64>()
+            .sqrt();
         if !grad_norm.is_finite() {
             return Err(Error::ParamMismatch(format!(
                 "gradient norm is {grad_norm} at step {}: refusing to update",
@@ -156,7 +180,11 @@ impl AdamW {
             self.exp_avg_sq[i] = v;
             params[i] = p;
         }
-        Ok(StepReport { grad_norm, clipped, step: self.step })
+        Ok(StepReport {
+            grad_norm,
+            clipped,
+            step: self.step,
+        })
     }
 
     /// The state as named tensors: `<key>.exp_avg`, `<key>.exp_avg_sq` for every parameter
@@ -182,9 +210,9 @@ impl AdamW {
         for (k, shape) in self.layout.entries() {
             for (suffix, dst) in [("exp_avg", &mut m), ("exp_avg_sq", &mut v)] {
                 let name = format!("{k}.{suffix}");
-                let t = by_name
-                    .remove(name.as_str())
-                    .ok_or_else(|| Error::ParamMismatch(format!("optimizer state lacks `{name}`")))?;
+                let t = by_name.remove(name.as_str()).ok_or_else(|| {
+                    Error::ParamMismatch(format!("optimizer state lacks `{name}`"))
+                })?;
                 if t.dims() != shape.as_slice() {
                     return Err(Error::ParamMismatch(format!(
                         "optimizer state `{name}` has shape {:?}, expected {shape:?}",
@@ -195,7 +223,9 @@ impl AdamW {
             }
         }
         if let Some(extra) = by_name.keys().min() {
-            return Err(Error::ParamMismatch(format!("optimizer state has unexpected tensor `{extra}`")));
+            return Err(Error::ParamMismatch(format!(
+                "optimizer state has unexpected tensor `{extra}`"
+            )));
         }
         self.exp_avg = self.layout.flatten(&m)?;
         self.exp_avg_sq = self.layout.flatten(&v)?;
@@ -216,7 +246,10 @@ impl AdamW {
         let (tensors, meta) = crate::io::read_safetensors(path)?;
         let step = meta
             .get("step")
-            .ok_or_else(|| Error::MissingField { path: path.to_path_buf(), field: "__metadata__.step".into() })?
+            .ok_or_else(|| Error::MissingField {
+                path: path.to_path_buf(),
+                field: "__metadata__.step".into(),
+            })?
             .parse::<u64>()
             .map_err(|e| Error::InvalidField {
                 path: path.to_path_buf(),

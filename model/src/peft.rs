@@ -64,30 +64,54 @@ impl AdapterConfig {
     /// implement (DoRA, biases, per-layer patterns, fan_in_fan_out) are errors naming the
     /// field rather than silently different numbers.
     pub fn read(path: &Path) -> Result<Self> {
-        let path = if path.is_dir() { path.join(ADAPTER_CONFIG) } else { path.to_path_buf() };
+        let path = if path.is_dir() {
+            path.join(ADAPTER_CONFIG)
+        } else {
+            path.to_path_buf()
+        };
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
-        let invalid = |field: &str, reason: String| Error::InvalidField { path: path.clone(), field: field.into(), reason };
-        let missing = |field: &str| Error::MissingField { path: path.clone(), field: field.into() };
+        let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        let invalid = |field: &str, reason: String| Error::InvalidField {
+            path: path.clone(),
+            field: field.into(),
+            reason,
+        };
+        let missing = |field: &str| Error::MissingField {
+            path: path.clone(),
+            field: field.into(),
+        };
         let get = |field: &str| v.get(field).filter(|x| !x.is_null());
 
         match get("peft_type").and_then(Value::as_str) {
             Some("LORA") => {}
-            Some(other) => return Err(invalid("peft_type", format!("expected \"LORA\", got {other:?}"))),
+            Some(other) => {
+                return Err(invalid(
+                    "peft_type",
+                    format!("expected \"LORA\", got {other:?}"),
+                ))
+            }
             None => return Err(missing("peft_type")),
         }
         let rank = get("r")
             .ok_or_else(|| missing("r"))?
             .as_u64()
             .filter(|&r| r > 0)
-            .ok_or_else(|| invalid("r", "expected an integer > 0".into()))? as usize;
+            .ok_or_else(|| invalid("r", "expected an integer > 0".into()))?
+            as usize;
         let alpha = match get("lora_alpha") {
             None => 8.0, // PEFT's default
-            Some(a) => a.as_f64().ok_or_else(|| invalid("lora_alpha", format!("expected a number, got {a}")))?,
+            Some(a) => a
+                .as_f64()
+                .ok_or_else(|| invalid("lora_alpha", format!("expected a number, got {a}")))?,
         };
         let dropout = match get("lora_dropout") {
             None => 0.0,
-            Some(d) => d.as_f64().ok_or_else(|| invalid("lora_dropout", format!("expected a number, got {d}")))?,
+            Some(d) => d
+                .as_f64()
+                .ok_or_else(|| invalid("lora_dropout", format!("expected a number, got {d}")))?,
         };
         let use_rslora = get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
         for (field, bad) in [("use_dora", true), ("fan_in_fan_out", true)] {
@@ -97,35 +121,69 @@ impl AdapterConfig {
         }
         if let Some(b) = get("bias").and_then(Value::as_str) {
             if b != "none" {
-                return Err(invalid("bias", format!("only \"none\" is supported, got {b:?}")));
+                return Err(invalid(
+                    "bias",
+                    format!("only \"none\" is supported, got {b:?}"),
+                ));
             }
         }
         for field in ["rank_pattern", "alpha_pattern"] {
-            if get(field).and_then(Value::as_object).is_some_and(|o| !o.is_empty()) {
-                return Err(invalid(field, "per-module ranks/alphas are not supported".into()));
+            if get(field)
+                .and_then(Value::as_object)
+                .is_some_and(|o| !o.is_empty())
+            {
+                return Err(invalid(
+                    field,
+                    "per-module ranks/alphas are not supported".into(),
+                ));
             }
         }
         if get("layers_to_transform").is_some() {
-            return Err(invalid("layers_to_transform", "adapting only some layers is not supported".into()));
+            return Err(invalid(
+                "layers_to_transform",
+                "adapting only some layers is not supported".into(),
+            ));
         }
         let target_modules = match get("target_modules").ok_or_else(|| missing("target_modules"))? {
             Value::Array(list) => list
                 .iter()
                 .map(|t| {
-                    let name = t.as_str().ok_or_else(|| invalid("target_modules", format!("expected strings, got {t}")))?;
-                    TargetModule::from_name(name)
-                        .ok_or_else(|| invalid("target_modules", format!("unknown module {name:?}")))
+                    let name = t.as_str().ok_or_else(|| {
+                        invalid("target_modules", format!("expected strings, got {t}"))
+                    })?;
+                    TargetModule::from_name(name).ok_or_else(|| {
+                        invalid("target_modules", format!("unknown module {name:?}"))
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?,
             // PEFT's shorthand for every linear layer except the output layer.
-            Value::String(s) if s == "all-linear" => TargetModule::ALL.into_iter().filter(|t| *t != TargetModule::LmHead).collect(),
-            other => return Err(invalid("target_modules", format!("expected a list of module names, got {other}"))),
+            Value::String(s) if s == "all-linear" => TargetModule::ALL
+                .into_iter()
+                .filter(|t| *t != TargetModule::LmHead)
+                .collect(),
+            other => {
+                return Err(invalid(
+                    "target_modules",
+                    format!("expected a list of module names, got {other}"),
+                ))
+            }
         };
-        let lora = LoraConfig { rank, alpha, dropout, use_rslora, target_modules }
-            .validated()
-            .map_err(|e| invalid("<lora>", e.to_string()))?;
-        let base_model_name_or_path = get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string);
-        Ok(AdapterConfig { lora, base_model_name_or_path })
+        let lora = LoraConfig {
+            rank,
+            alpha,
+            dropout,
+            use_rslora,
+            target_modules,
+        }
+        .validated()
+        .map_err(|e| invalid("<lora>", e.to_string()))?;
+        let base_model_name_or_path = get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok(AdapterConfig {
+            lora,
+            base_model_name_or_path,
+        })
     }
 }
 
@@ -139,7 +197,11 @@ pub fn read_adapter_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
         if k.contains(".base_layer.") {
             continue;
         }
-        let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+        let t = if t.dtype() == DType::F32 {
+            t
+        } else {
+            t.to_dtype(DType::F32)?
+        };
         out.insert(k, t);
     }
     Ok(out)
@@ -151,7 +213,10 @@ pub fn write_adapter(dir: &Path, cfg: &AdapterConfig, tensors: &[(String, Tensor
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     io::write_safetensors_atomic(&dir.join(ADAPTER_WEIGHTS), tensors, Some(meta))?;
-    let text = serde_json::to_string_pretty(&cfg.to_json()).map_err(|source| Error::Json { path: dir.join(ADAPTER_CONFIG), source })?;
+    let text = serde_json::to_string_pretty(&cfg.to_json()).map_err(|source| Error::Json {
+        path: dir.join(ADAPTER_CONFIG),
+        source,
+    })?;
     io::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
 }
 
@@ -183,13 +248,25 @@ impl LoraModel {
             reason: format!("adapter has {theirs}, the model was built with {ours}"),
         };
         if cfg.lora.rank != mine.rank {
-            return Err(mismatch("r", cfg.lora.rank.to_string(), mine.rank.to_string()));
+            return Err(mismatch(
+                "r",
+                cfg.lora.rank.to_string(),
+                mine.rank.to_string(),
+            ));
         }
         if cfg.lora.scale() != mine.scale() {
-            return Err(mismatch("lora_alpha", format!("scale {}", cfg.lora.scale()), format!("scale {}", mine.scale())));
+            return Err(mismatch(
+                "lora_alpha",
+                format!("scale {}", cfg.lora.scale()),
+                format!("scale {}", mine.scale()),
+            ));
         }
         if cfg.lora.target_modules != mine.target_modules {
-            return Err(mismatch("target_modules", format!("{:?}", cfg.lora.target_modules), format!("{:?}", mine.target_modules)));
+            return Err(mismatch(
+                "target_modules",
+                format!("{:?}", cfg.lora.target_modules),
+                format!("{:?}", mine.target_modules),
+            ));
         }
         let tensors = read_adapter_tensors(dir)?;
         let file = dir.join(ADAPTER_WEIGHTS).display().to_string();
@@ -199,7 +276,12 @@ impl LoraModel {
 
     /// Loads a base model and an adapter folder onto it, taking rank, alpha and targets from
     /// the adapter's config.
-    pub fn load_with_adapter(model_dir: &Path, adapter_dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load_with_adapter(
+        model_dir: &Path,
+        adapter_dir: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let cfg = AdapterConfig::read(adapter_dir)?;
         let model = LoraModel::load(model_dir, &cfg.lora, device, dtype, 0)?;
         model.load_adapter(adapter_dir)?;
@@ -208,19 +290,32 @@ impl LoraModel {
 }
 
 /// Orders adapter tensors by the model's layout, naming any missing, extra or mis-shaped key.
-fn match_layout(model: &LoraModel, mut tensors: BTreeMap<String, Tensor>, file: &str) -> Result<Vec<(String, Tensor)>> {
+fn match_layout(
+    model: &LoraModel,
+    mut tensors: BTreeMap<String, Tensor>,
+    file: &str,
+) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::with_capacity(model.param_layout().len());
     for (k, shape) in model.param_layout().entries() {
-        let t = tensors
-            .remove(k)
-            .ok_or_else(|| Error::MissingTensor { tensor: k.clone(), file: file.to_string() })?;
+        let t = tensors.remove(k).ok_or_else(|| Error::MissingTensor {
+            tensor: k.clone(),
+            file: file.to_string(),
+        })?;
         if t.dims() != shape.as_slice() {
-            return Err(Error::ShapeMismatch { tensor: k.clone(), file: file.to_string(), expected: shape.clone(), found: t.dims().to_vec() });
+            return Err(Error::ShapeMismatch {
+                tensor: k.clone(),
+                file: file.to_string(),
+                expected: shape.clone(),
+                found: t.dims().to_vec(),
+            });
         }
         out.push((k.clone(), t));
     }
     if let Some(k) = tensors.keys().next() {
-        return Err(Error::UnexpectedTensor { tensor: k.clone(), file: file.to_string() });
+        return Err(Error::UnexpectedTensor {
+            tensor: k.clone(),
+            file: file.to_string(),
+        });
     }
     Ok(out)
 }

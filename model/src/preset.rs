@@ -42,9 +42,13 @@ impl ModelPreset {
             "smol" => Ok(ModelPreset::Smol),
             "quickstart" => match vocab_size {
                 Some(v) if v > 0 => Ok(ModelPreset::Quickstart { vocab_size: v }),
-                _ => Err(Error::Unsupported("preset quickstart needs a vocabulary size > 0".into())),
+                _ => Err(Error::Unsupported(
+                    "preset quickstart needs a vocabulary size > 0".into(),
+                )),
             },
-            other => Err(Error::Unsupported(format!("unknown preset {other:?} (tiny, smol, quickstart)"))),
+            other => Err(Error::Unsupported(format!(
+                "unknown preset {other:?} (tiny, smol, quickstart)"
+            ))),
         }
     }
 
@@ -101,9 +105,17 @@ impl ModelPreset {
 
 /// Every tensor name and shape of a model with this config, in checkpoint key order.
 pub fn tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i, d, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size);
+    let (h, i, d, v) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.head_dim,
+        cfg.vocab_size,
+    );
     let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h]), ("model.norm.weight".into(), vec![h])];
+    let mut out = vec![
+        ("model.embed_tokens.weight".to_string(), vec![v, h]),
+        ("model.norm.weight".into(), vec![h]),
+    ];
     if !cfg.tie_word_embeddings {
         out.push(("lm_head.weight".into(), vec![v, h]));
     }
@@ -156,7 +168,10 @@ pub fn write_random_model(dir: &Path, cfg: &ModelConfig, seed: u64) -> Result<()
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
     });
-    io::write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&gen).expect("json").as_bytes())
+    io::write_atomic(
+        &dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&gen).expect("json").as_bytes(),
+    )
 }
 
 /// Random f32 base weights for `cfg` (transformers' init), sorted by name.
@@ -173,7 +188,10 @@ pub fn random_tensors(cfg: &ModelConfig, seed: u64) -> Result<Vec<(String, Tenso
             } else {
                 normal_vec(n, 0.02, seed ^ fnv1a(name.as_bytes()))
             };
-            Ok((name.clone(), Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?))
+            Ok((
+                name.clone(),
+                Tensor::from_vec(data, shape.as_slice(), &Device::Cpu)?,
+            ))
         })
         .collect::<Result<_>>()
 }

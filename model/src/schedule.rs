@@ -31,7 +31,13 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// A constant learning rate.
     pub fn constant(lr: f64) -> Self {
-        LrSchedule { kind: ScheduleKind::Constant, peak_lr: lr, min_lr: 0.0, warmup_steps: 0, total_steps: 0 }
+        LrSchedule {
+            kind: ScheduleKind::Constant,
+            peak_lr: lr,
+            min_lr: 0.0,
+            warmup_steps: 0,
+            total_steps: 0,
+        }
     }
 
     /// The learning rate for 0-based `step`.
@@ -68,7 +74,13 @@ mod tests {
     use super::*;
 
     fn sched(kind: ScheduleKind, warmup: u64) -> LrSchedule {
-        LrSchedule { kind, peak_lr: 1.0, min_lr: 0.0, warmup_steps: warmup, total_steps: 10 }
+        LrSchedule {
+            kind,
+            peak_lr: 1.0,
+            min_lr: 0.0,
+            warmup_steps: warmup,
+            total_steps: 10,
+        }
     }
 
     #[test]
@@ -84,7 +96,10 @@ mod tests {
             assert_eq!(s.lr_at(0), 1.0);
             assert!(s.lr_at(10).abs() < 1e-12);
             assert!(s.lr_at(50).abs() < 1e-12);
-            assert!((1..10).all(|i| s.lr_at(i) < s.lr_at(i - 1)), "{kind:?} must decrease");
+            assert!(
+                (1..10).all(|i| s.lr_at(i) < s.lr_at(i - 1)),
+                "{kind:?} must decrease"
+            );
         }
         assert!((sched(ScheduleKind::Linear, 0).lr_at(5) - 0.5).abs() < 1e-12);
         assert!((sched(ScheduleKind::Cosine, 0).lr_at(5) - 0.5).abs() < 1e-12);

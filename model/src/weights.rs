@@ -35,7 +35,10 @@ pub struct WeightFiles {
 
 impl std::fmt::Debug for WeightFiles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WeightFiles").field("paths", &self.paths).field("tensors", &self.entries.len()).finish()
+        f.debug_struct("WeightFiles")
+            .field("paths", &self.paths)
+            .field("tensors", &self.entries.len())
+            .finish()
     }
 }
 
@@ -52,11 +55,17 @@ impl WeightFiles {
         let (paths, routing): (Vec<PathBuf>, Option<HashMap<String, String>>) = if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
             let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
+                serde_json::from_str(&text).map_err(|source| Error::Json {
+                    path: index.clone(),
+                    source,
+                })?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::MissingField { path: index.clone(), field: "weight_map".into() })?;
+                .ok_or_else(|| Error::MissingField {
+                    path: index.clone(),
+                    field: "weight_map".into(),
+                })?;
             let mut routing = HashMap::new();
             let mut names = BTreeSet::new();
             for (k, f) in map {
@@ -76,7 +85,10 @@ impl WeightFiles {
                 names.insert(f.to_string());
                 routing.insert(k.clone(), f.to_string());
             }
-            (names.into_iter().map(|n| model_dir.join(n)).collect(), Some(routing))
+            (
+                names.into_iter().map(|n| model_dir.join(n)).collect(),
+                Some(routing),
+            )
         } else if single.is_file() {
             (vec![single], None)
         } else {
@@ -93,32 +105,58 @@ impl WeightFiles {
         let mut entries = BTreeMap::new();
         for (i, p) in paths.iter().enumerate() {
             if !p.is_file() {
-                return Err(Error::io(p, std::io::Error::new(std::io::ErrorKind::NotFound, "shard listed in the index is missing")));
+                return Err(Error::io(
+                    p,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "shard listed in the index is missing",
+                    ),
+                ));
             }
             // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on
             // nobody truncating the checkpoint while it is being read.
-            let mm = unsafe { MmapedSafetensors::new(p) }
-                .map_err(|e| Error::Safetensors { path: p.clone(), reason: e.to_string() })?;
+            let mm = unsafe { MmapedSafetensors::new(p) }.map_err(|e| Error::Safetensors {
+                path: p.clone(),
+                reason: e.to_string(),
+            })?;
             for (name, view) in mm.tensors() {
                 if let Some(r) = &routing {
                     match r.get(&name) {
-                        Some(f) if p.file_name().is_some_and(|n| n.to_string_lossy() == f.as_str()) => {}
+                        Some(f)
+                            if p.file_name()
+                                .is_some_and(|n| n.to_string_lossy() == f.as_str()) => {}
                         // Listed under another shard (or not at all): the index decides.
                         _ => continue,
                     }
                 }
-                entries.insert(name, Entry { file: i, shape: view.shape().to_vec(), dtype: view.dtype() });
+                entries.insert(
+                    name,
+                    Entry {
+                        file: i,
+                        shape: view.shape().to_vec(),
+                        dtype: view.dtype(),
+                    },
+                );
             }
             files.push(mm);
         }
         if let Some(r) = &routing {
             for (name, f) in r {
                 if !entries.contains_key(name) {
-                    return Err(Error::MissingTensor { tensor: name.clone(), file: model_dir.join(f).display().to_string() });
+                    return Err(Error::MissingTensor {
+                        tensor: name.clone(),
+                        file: model_dir.join(f).display().to_string(),
+                    });
                 }
             }
         }
-        Ok(WeightFiles { paths, files, memory: BTreeMap::new(), entries, taken: Mutex::new(BTreeSet::new()) })
+        Ok(WeightFiles {
+            paths,
+            files,
+            memory: BTreeMap::new(),
+            entries,
+            taken: Mutex::new(BTreeSet::new()),
+        })
     }
 
     /// Weights held in memory (e.g. a random init), checked like files; errors name the
@@ -131,17 +169,40 @@ impl WeightFiles {
                 DType::F32 => Dtype::F32,
                 DType::BF16 => Dtype::BF16,
                 DType::F16 => Dtype::F16,
-                d => return Err(Error::UnsupportedDType { tensor: name, file: "<memory>".into(), dtype: format!("{d:?}") }),
+                d => {
+                    return Err(Error::UnsupportedDType {
+                        tensor: name,
+                        file: "<memory>".into(),
+                        dtype: format!("{d:?}"),
+                    })
+                }
             };
-            entries.insert(name.clone(), Entry { file: 0, shape: t.dims().to_vec(), dtype });
+            entries.insert(
+                name.clone(),
+                Entry {
+                    file: 0,
+                    shape: t.dims().to_vec(),
+                    dtype,
+                },
+            );
             memory.insert(name, t);
         }
-        Ok(WeightFiles { paths: vec![PathBuf::from("<memory>")], files: Vec::new(), memory, entries, taken: Mutex::new(BTreeSet::new()) })
+        Ok(WeightFiles {
+            paths: vec![PathBuf::from("<memory>")],
+            files: Vec::new(),
+            memory,
+            entries,
+            taken: Mutex::new(BTreeSet::new()),
+        })
     }
 
     /// The files' description for error messages.
     fn all_files(&self) -> String {
-        self.paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Whether a tensor exists.
@@ -156,7 +217,9 @@ impl WeightFiles {
 
     /// The on-disk shape and dtype name of a tensor.
     pub fn info(&self, name: &str) -> Option<(Vec<usize>, String)> {
-        self.entries.get(name).map(|e| (e.shape.clone(), format!("{:?}", e.dtype)))
+        self.entries
+            .get(name)
+            .map(|e| (e.shape.clone(), format!("{:?}", e.dtype)))
     }
 
     /// The file holding a tensor.
@@ -165,11 +228,17 @@ impl WeightFiles {
     }
 
     /// Loads `name`, checking its shape, converted to `dtype` on `device`.
-    pub fn take(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { tensor: name.to_string(), file: self.all_files() })?;
+    pub fn take(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            tensor: name.to_string(),
+            file: self.all_files(),
+        })?;
         let file = self.paths[e.file].display().to_string();
         if e.shape != shape {
             return Err(Error::ShapeMismatch {
@@ -180,28 +249,53 @@ impl WeightFiles {
             });
         }
         if !matches!(e.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
-            return Err(Error::UnsupportedDType { tensor: name.to_string(), file, dtype: format!("{:?}", e.dtype) });
+            return Err(Error::UnsupportedDType {
+                tensor: name.to_string(),
+                file,
+                dtype: format!("{:?}", e.dtype),
+            });
         }
         if let Some(t) = self.memory.get(name) {
             let t = t.to_device(device)?;
-            let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
-            self.taken.lock().expect("taken set poisoned").insert(name.to_string());
+            let t = if t.dtype() == dtype {
+                t
+            } else {
+                t.to_dtype(dtype)?
+            };
+            self.taken
+                .lock()
+                .expect("taken set poisoned")
+                .insert(name.to_string());
             return Ok(t);
         }
         let view = self.files[e.file]
             .get(name)
-            .map_err(|err| Error::Safetensors { path: self.paths[e.file].clone(), reason: err.to_string() })?;
-        let t = view
-            .load(device)
-            .map_err(|err| Error::Safetensors { path: self.paths[e.file].clone(), reason: format!("tensor `{name}`: {err}") })?;
-        let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
-        self.taken.lock().expect("taken set poisoned").insert(name.to_string());
+            .map_err(|err| Error::Safetensors {
+                path: self.paths[e.file].clone(),
+                reason: err.to_string(),
+            })?;
+        let t = view.load(device).map_err(|err| Error::Safetensors {
+            path: self.paths[e.file].clone(),
+            reason: format!("tensor `{name}`: {err}"),
+        })?;
+        let t = if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        };
+        self.taken
+            .lock()
+            .expect("taken set poisoned")
+            .insert(name.to_string());
         Ok(t)
     }
 
     /// Marks a tensor as deliberately unused (e.g. a stored `lm_head.weight` of a tied model).
     pub fn skip(&self, name: &str) {
-        self.taken.lock().expect("taken set poisoned").insert(name.to_string());
+        self.taken
+            .lock()
+            .expect("taken set poisoned")
+            .insert(name.to_string());
     }
 
     /// Errors on the first tensor that was neither taken nor skipped.
@@ -238,15 +332,25 @@ pub struct VbPath<'a> {
 impl<'a> Vb<'a> {
     /// The root (no prefix).
     pub fn root(self) -> VbPath<'a> {
-        VbPath { vb: self, prefix: String::new() }
+        VbPath {
+            vb: self,
+            prefix: String::new(),
+        }
     }
 }
 
 impl<'a> VbPath<'a> {
     /// Descends into `name`.
     pub fn pp(&self, name: impl std::fmt::Display) -> VbPath<'a> {
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        VbPath { vb: self.vb, prefix }
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        VbPath {
+            vb: self.vb,
+            prefix,
+        }
     }
 
     /// The full key of `name` under this prefix.
@@ -265,7 +369,9 @@ impl<'a> VbPath<'a> {
 
     /// Loads `name` with the given shape in the compute dtype.
     pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
-        self.vb.files.take(&self.key(name), shape, self.vb.dtype, self.vb.device)
+        self.vb
+            .files
+            .take(&self.key(name), shape, self.vb.dtype, self.vb.device)
     }
 
     /// Whether `name` exists.

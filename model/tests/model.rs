@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use ringtune_model::io::{read_safetensors, write_safetensors_atomic, NamedTensors};
 use ringtune_model::peft::read_adapter_tensors;
 use ringtune_model::{
-    merge_with, set_force_generic, Adapters, AdamW, AdamWConfig, Batch, DType, Device, Error, Gradients, LoraConfig,
-    LoraModel, LossKind, MergeOptions, ModelConfig, Tensor,
+    merge_with, set_force_generic, AdamW, AdamWConfig, Adapters, Batch, DType, Device, Error,
+    Gradients, LoraConfig, LoraModel, LossKind, MergeOptions, ModelConfig, Tensor,
 };
 
 fn fixtures() -> PathBuf {
@@ -21,13 +21,23 @@ fn tiny() -> PathBuf {
 }
 
 fn vec_f32(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
     let (a, b) = (vec_f32(a), vec_f32(b));
-    let d: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let d: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
     if n == 0.0 {
         d
@@ -37,12 +47,21 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 fn all_targets(rank: usize) -> LoraConfig {
-    LoraConfig { alpha: 16.0, ..LoraConfig::from_tinker(rank, true, true, true) }
+    LoraConfig {
+        alpha: 16.0,
+        ..LoraConfig::from_tinker(rank, true, true, true)
+    }
 }
 
 /// The reference adapter after two steps (B ≠ 0) on the llama-tiny base.
 fn trained_tiny() -> LoraModel {
-    LoraModel::load_with_adapter(&tiny().join("base"), &tiny().join("adapter_step2"), &Device::Cpu, DType::F32).unwrap()
+    LoraModel::load_with_adapter(
+        &tiny().join("base"),
+        &tiny().join("adapter_step2"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
 }
 
 fn ref_batch() -> Batch {
@@ -50,7 +69,13 @@ fn ref_batch() -> Batch {
     let t: BTreeMap<_, _> = t.into_iter().collect();
     let ids = &t["input_ids"];
     let (rows, n) = ids.dims2().unwrap();
-    let ids: Vec<u32> = ids.to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let ids: Vec<u32> = ids
+        .to_dtype(DType::U32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     Batch::from_dense_tokens(rows, n, &ids, &vec_f32(&t["loss_weights"])).unwrap()
 }
 
@@ -63,32 +88,58 @@ fn other_architectures_match_transformers_logits() {
     for name in ["llama3", "mistral", "qwen2", "qwen3"] {
         let dir = fixtures().join("archs").join(name);
         let cfg = ModelConfig::from_file(dir.join("config.json")).unwrap();
-        let model = LoraModel::load(&dir, &LoraConfig::from_tinker(4, true, true, false), &Device::Cpu, DType::F32, 0).unwrap();
+        let model = LoraModel::load(
+            &dir,
+            &LoraConfig::from_tinker(4, true, true, false),
+            &Device::Cpu,
+            DType::F32,
+            0,
+        )
+        .unwrap();
         let (t, _) = read_safetensors(&dir.join("logits.safetensors")).unwrap();
         let t: BTreeMap<_, _> = t.into_iter().collect();
         let ids = t["input_ids"].to_dtype(DType::U32).unwrap();
         let logits = model.forward(&ids, None).unwrap();
         let e = rel_err(&logits, &t["logits"]);
-        assert!(e < 1e-5, "{name} ({:?}): logits relative error {e:.2e}", cfg.architecture);
+        assert!(
+            e < 1e-5,
+            "{name} ({:?}): logits relative error {e:.2e}",
+            cfg.architecture
+        );
         // And through the device-independent path that other backends take.
         set_force_generic(true);
         let g = model.forward(&ids, None).unwrap();
         set_force_generic(false);
         let e = rel_err(&g, &t["logits"]);
-        assert!(e < 1e-5, "{name}: generic-path logits relative error {e:.2e}");
+        assert!(
+            e < 1e-5,
+            "{name}: generic-path logits relative error {e:.2e}"
+        );
     }
 }
 
 #[test]
 fn zero_b_gives_exactly_the_base_logits() {
     // Fresh adapters: A random, B zero.
-    let model = LoraModel::load(&tiny().join("base"), &all_targets(8), &Device::Cpu, DType::F32, 7).unwrap();
+    let model = LoraModel::load(
+        &tiny().join("base"),
+        &all_targets(8),
+        &Device::Cpu,
+        DType::F32,
+        7,
+    )
+    .unwrap();
     let a = model.adapter_tensors();
-    assert!(a.iter().any(|(k, t)| k.ends_with("lora_A.weight") && vec_f32(t).iter().any(|&v| v != 0.0)));
+    assert!(a
+        .iter()
+        .any(|(k, t)| k.ends_with("lora_A.weight") && vec_f32(t).iter().any(|&v| v != 0.0)));
     let ids = ids_tensor(&ref_batch());
     let on = vec_f32(&model.forward_with(&ids, None, Adapters::On).unwrap());
     let off = vec_f32(&model.forward_with(&ids, None, Adapters::Off).unwrap());
-    assert!(on.iter().zip(&off).all(|(x, y)| x.to_bits() == y.to_bits()), "B = 0 must not change a single bit");
+    assert!(
+        on.iter().zip(&off).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "B = 0 must not change a single bit"
+    );
     // Sanity: a trained adapter does change them.
     let trained = trained_tiny();
     let on2 = vec_f32(&trained.forward_with(&ids, None, Adapters::On).unwrap());
@@ -104,13 +155,25 @@ fn merged_model_matches_the_adapter_forward_single_and_sharded() {
     let want = model.forward(&ids, None).unwrap();
     for (max_shard, shards) in [(u64::MAX, 1), (200_000, 5)] {
         let out = tempfile::tempdir().unwrap();
-        let rep = merge_with(&tiny().join("base"), &tiny().join("adapter_step2"), out.path(), &MergeOptions { max_shard_bytes: max_shard }).unwrap();
+        let rep = merge_with(
+            &tiny().join("base"),
+            &tiny().join("adapter_step2"),
+            out.path(),
+            &MergeOptions {
+                max_shard_bytes: max_shard,
+            },
+        )
+        .unwrap();
         assert_eq!(rep.merged_tensors, 15);
-        assert!(rep.shards >= shards.min(2) && (shards > 1 || rep.shards == 1), "{rep:?}");
+        assert!(
+            rep.shards >= shards.min(2) && (shards > 1 || rep.shards == 1),
+            "{rep:?}"
+        );
         if rep.shards > 1 {
             assert!(out.path().join("model.safetensors.index.json").is_file());
         }
-        let merged = LoraModel::load(out.path(), &all_targets(8), &Device::Cpu, DType::F32, 0).unwrap();
+        let merged =
+            LoraModel::load(out.path(), &all_targets(8), &Device::Cpu, DType::F32, 0).unwrap();
         let got = merged.forward_with(&ids, None, Adapters::Off).unwrap();
         let e = rel_err(&got, &want);
         assert!(e <= 1e-5, "merged vs adapter forward: {e:.2e}");
@@ -122,7 +185,9 @@ fn merge_of_a_tied_lm_head_unties_it() {
     let dir = fixtures().join("archs/qwen3");
     let model = LoraModel::load(&dir, &all_targets(4), &Device::Cpu, DType::F32, 3).unwrap();
     // Give B values so the merge changes something.
-    let flat: Vec<f32> = (0..model.param_layout().numel()).map(|i| ((i * 7919 % 13) as f32 - 6.0) * 1e-3).collect();
+    let flat: Vec<f32> = (0..model.param_layout().numel())
+        .map(|i| ((i * 7919 % 13) as f32 - 6.0) * 1e-3)
+        .collect();
     model.set_params_flat(&flat).unwrap();
     let ad = tempfile::tempdir().unwrap();
     model.save_adapter(ad.path()).unwrap();
@@ -132,7 +197,10 @@ fn merge_of_a_tied_lm_head_unties_it() {
     assert!(!cfg.tie_word_embeddings);
     let merged = LoraModel::load(out.path(), &all_targets(4), &Device::Cpu, DType::F32, 0).unwrap();
     let ids = Tensor::new(&[[1u32, 5, 9, 14, 3, 7]], &Device::Cpu).unwrap();
-    let e = rel_err(&merged.forward_with(&ids, None, Adapters::Off).unwrap(), &model.forward(&ids, None).unwrap());
+    let e = rel_err(
+        &merged.forward_with(&ids, None, Adapters::Off).unwrap(),
+        &model.forward(&ids, None).unwrap(),
+    );
     assert!(e <= 1e-5, "{e:.2e}");
 }
 
@@ -140,7 +208,9 @@ fn merge_of_a_tied_lm_head_unties_it() {
 fn gradients_agree_with_finite_differences() {
     let model = trained_tiny();
     let batch = ref_batch();
-    let (_, grads) = model.forward_backward(&batch, LossKind::CrossEntropy).unwrap();
+    let (_, grads) = model
+        .forward_backward(&batch, LossKind::CrossEntropy)
+        .unwrap();
     let base = model.params_flat().unwrap();
     let layout = model.param_layout().clone();
     let flat_g = grads.to_flat().unwrap();
@@ -149,19 +219,31 @@ fn gradients_agree_with_finite_differences() {
     let mut offset = 0;
     for (key, shape) in layout.entries() {
         let n: usize = shape.iter().product();
-        let pick = key.contains("layers.0.self_attn.q_proj") || key.contains("layers.1.mlp.down_proj") || key.contains("lm_head");
+        let pick = key.contains("layers.0.self_attn.q_proj")
+            || key.contains("layers.1.mlp.down_proj")
+            || key.contains("lm_head");
         if pick {
-            let (i, g) = flat_g[offset..offset + n].iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
+            let (i, g) = flat_g[offset..offset + n]
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+                .unwrap();
             let eps = 1e-2f32;
             let loss_at = |d: f32| {
                 let mut p = base.clone();
                 p[offset + i] += d;
                 model.set_params_flat(&p).unwrap();
-                model.logprobs(&batch, LossKind::CrossEntropy, Adapters::On).unwrap().loss_sum
+                model
+                    .logprobs(&batch, LossKind::CrossEntropy, Adapters::On)
+                    .unwrap()
+                    .loss_sum
             };
             let fd = (loss_at(eps) - loss_at(-eps)) / (2.0 * eps as f64);
             let rel = (fd - *g as f64).abs() / (g.abs() as f64);
-            assert!(rel < 2e-2, "{key}[{i}]: analytic {g} vs finite difference {fd} (rel {rel:.2e})");
+            assert!(
+                rel < 2e-2,
+                "{key}[{i}]: analytic {g} vs finite difference {fd} (rel {rel:.2e})"
+            );
             checked += 1;
         }
         offset += n;
@@ -178,13 +260,22 @@ fn peft_save_load_round_trips_bit_exactly() {
     // Same bits as the PEFT file it came from.
     let theirs = read_adapter_tensors(&tiny().join("adapter_step2")).unwrap();
     let ours = read_adapter_tensors(dir.path()).unwrap();
-    assert_eq!(theirs.keys().collect::<Vec<_>>(), ours.keys().collect::<Vec<_>>());
+    assert_eq!(
+        theirs.keys().collect::<Vec<_>>(),
+        ours.keys().collect::<Vec<_>>()
+    );
     for (k, t) in &theirs {
         let (a, b) = (vec_f32(t), vec_f32(&ours[k]));
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{k} changed");
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{k} changed"
+        );
     }
     // The config PEFT and vLLM read.
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["task_type"], "CAUSAL_LM");
     assert_eq!(cfg["r"], 8);
@@ -194,31 +285,63 @@ fn peft_save_load_round_trips_bit_exactly() {
     assert_eq!(cfg["use_rslora"], false);
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 8);
     // Load into a fresh model: identical bits again.
-    let fresh = LoraModel::load(&tiny().join("base"), &all_targets(8), &Device::Cpu, DType::F32, 99).unwrap();
+    let fresh = LoraModel::load(
+        &tiny().join("base"),
+        &all_targets(8),
+        &Device::Cpu,
+        DType::F32,
+        99,
+    )
+    .unwrap();
     fresh.load_adapter(dir.path()).unwrap();
-    assert_eq!(fresh.params_fingerprint().unwrap(), model.params_fingerprint().unwrap());
+    assert_eq!(
+        fresh.params_fingerprint().unwrap(),
+        model.params_fingerprint().unwrap()
+    );
     assert_eq!(fresh.params_flat().unwrap(), model.params_flat().unwrap());
 }
 
 #[test]
 fn padding_never_changes_the_real_tokens() {
     let model = trained_tiny();
-    let rows: Vec<Vec<u32>> = vec![(0..9).map(|i| (i * 37 + 5) % 1024).collect(), (0..21).map(|i| (i * 101 + 11) % 1024).collect()];
-    let weights: Vec<Vec<f32>> = rows.iter().map(|r| (0..r.len()).map(|i| if i % 3 == 0 { 0.0 } else { 1.0 }).collect()).collect();
+    let rows: Vec<Vec<u32>> = vec![
+        (0..9).map(|i| (i * 37 + 5) % 1024).collect(),
+        (0..21).map(|i| (i * 101 + 11) % 1024).collect(),
+    ];
+    let weights: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| if i % 3 == 0 { 0.0 } else { 1.0 })
+                .collect()
+        })
+        .collect();
     let padded = Batch::from_token_rows(&rows, &weights, 0).unwrap();
     assert_eq!(padded.seq(), 20);
-    let (all, g_all) = model.forward_backward(&padded, LossKind::CrossEntropy).unwrap();
+    let (all, g_all) = model
+        .forward_backward(&padded, LossKind::CrossEntropy)
+        .unwrap();
     let mut loss = 0.0;
     let mut g_sum: Option<Gradients> = None;
     for (b, (r, w)) in rows.iter().zip(&weights).enumerate() {
-        let one = Batch::from_token_rows(std::slice::from_ref(r), std::slice::from_ref(w), 0).unwrap();
-        let (o, g) = model.forward_backward(&one, LossKind::CrossEntropy).unwrap();
+        let one =
+            Batch::from_token_rows(std::slice::from_ref(r), std::slice::from_ref(w), 0).unwrap();
+        let (o, g) = model
+            .forward_backward(&one, LossKind::CrossEntropy)
+            .unwrap();
         for t in 0..one.seq() {
             let (x, y) = (o.logprobs[t], all.logprobs[b * padded.seq() + t]);
-            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "row {b} position {t}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "row {b} position {t}: {x} vs {y}"
+            );
         }
         for t in one.seq()..padded.seq() {
-            assert_eq!(all.logprobs[b * padded.seq() + t], 0.0, "padding logprob is 0");
+            assert_eq!(
+                all.logprobs[b * padded.seq() + t],
+                0.0,
+                "padding logprob is 0"
+            );
         }
         loss += o.loss_sum;
         match &mut g_sum {
@@ -238,7 +361,9 @@ fn padding_never_changes_the_real_tokens() {
 fn generic_path_matches_the_cpu_kernels() {
     let model = trained_tiny();
     let batch = ref_batch();
-    let (fast, gf) = model.forward_backward(&batch, LossKind::CrossEntropy).unwrap();
+    let (fast, gf) = model
+        .forward_backward(&batch, LossKind::CrossEntropy)
+        .unwrap();
     set_force_generic(true);
     let slow = model.forward_backward(&batch, LossKind::CrossEntropy);
     set_force_generic(false);
@@ -254,7 +379,9 @@ fn generic_path_matches_the_cpu_kernels() {
 fn empty_batch_gives_zero_loss_and_zero_gradients() {
     let model = trained_tiny();
     let batch = Batch::from_token_rows(&[], &[], 0).unwrap();
-    let (out, g) = model.forward_backward(&batch, LossKind::CrossEntropy).unwrap();
+    let (out, g) = model
+        .forward_backward(&batch, LossKind::CrossEntropy)
+        .unwrap();
     assert_eq!((out.loss_sum, out.tokens, out.mean()), (0.0, 0, 0.0));
     assert!(g.to_flat().unwrap().iter().all(|&v| v == 0.0));
     assert_eq!(g.layout(), model.param_layout());
@@ -263,7 +390,11 @@ fn empty_batch_gives_zero_loss_and_zero_gradients() {
 #[test]
 fn resume_from_saved_state_is_bit_exact() {
     let batch = ref_batch();
-    let cfg = AdamWConfig { max_grad_norm: Some(1.0), weight_decay: 0.01, ..AdamWConfig::default() };
+    let cfg = AdamWConfig {
+        max_grad_norm: Some(1.0),
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
     let step = |m: &LoraModel, opt: &mut AdamW| {
         let (o, mut g) = m.forward_backward(&batch, LossKind::CrossEntropy).unwrap();
         g.scale(1.0 / o.weight_sum).unwrap();
@@ -285,20 +416,37 @@ fn resume_from_saved_state_is_bit_exact() {
     }
     let dir = tempfile::tempdir().unwrap();
     first.save_adapter(&dir.path().join("adapter")).unwrap();
-    opt1.save(&dir.path().join("optimizer.safetensors")).unwrap();
+    opt1.save(&dir.path().join("optimizer.safetensors"))
+        .unwrap();
     drop(first);
-    let resumed = LoraModel::load_with_adapter(&tiny().join("base"), &dir.path().join("adapter"), &Device::Cpu, DType::F32).unwrap();
-    let mut opt2 = AdamW::load(&dir.path().join("optimizer.safetensors"), cfg, resumed.param_layout().clone()).unwrap();
+    let resumed = LoraModel::load_with_adapter(
+        &tiny().join("base"),
+        &dir.path().join("adapter"),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let mut opt2 = AdamW::load(
+        &dir.path().join("optimizer.safetensors"),
+        cfg,
+        resumed.param_layout().clone(),
+    )
+    .unwrap();
     assert_eq!(opt2.step_count(), 2);
     step(&resumed, &mut opt2);
-    assert_eq!(resumed.params_flat().unwrap(), straight.params_flat().unwrap());
+    assert_eq!(
+        resumed.params_flat().unwrap(),
+        straight.params_flat().unwrap()
+    );
     assert_eq!(opt2, opt);
 }
 
 #[test]
 fn flat_gradients_round_trip() {
     let model = trained_tiny();
-    let (_, g) = model.forward_backward(&ref_batch(), LossKind::CrossEntropy).unwrap();
+    let (_, g) = model
+        .forward_backward(&ref_batch(), LossKind::CrossEntropy)
+        .unwrap();
     let flat = g.to_flat().unwrap();
     assert_eq!(flat.len(), model.param_layout().numel());
     let back = Gradients::from_flat(model.param_layout(), &flat, &Device::Cpu).unwrap();
@@ -307,19 +455,27 @@ fn flat_gradients_round_trip() {
     let mut sorted = keys.clone();
     sorted.sort();
     assert_eq!(keys, sorted, "gradients are in sorted PEFT-key order");
-    assert!(matches!(Gradients::from_flat(model.param_layout(), &flat[1..], &Device::Cpu), Err(Error::ParamMismatch(_))));
+    assert!(matches!(
+        Gradients::from_flat(model.param_layout(), &flat[1..], &Device::Cpu),
+        Err(Error::ParamMismatch(_))
+    ));
 }
 
 // ---------------------------------------------------------------------------------------
 // Bad inputs: each gives its named error.
 
 /// Copies the tiny base to a temp dir, letting `edit` change its tensors or config.
-fn edited_base(edit_tensors: impl FnOnce(&mut Vec<(String, Tensor)>), edit_config: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+fn edited_base(
+    edit_tensors: impl FnOnce(&mut Vec<(String, Tensor)>),
+    edit_config: impl FnOnce(&mut serde_json::Value),
+) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     let (mut t, _) = read_safetensors(&tiny().join("base/model.safetensors")).unwrap();
     edit_tensors(&mut t);
     write_safetensors_atomic(&d.path().join("model.safetensors"), &t, None).unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny().join("base/config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("base/config.json")).unwrap())
+            .unwrap();
     edit_config(&mut cfg);
     std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
     d
@@ -331,20 +487,40 @@ fn load_err(dir: &Path) -> Error {
 
 #[test]
 fn bad_configs_name_the_field() {
-    let d = edited_base(|_| {}, |c| c["architectures"] = serde_json::json!(["GPT2LMHeadModel"]));
+    let d = edited_base(
+        |_| {},
+        |c| c["architectures"] = serde_json::json!(["GPT2LMHeadModel"]),
+    );
     let e = load_err(d.path());
-    assert!(matches!(&e, Error::UnknownArchitecture { found, .. } if found == "GPT2LMHeadModel"), "{e}");
-    let d = edited_base(|_| {}, |c| {
-        c.as_object_mut().unwrap().remove("hidden_size");
-    });
+    assert!(
+        matches!(&e, Error::UnknownArchitecture { found, .. } if found == "GPT2LMHeadModel"),
+        "{e}"
+    );
+    let d = edited_base(
+        |_| {},
+        |c| {
+            c.as_object_mut().unwrap().remove("hidden_size");
+        },
+    );
     let e = load_err(d.path());
-    assert!(matches!(&e, Error::MissingField { field, .. } if field == "hidden_size"), "{e}");
+    assert!(
+        matches!(&e, Error::MissingField { field, .. } if field == "hidden_size"),
+        "{e}"
+    );
     assert!(e.to_string().contains("config.json"), "{e}");
-    let d = edited_base(|_| {}, |c| c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4}));
+    let d = edited_base(
+        |_| {},
+        |c| c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4}),
+    );
     let e = load_err(d.path());
-    assert!(matches!(&e, Error::InvalidField { field, .. } if field == "rope_parameters.rope_type"), "{e}");
+    assert!(
+        matches!(&e, Error::InvalidField { field, .. } if field == "rope_parameters.rope_type"),
+        "{e}"
+    );
     let d = edited_base(|_| {}, |c| c["num_key_value_heads"] = serde_json::json!(3));
-    assert!(matches!(load_err(d.path()), Error::InvalidField { field, .. } if field == "num_key_value_heads"));
+    assert!(
+        matches!(load_err(d.path()), Error::InvalidField { field, .. } if field == "num_key_value_heads")
+    );
     let d = edited_base(|_| {}, |_| {});
     std::fs::write(d.path().join("config.json"), "{ not json").unwrap();
     assert!(matches!(load_err(d.path()), Error::Json { .. }));
@@ -352,14 +528,31 @@ fn bad_configs_name_the_field() {
 
 #[test]
 fn bad_weights_name_tensor_file_and_shapes() {
-    let d = edited_base(|t| t.retain(|(k, _)| k != "model.layers.1.mlp.up_proj.weight"), |_| {});
+    let d = edited_base(
+        |t| t.retain(|(k, _)| k != "model.layers.1.mlp.up_proj.weight"),
+        |_| {},
+    );
     let e = load_err(d.path());
-    assert!(matches!(&e, Error::MissingTensor { tensor, .. } if tensor == "model.layers.1.mlp.up_proj.weight"), "{e}");
+    assert!(
+        matches!(&e, Error::MissingTensor { tensor, .. } if tensor == "model.layers.1.mlp.up_proj.weight"),
+        "{e}"
+    );
     assert!(e.to_string().contains("model.safetensors"), "{e}");
 
-    let d = edited_base(|t| t.push(("model.layers.7.extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap())), |_| {});
+    let d = edited_base(
+        |t| {
+            t.push((
+                "model.layers.7.extra.weight".into(),
+                Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+            ))
+        },
+        |_| {},
+    );
     let e = load_err(d.path());
-    assert!(matches!(&e, Error::UnexpectedTensor { tensor, .. } if tensor == "model.layers.7.extra.weight"), "{e}");
+    assert!(
+        matches!(&e, Error::UnexpectedTensor { tensor, .. } if tensor == "model.layers.7.extra.weight"),
+        "{e}"
+    );
 
     let d = edited_base(
         |t| {
@@ -373,15 +566,26 @@ fn bad_weights_name_tensor_file_and_shapes() {
     );
     let e = load_err(d.path());
     match &e {
-        Error::ShapeMismatch { tensor, file, expected, found } => {
+        Error::ShapeMismatch {
+            tensor,
+            file,
+            expected,
+            found,
+        } => {
             assert_eq!(tensor, "model.layers.0.self_attn.k_proj.weight");
             assert!(file.ends_with("model.safetensors"));
-            assert_eq!((expected.as_slice(), found.as_slice()), (&[32, 64][..], &[16, 64][..]));
+            assert_eq!(
+                (expected.as_slice(), found.as_slice()),
+                (&[32, 64][..], &[16, 64][..])
+            );
         }
         other => panic!("expected ShapeMismatch, got {other}"),
     }
     let msg = e.to_string();
-    assert!(msg.contains("[32, 64]") && msg.contains("[16, 64]"), "{msg}");
+    assert!(
+        msg.contains("[32, 64]") && msg.contains("[16, 64]"),
+        "{msg}"
+    );
 
     let d = edited_base(|_| {}, |_| {});
     std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
@@ -392,20 +596,44 @@ fn bad_weights_name_tensor_file_and_shapes() {
 
 #[test]
 fn bad_adapters_name_the_key() {
-    let model = LoraModel::load(&tiny().join("base"), &all_targets(8), &Device::Cpu, DType::F32, 0).unwrap();
+    let model = LoraModel::load(
+        &tiny().join("base"),
+        &all_targets(8),
+        &Device::Cpu,
+        DType::F32,
+        0,
+    )
+    .unwrap();
     let write = |edit: &dyn Fn(&mut NamedTensors)| {
         let d = tempfile::tempdir().unwrap();
-        let mut t: Vec<(String, Tensor)> = read_adapter_tensors(&tiny().join("adapter_step1")).unwrap().into_iter().collect();
+        let mut t: Vec<(String, Tensor)> = read_adapter_tensors(&tiny().join("adapter_step1"))
+            .unwrap()
+            .into_iter()
+            .collect();
         edit(&mut t);
         write_safetensors_atomic(&d.path().join("adapter_model.safetensors"), &t, None).unwrap();
-        std::fs::copy(tiny().join("adapter_step1/adapter_config.json"), d.path().join("adapter_config.json")).unwrap();
+        std::fs::copy(
+            tiny().join("adapter_step1/adapter_config.json"),
+            d.path().join("adapter_config.json"),
+        )
+        .unwrap();
         d
     };
     let key = "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight";
     let d = write(&|t| t.retain(|(k, _)| k != key));
-    assert!(matches!(model.load_adapter(d.path()), Err(Error::MissingTensor { tensor, .. }) if tensor == key));
-    let d = write(&|t| t.push(("base_model.model.model.layers.5.mlp.up_proj.lora_A.weight".into(), Tensor::zeros((8, 64), DType::F32, &Device::Cpu).unwrap())));
-    assert!(matches!(model.load_adapter(d.path()), Err(Error::UnexpectedTensor { .. })));
+    assert!(
+        matches!(model.load_adapter(d.path()), Err(Error::MissingTensor { tensor, .. }) if tensor == key)
+    );
+    let d = write(&|t| {
+        t.push((
+            "base_model.model.model.layers.5.mlp.up_proj.lora_A.weight".into(),
+            Tensor::zeros((8, 64), DType::F32, &Device::Cpu).unwrap(),
+        ))
+    });
+    assert!(matches!(
+        model.load_adapter(d.path()),
+        Err(Error::UnexpectedTensor { .. })
+    ));
     let d = write(&|t| {
         for (k, v) in t.iter_mut() {
             if k == key {
@@ -413,17 +641,27 @@ fn bad_adapters_name_the_key() {
             }
         }
     });
-    assert!(matches!(model.load_adapter(d.path()), Err(Error::ShapeMismatch { tensor, .. }) if tensor == key));
+    assert!(
+        matches!(model.load_adapter(d.path()), Err(Error::ShapeMismatch { tensor, .. }) if tensor == key)
+    );
     // A base_layer tensor, as PEFT writes for lm_head, is accepted.
     model.load_adapter(&tiny().join("adapter_step1")).unwrap();
     // A different rank in the config.
     let d = write(&|_| {});
-    let cfg = std::fs::read_to_string(d.path().join("adapter_config.json")).unwrap().replace("\"r\": 8", "\"r\": 4");
+    let cfg = std::fs::read_to_string(d.path().join("adapter_config.json"))
+        .unwrap()
+        .replace("\"r\": 8", "\"r\": 4");
     std::fs::write(d.path().join("adapter_config.json"), cfg).unwrap();
-    assert!(matches!(model.load_adapter(d.path()), Err(Error::InvalidField { field, .. }) if field == "r"));
-    let cfg = std::fs::read_to_string(d.path().join("adapter_config.json")).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
+    assert!(
+        matches!(model.load_adapter(d.path()), Err(Error::InvalidField { field, .. }) if field == "r")
+    );
+    let cfg = std::fs::read_to_string(d.path().join("adapter_config.json"))
+        .unwrap()
+        .replace("\"use_dora\": false", "\"use_dora\": true");
     std::fs::write(d.path().join("adapter_config.json"), cfg).unwrap();
-    assert!(matches!(model.load_adapter(d.path()), Err(Error::InvalidField { field, .. }) if field == "use_dora"));
+    assert!(
+        matches!(model.load_adapter(d.path()), Err(Error::InvalidField { field, .. }) if field == "use_dora")
+    );
 }
 
 #[test]
@@ -431,26 +669,56 @@ fn bad_batches_are_refused() {
     let model = trained_tiny();
     let e = Batch::from_token_rows(&[vec![1, 2, 3]], &[vec![1.0, 1.0]], 0).unwrap_err();
     assert!(matches!(e, Error::InvalidBatch(_)));
-    assert!(matches!(Batch::from_token_rows(&[vec![1]], &[vec![1.0]], 0), Err(Error::InvalidBatch(_))));
-    assert!(matches!(Batch::from_token_rows(&[vec![1, 2]], &[vec![0.0, f32::NAN]], 0), Err(Error::InvalidBatch(_))));
+    assert!(matches!(
+        Batch::from_token_rows(&[vec![1]], &[vec![1.0]], 0),
+        Err(Error::InvalidBatch(_))
+    ));
+    assert!(matches!(
+        Batch::from_token_rows(&[vec![1, 2]], &[vec![0.0, f32::NAN]], 0),
+        Err(Error::InvalidBatch(_))
+    ));
     // Padding with weight.
-    let e = Batch::new(1, 3, vec![1, 2, 3], vec![2, 3, 4], vec![1.0, 1.0, 1.0], vec![2]).unwrap_err();
+    let e = Batch::new(
+        1,
+        3,
+        vec![1, 2, 3],
+        vec![2, 3, 4],
+        vec![1.0, 1.0, 1.0],
+        vec![2],
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("padding"), "{e}");
     let big = Batch::from_token_rows(&[vec![1, 5000, 3]], &[vec![0.0, 1.0, 1.0]], 0).unwrap();
-    let e = model.forward_backward(&big, LossKind::CrossEntropy).unwrap_err();
-    assert!(matches!(&e, Error::InvalidBatch(m) if m.contains("5000")), "{e}");
+    let e = model
+        .forward_backward(&big, LossKind::CrossEntropy)
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidBatch(m) if m.contains("5000")),
+        "{e}"
+    );
     let ids = Tensor::new(&[[1u32, 2000]], &Device::Cpu).unwrap();
-    assert!(matches!(model.forward(&ids, None), Err(Error::InvalidBatch(_))));
+    assert!(matches!(
+        model.forward(&ids, None),
+        Err(Error::InvalidBatch(_))
+    ));
     let ids = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
-    assert!(matches!(model.forward(&ids, None), Err(Error::InvalidBatch(_))));
-    assert!(matches!(model.set_params_flat(&[0.0; 3]), Err(Error::ParamMismatch(_))));
+    assert!(matches!(
+        model.forward(&ids, None),
+        Err(Error::InvalidBatch(_))
+    ));
+    assert!(matches!(
+        model.set_params_flat(&[0.0; 3]),
+        Err(Error::ParamMismatch(_))
+    ));
 }
 
 #[test]
 fn attention_mask_hides_left_padding() {
     let model = trained_tiny();
     let real = [5u32, 17, 300, 42, 9];
-    let alone = model.forward(&Tensor::new(&[real], &Device::Cpu).unwrap(), None).unwrap();
+    let alone = model
+        .forward(&Tensor::new(&[real], &Device::Cpu).unwrap(), None)
+        .unwrap();
     // The same tokens after two masked keys: with the mask, the last position (which sees
     // every real token) differs from `alone` only through positions — RoPE is relative, so
     // attention scores are unchanged and the logits agree.
@@ -460,6 +728,135 @@ fn attention_mask_hides_left_padding() {
     let a = alone.narrow(1, 4, 1).unwrap();
     let b = with.narrow(1, 6, 1).unwrap();
     assert!(rel_err(&b, &a) < 1e-5, "{}", rel_err(&b, &a));
-    let without = model.forward(&padded, None).unwrap().narrow(1, 6, 1).unwrap();
-    assert!(rel_err(&without, &a) > 1e-4, "unmasked padding must change the numbers");
+    let without = model
+        .forward(&padded, None)
+        .unwrap()
+        .narrow(1, 6, 1)
+        .unwrap();
+    assert!(
+        rel_err(&without, &a) > 1e-4,
+        "unmasked padding must change the numbers"
+    );
+}
+
+#[test]
+fn random_model_folders_load_and_match_the_in_memory_model() {
+    let cfg = ringtune_model::ModelPreset::Quickstart { vocab_size: 300 }.config();
+    let dir = tempfile::tempdir().unwrap();
+    ringtune_model::write_random_model(dir.path(), &cfg, 11).unwrap();
+    assert!(dir.path().join("generation_config.json").is_file());
+    let lora = LoraConfig::from_tinker(4, true, true, false);
+    let disk = LoraModel::load(dir.path(), &lora, &Device::Cpu, DType::F32, 5).unwrap();
+    let mem = LoraModel::random(&cfg, &lora, &Device::Cpu, 11, 5).unwrap();
+    assert_eq!(disk.config(), &cfg);
+    let ids = Tensor::new(&[[1u32, 2, 3, 250, 17]], &Device::Cpu).unwrap();
+    assert_eq!(
+        vec_f32(&disk.forward(&ids, None).unwrap()),
+        vec_f32(&mem.forward(&ids, None).unwrap())
+    );
+    assert_eq!(
+        disk.params_fingerprint().unwrap(),
+        mem.params_fingerprint().unwrap(),
+        "same seed, same adapters"
+    );
+    // Near-uniform predictions at init: the loss is about ln(vocab).
+    let rows = vec![(0..40u32).map(|i| (i * 7) % 300).collect::<Vec<_>>()];
+    let batch = Batch::from_token_rows(&rows, &[vec![1.0; 40]], 0).unwrap();
+    let (out, _) = disk
+        .forward_backward(&batch, LossKind::CrossEntropy)
+        .unwrap();
+    assert!((out.mean() - (300f64).ln()).abs() < 0.1, "{}", out.mean());
+}
+
+#[test]
+fn dropout_is_seeded_and_fresh_every_pass() {
+    let cfg = LoraConfig {
+        dropout: 0.3,
+        ..all_targets(8)
+    };
+    let make = || {
+        let m = LoraModel::load(&tiny().join("base"), &cfg, &Device::Cpu, DType::F32, 1).unwrap();
+        m.load_adapter(&tiny().join("adapter_step2")).unwrap();
+        m
+    };
+    let (a, b) = (make(), make());
+    let batch = ref_batch();
+    let g1 = a
+        .forward_backward(&batch, LossKind::CrossEntropy)
+        .unwrap()
+        .1
+        .to_flat()
+        .unwrap();
+    let g2 = a
+        .forward_backward(&batch, LossKind::CrossEntropy)
+        .unwrap()
+        .1
+        .to_flat()
+        .unwrap();
+    let g1b = b
+        .forward_backward(&batch, LossKind::CrossEntropy)
+        .unwrap()
+        .1
+        .to_flat()
+        .unwrap();
+    assert_ne!(g1, g2, "each pass draws new masks");
+    assert_eq!(g1, g1b, "same seed, same masks");
+    // No dropout outside training passes.
+    let no_drop = trained_tiny();
+    let lp = a
+        .logprobs(&batch, LossKind::CrossEntropy, Adapters::On)
+        .unwrap();
+    let lp0 = no_drop
+        .logprobs(&batch, LossKind::CrossEntropy, Adapters::On)
+        .unwrap();
+    assert_eq!(lp.logprobs, lp0.logprobs);
+}
+
+#[test]
+fn lora_config_scaling_and_targets() {
+    let c = LoraConfig::default();
+    assert_eq!((c.rank, c.alpha, c.target_modules.len()), (32, 32.0, 8));
+    assert_eq!(c.scale(), 1.0);
+    let rs = LoraConfig {
+        use_rslora: true,
+        alpha: 16.0,
+        rank: 64,
+        ..c.clone()
+    };
+    assert_eq!(rs.scale(), 2.0);
+    let attn = LoraConfig::from_tinker(8, true, false, false);
+    assert_eq!(
+        attn.target_modules
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>(),
+        ["q_proj", "k_proj", "v_proj", "o_proj"]
+    );
+    assert!(
+        matches!(LoraConfig::from_names(8, 8.0, &["q_proj", "c_attn"]), Err(Error::InvalidLoraConfig(m)) if m.contains("c_attn"))
+    );
+    assert!(LoraConfig {
+        rank: 0,
+        ..c.clone()
+    }
+    .validated()
+    .is_err());
+    assert!(LoraConfig::from_tinker(8, false, false, false)
+        .validated()
+        .is_err());
+    // Only the targeted modules get parameters.
+    let m = LoraModel::load(
+        &tiny().join("base"),
+        &LoraConfig::from_tinker(4, false, true, false),
+        &Device::Cpu,
+        DType::F32,
+        0,
+    )
+    .unwrap();
+    assert_eq!(m.param_layout().len(), 2 * 3 * 2);
+    assert!(m
+        .param_layout()
+        .entries()
+        .iter()
+        .all(|(k, _)| k.contains(".mlp.")));
 }

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use ringtune_model::io::read_safetensors;
 use ringtune_model::peft::read_adapter_tensors;
-use ringtune_model::{AdamW, AdamWConfig, Batch, DType, Device, LoraConfig, LoraModel, LossKind, Tensor};
+use ringtune_model::{
+    AdamW, AdamWConfig, Batch, DType, Device, LoraConfig, LoraModel, LossKind, Tensor,
+};
 
 const TOL: f64 = 1e-5;
 
@@ -17,7 +19,8 @@ fn fixture() -> PathBuf {
 }
 
 fn reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap())
+        .unwrap()
 }
 
 fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
@@ -27,9 +30,26 @@ fn tensors(path: &Path) -> BTreeMap<String, Tensor> {
 /// ‖a − b‖ / ‖b‖ (‖a − b‖ when b = 0).
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    let a = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let diff: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
     let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     if norm == 0.0 {
         diff
@@ -38,12 +58,23 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     }
 }
 
-fn assert_close(what: &str, got: &[(String, Tensor)], want: &BTreeMap<String, Tensor>, suffix: &str) {
-    assert_eq!(got.len(), want.keys().filter(|k| !k.contains("base_layer")).count(), "{what}: tensor count");
+fn assert_close(
+    what: &str,
+    got: &[(String, Tensor)],
+    want: &BTreeMap<String, Tensor>,
+    suffix: &str,
+) {
+    assert_eq!(
+        got.len(),
+        want.keys().filter(|k| !k.contains("base_layer")).count(),
+        "{what}: tensor count"
+    );
     let mut worst = (0.0, String::new());
     for (k, t) in got {
         let key = format!("{k}{suffix}");
-        let w = want.get(&key).unwrap_or_else(|| panic!("{what}: reference lacks {key}"));
+        let w = want
+            .get(&key)
+            .unwrap_or_else(|| panic!("{what}: reference lacks {key}"));
         let e = rel_err(t, w);
         if e > worst.0 {
             worst = (e, key.clone());
@@ -57,20 +88,38 @@ fn load_batch() -> Batch {
     let b = tensors(&fixture().join("batch.safetensors"));
     let ids = &b["input_ids"];
     let (rows, t) = ids.dims2().unwrap();
-    let ids: Vec<u32> = ids.to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let ids: Vec<u32> = ids
+        .to_dtype(DType::U32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let w: Vec<f32> = b["loss_weights"].flatten_all().unwrap().to_vec1().unwrap();
     Batch::from_dense_tokens(rows, t, &ids, &w).unwrap()
 }
 
 fn lora_config(r: &serde_json::Value) -> LoraConfig {
     let l = &r["lora"];
-    let names: Vec<String> = l["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
-    LoraConfig::from_names(l["r"].as_u64().unwrap() as usize, l["lora_alpha"].as_f64().unwrap(), &names).unwrap()
+    let names: Vec<String> = l["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    LoraConfig::from_names(
+        l["r"].as_u64().unwrap() as usize,
+        l["lora_alpha"].as_f64().unwrap(),
+        &names,
+    )
+    .unwrap()
 }
 
 /// forward_backward, then the mean's gradients (the reference differentiates the mean).
 fn mean_grads(model: &LoraModel, batch: &Batch) -> (f64, ringtune_model::Gradients) {
-    let (out, mut g) = model.forward_backward(batch, LossKind::CrossEntropy).unwrap();
+    let (out, mut g) = model
+        .forward_backward(batch, LossKind::CrossEntropy)
+        .unwrap();
     g.scale(1.0 / out.weight_sum).unwrap();
     (out.mean(), g)
 }
@@ -79,15 +128,30 @@ fn mean_grads(model: &LoraModel, batch: &Batch) -> (f64, ringtune_model::Gradien
 fn matches_pytorch_peft_for_two_adamw_steps() {
     let r = reference();
     let dir = fixture();
-    let model = LoraModel::load(&dir.join("base"), &lora_config(&r), &Device::Cpu, DType::F32, 0).unwrap();
+    let model = LoraModel::load(
+        &dir.join("base"),
+        &lora_config(&r),
+        &Device::Cpu,
+        DType::F32,
+        0,
+    )
+    .unwrap();
     model.load_adapter(&dir.join("adapter_init")).unwrap();
     let batch = load_batch();
 
     // Step 0: loss and gradients at the initial adapter.
     let (loss, grads) = mean_grads(&model, &batch);
     let want = r["loss_init"].as_f64().unwrap();
-    assert!(((loss - want) / want).abs() <= TOL, "loss_init {loss} vs {want}");
-    assert_close("grads_init", grads.tensors(), &tensors(&dir.join("grads_init.safetensors")), "");
+    assert!(
+        ((loss - want) / want).abs() <= TOL,
+        "loss_init {loss} vs {want}"
+    );
+    assert_close(
+        "grads_init",
+        grads.tensors(),
+        &tensors(&dir.join("grads_init.safetensors")),
+        "",
+    );
 
     // Step 1: AdamW, then moments and adapter.
     let a = &r["adamw"];
@@ -106,8 +170,16 @@ fn matches_pytorch_peft_for_two_adamw_steps() {
     model.set_params_flat(&params).unwrap();
     let state = opt.state_tensors(&Device::Cpu).unwrap();
     let want_state = tensors(&dir.join("adam_state_step1.safetensors"));
-    let m: Vec<_> = state.iter().filter(|(k, _)| k.ends_with(".exp_avg")).cloned().collect();
-    let v: Vec<_> = state.iter().filter(|(k, _)| k.ends_with(".exp_avg_sq")).cloned().collect();
+    let m: Vec<_> = state
+        .iter()
+        .filter(|(k, _)| k.ends_with(".exp_avg"))
+        .cloned()
+        .collect();
+    let v: Vec<_> = state
+        .iter()
+        .filter(|(k, _)| k.ends_with(".exp_avg_sq"))
+        .cloned()
+        .collect();
     assert_eq!(m.len() + v.len(), want_state.len());
     for (k, t) in m.iter().chain(&v) {
         let e = rel_err(t, &want_state[k]);
@@ -119,8 +191,16 @@ fn matches_pytorch_peft_for_two_adamw_steps() {
     // Step 2: loss and gradients at the step-1 adapter, then the second update.
     let (loss, grads) = mean_grads(&model, &batch);
     let want = r["loss_step1"].as_f64().unwrap();
-    assert!(((loss - want) / want).abs() <= TOL, "loss_step1 {loss} vs {want}");
-    assert_close("grads_step1", grads.tensors(), &tensors(&dir.join("grads_step1.safetensors")), "");
+    assert!(
+        ((loss - want) / want).abs() <= TOL,
+        "loss_step1 {loss} vs {want}"
+    );
+    assert_close(
+        "grads_step1",
+        grads.tensors(),
+        &tensors(&dir.join("grads_step1.safetensors")),
+        "",
+    );
     let mut g = grads.to_flat().unwrap();
     opt.step_flat(&mut params, &mut g, cfg.lr).unwrap();
     model.set_params_flat(&params).unwrap();
@@ -129,5 +209,8 @@ fn matches_pytorch_peft_for_two_adamw_steps() {
 
     let (loss, _) = mean_grads(&model, &batch);
     let want = r["loss_step2_f64"].as_f64().unwrap();
-    assert!(((loss - want) / want).abs() <= TOL, "loss after step 2 {loss} vs {want}");
+    assert!(
+        ((loss - want) / want).abs() <= TOL,
+        "loss after step 2 {loss} vs {want}"
+    );
 }

@@ -10,7 +10,9 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use ringtune_model::{AdamW, AdamWConfig, Batch, Device, LoraConfig, LoraModel, LossKind, ModelPreset};
+use ringtune_model::{
+    AdamW, AdamWConfig, Batch, Device, LoraConfig, LoraModel, LossKind, ModelPreset,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -102,11 +104,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut rng = args.seed.wrapping_add(1);
     // t + 1 tokens per row: t input positions and t targets, so the model runs on exactly
     // `t` positions per row like the PyTorch script. Targets in the second half weighted.
-    let weights: Vec<f32> = (0..b).flat_map(|_| (0..=t).map(move |i| if i > t / 2 { 1.0 } else { 0.0 })).collect();
+    let weights: Vec<f32> = (0..b)
+        .flat_map(|_| (0..=t).map(move |i| if i > t / 2 { 1.0 } else { 0.0 }))
+        .collect();
     let mut times = Vec::with_capacity(args.steps);
     let mut losses = Vec::with_capacity(args.warmup + args.steps);
     for step in 0..args.warmup + args.steps {
-        let tokens: Vec<u32> = (0..b * (t + 1)).map(|_| (splitmix64(&mut rng) % cfg.vocab_size as u64) as u32).collect();
+        let tokens: Vec<u32> = (0..b * (t + 1))
+            .map(|_| (splitmix64(&mut rng) % cfg.vocab_size as u64) as u32)
+            .collect();
         let batch = Batch::from_dense_tokens(b, t + 1, &tokens, &weights)?;
         let t0 = Instant::now();
         let (out, mut grads) = model.forward_backward(&batch, LossKind::CrossEntropy)?;

@@ -44,26 +44,47 @@ pub struct Args {
 
 /// Reads and checks the batch file; errors name the file and tensor.
 fn read_batch(path: &Path) -> anyhow::Result<Batch> {
-    let (tensors, _) = read_safetensors(path).with_context(|| format!("reading batch {}", path.display()))?;
+    let (tensors, _) =
+        read_safetensors(path).with_context(|| format!("reading batch {}", path.display()))?;
     let t: BTreeMap<_, _> = tensors.into_iter().collect();
     let get = |name: &str| {
         t.get(name).with_context(|| {
-            format!("{}: no tensor `{name}` (found: {:?})", path.display(), t.keys().collect::<Vec<_>>())
+            format!(
+                "{}: no tensor `{name}` (found: {:?})",
+                path.display(),
+                t.keys().collect::<Vec<_>>()
+            )
         })
     };
     let (ids, w) = (get("input_ids")?, get("loss_weights")?);
-    let (rows, n) = ids
-        .dims2()
-        .with_context(|| format!("{}: `input_ids` must be [B, T], is {:?}", path.display(), ids.dims()))?;
+    let (rows, n) = ids.dims2().with_context(|| {
+        format!(
+            "{}: `input_ids` must be [B, T], is {:?}",
+            path.display(),
+            ids.dims()
+        )
+    })?;
     if w.dims() != [rows, n] {
-        bail!("{}: `loss_weights` has shape {:?}, `input_ids` {:?}", path.display(), w.dims(), ids.dims());
+        bail!(
+            "{}: `loss_weights` has shape {:?}, `input_ids` {:?}",
+            path.display(),
+            w.dims(),
+            ids.dims()
+        );
     }
     if !ids.dtype().is_int() {
-        bail!("{}: `input_ids` must be an integer tensor, is {:?}", path.display(), ids.dtype());
+        bail!(
+            "{}: `input_ids` must be an integer tensor, is {:?}",
+            path.display(),
+            ids.dtype()
+        );
     }
     let ids64: Vec<i64> = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
     if let Some(bad) = ids64.iter().find(|&&v| v < 0 || v > u32::MAX as i64) {
-        bail!("{}: `input_ids` holds {bad}, not a token id", path.display());
+        bail!(
+            "{}: `input_ids` holds {bad}, not a token id",
+            path.display()
+        );
     }
     let ids: Vec<u32> = ids64.into_iter().map(|v| v as u32).collect();
     let w: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -72,14 +93,28 @@ fn read_batch(path: &Path) -> anyhow::Result<Batch> {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     ringtune_model::init_cpu_runtime(None);
-    let kind = LossKind::from_name(&args.loss).with_context(|| format!("unknown --loss {:?} (supported: cross_entropy)", args.loss))?;
+    let kind = LossKind::from_name(&args.loss)
+        .with_context(|| format!("unknown --loss {:?} (supported: cross_entropy)", args.loss))?;
     let model_dir = resolve_model_dir(&args.model)?;
     let device = Device::Cpu;
     let model = match &args.adapter {
-        Some(a) => LoraModel::load_with_adapter(&model_dir, a, &device, DType::F32)
-            .with_context(|| format!("loading {} with adapter {}", model_dir.display(), a.display()))?,
-        None => LoraModel::load(&model_dir, &LoraConfig::from_tinker(args.rank, true, true, true), &device, DType::F32, args.seed)
-            .with_context(|| format!("loading {}", model_dir.display()))?,
+        Some(a) => {
+            LoraModel::load_with_adapter(&model_dir, a, &device, DType::F32).with_context(|| {
+                format!(
+                    "loading {} with adapter {}",
+                    model_dir.display(),
+                    a.display()
+                )
+            })?
+        }
+        None => LoraModel::load(
+            &model_dir,
+            &LoraConfig::from_tinker(args.rank, true, true, true),
+            &device,
+            DType::F32,
+            args.seed,
+        )
+        .with_context(|| format!("loading {}", model_dir.display()))?,
     };
     let batch = read_batch(&args.batch)?;
     let (out, mut grads) = model.forward_backward(&batch, kind)?;
@@ -105,13 +140,18 @@ mod tests {
     use super::*;
 
     fn fixture(p: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/tests/fixtures/llama-tiny").join(p)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../model/tests/fixtures/llama-tiny")
+            .join(p)
     }
 
     /// The command's gradients are the PyTorch + PEFT reference's (grads of the mean).
     #[test]
     fn writes_the_reference_gradients() {
-        let out = std::env::temp_dir().join(format!("ringtune-fb-test-{}.safetensors", std::process::id()));
+        let out = std::env::temp_dir().join(format!(
+            "ringtune-fb-test-{}.safetensors",
+            std::process::id()
+        ));
         run(Args {
             model: fixture("base").display().to_string(),
             adapter: Some(fixture("adapter_init")),
@@ -131,7 +171,12 @@ mod tests {
             assert_eq!(k, k2);
             let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
             let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-            let d: f32 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+            let d: f32 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y) * (x - y))
+                .sum::<f32>()
+                .sqrt();
             let n: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
             assert!(d <= 1e-5 * n, "{k}: relative error {}", d / n);
         }
@@ -139,7 +184,9 @@ mod tests {
 
     #[test]
     fn a_batch_without_weights_is_an_error_naming_the_tensor() {
-        let e = read_batch(&fixture("grads_init.safetensors")).unwrap_err().to_string();
+        let e = read_batch(&fixture("grads_init.safetensors"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("input_ids"), "{e}");
     }
 }
