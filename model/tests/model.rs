@@ -860,3 +860,75 @@ fn lora_config_scaling_and_targets() {
         .iter()
         .all(|(k, _)| k.contains(".mlp.")));
 }
+
+#[test]
+fn bf16_checkpoints_load_into_f32_compute() {
+    let d = edited_base(
+        |t| {
+            for (_, v) in t.iter_mut() {
+                *v = v.to_dtype(DType::BF16).unwrap();
+            }
+        },
+        |c| c["dtype"] = serde_json::json!("bfloat16"),
+    );
+    let m16 = LoraModel::load(d.path(), &all_targets(8), &Device::Cpu, DType::F32, 0).unwrap();
+    let m32 = LoraModel::load(
+        &tiny().join("base"),
+        &all_targets(8),
+        &Device::Cpu,
+        DType::F32,
+        0,
+    )
+    .unwrap();
+    let ids = ids_tensor(&ref_batch());
+    let e = rel_err(
+        &m16.forward(&ids, None).unwrap(),
+        &m32.forward(&ids, None).unwrap(),
+    );
+    assert!(e > 0.0 && e < 2e-2, "bf16 rounding only: {e}");
+    assert!(matches!(
+        LoraModel::load(
+            &tiny().join("base"),
+            &all_targets(8),
+            &Device::Cpu,
+            DType::BF16,
+            0
+        ),
+        Err(Error::Unsupported(_))
+    ));
+}
+
+#[test]
+fn a_sharded_index_must_match_its_shards() {
+    let out = tempfile::tempdir().unwrap();
+    merge_with(
+        &tiny().join("base"),
+        &tiny().join("adapter_step2"),
+        out.path(),
+        &MergeOptions {
+            max_shard_bytes: 300_000,
+        },
+    )
+    .unwrap();
+    let index = out.path().join("model.safetensors.index.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    let first = v["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    v["weight_map"]["model.layers.9.mlp.up_proj.weight"] = first;
+    std::fs::write(&index, v.to_string()).unwrap();
+    let e = load_err(out.path());
+    assert!(
+        matches!(&e, Error::MissingTensor { tensor, .. } if tensor == "model.layers.9.mlp.up_proj.weight"),
+        "{e}"
+    );
+    v["weight_map"]["model.layers.9.mlp.up_proj.weight"] =
+        serde_json::json!("../elsewhere.safetensors");
+    std::fs::write(&index, v.to_string()).unwrap();
+    assert!(matches!(load_err(out.path()), Error::InvalidField { .. }));
+}
