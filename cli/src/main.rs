@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 mod cmd;
 
 #[derive(Parser)]
-#[command(name = "ringtune", version, about = "Distributed data-parallel LoRA fine-tuning")]
+#[command(
+    name = "ringtune",
+    version,
+    about = "Distributed data-parallel LoRA fine-tuning"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,6 +23,10 @@ struct Cli {
 enum Command {
     /// Train a LoRA adapter as a run config says (see configs/README.md).
     Train(cmd::train::Args),
+    /// Schedule a distributed run: nodes register here (see README, Distributed runtime).
+    Coordinator(cmd::coordinator::Args),
+    /// One rank of a distributed run: joins the coordinator and trains what it is given.
+    Node(cmd::node::Args),
     /// Write a random-init model folder with a matching tokenizer (no hub needed).
     InitModel(cmd::init_model::Args),
     /// Merge a PEFT adapter into its base model, writing a full model folder.
@@ -40,12 +48,16 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(args) => cmd::train::run(args),
+        Command::Coordinator(args) => cmd::coordinator::run(args),
+        Command::Node(args) => cmd::node::run(args),
         Command::InitModel(args) => cmd::init_model::run(args),
         Command::Merge(args) => cmd::merge::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::ForwardBackward(args) => cmd::forward_backward::run(args),
         Command::Bench(cmd::bench::BenchCommand::Train(args)) => cmd::bench_train::run(args),
-        Command::Bench(cmd::bench::BenchCommand::Allreduce(args)) => cmd::bench_allreduce::run(args),
+        Command::Bench(cmd::bench::BenchCommand::Allreduce(args)) => {
+            cmd::bench_allreduce::run(args)
+        }
         Command::AllreduceWorker(args) => cmd::bench_allreduce::run_worker(args),
     }
 }

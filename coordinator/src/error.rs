@@ -63,6 +63,14 @@ pub enum Error {
     /// An invariant of the core broke; reported instead of panicking.
     #[error("coordinator internal error: {0}")]
     Internal(String),
+    /// The control plane's network failed (binding, TLS, a connection); `context` says what
+    /// was being done and with which address.
+    #[error("{context}: {message}")]
+    Net { context: String, message: String },
+    /// A peer on the control plane broke the protocol (bad frame, wrong token proof,
+    /// unexpected message); `peer` names its address.
+    #[error("control plane, {peer}: {reason}")]
+    Wire { peer: String, reason: String },
 }
 
 /// The ranks that reported one adapter hash.

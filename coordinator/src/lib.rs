@@ -14,16 +14,19 @@
 //! - [`metrics`]: one record per step, summed over the ranks.
 //! - [`launch`]: the launcher environment (Slurm, torchrun) as a [`LaunchEnv`].
 //!
-//! The tokio driver (QUIC control plane, token checks, tokenized batches on
-//! the wire) is not here yet; it will feed this core.
+//! - [`driver`]: the tokio driver that feeds the core from real connections and a
+//!   real clock.
+//! - [`wire`]: the control plane's wire (TLS over TCP, the mutual token proof, frames).
 
 pub mod core;
+pub mod driver;
 pub mod error;
 pub mod ids;
 pub mod launch;
 pub mod metrics;
 pub mod msg;
 pub mod plan;
+pub mod wire;
 
 pub use crate::core::{
     Auth, Coordinator, CoordinatorConfig, Event, Outcome, Phase, Timeouts, Transport,

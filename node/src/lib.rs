@@ -6,13 +6,15 @@
 //!   hook, AdamW, evaluation, checkpoints, exact resume.
 //! - [`checkpoint`]: the run folder, atomic checkpoint writes, `checkpoints.jsonl`.
 //! - [`metrics`]: `metrics.jsonl`, one line per step.
+//! - [`distributed`]: one rank of a distributed run (`ringtune node`): the control
+//!   connection, the QUIC ring, step orders, reports.
 //! - [`init`]: random-init model folders with a matching tokenizer (quickstart, tests).
 //! - [`error`]: the crate's error type.
 //!
-//! Deliberately not here: signals, progress display, process management (the CLI) and
-//! networking (the distributed runtime plugs in through [`StepSync`]).
+//! Deliberately not here: signals, progress display, process management (the CLI).
 
 pub mod checkpoint;
+pub mod distributed;
 pub mod error;
 pub mod init;
 pub mod metrics;

@@ -109,6 +109,15 @@ pub enum Outcome {
     },
 }
 
+/// How a trainer was started.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// `ringtune train` with one node: the trainer owns the whole run folder.
+    Local { resume: bool },
+    /// One rank of a distributed run.
+    Node { resume_from: u64, writes: bool },
+}
+
 /// A training run on this process.
 pub struct Trainer {
     cfg: RunConfig,
@@ -126,12 +135,15 @@ pub struct Trainer {
     start_step: u64,
     total_steps: u64,
     pad_id: u32,
-    metrics: MetricsLog,
+    /// `None` for a rank of a distributed run: the coordinator writes the run's metrics.
+    metrics: Option<MetricsLog>,
     elapsed_before: f64,
     segment_start: Instant,
     dropout_passes: u64,
     last_loss: Option<f64>,
     last_saved: Option<u64>,
+    /// This rank's (Σ −logp·w, Σw) of the last step, before the all-reduce.
+    last_local: (f64, f64),
     sync: Box<dyn StepSync>,
 }
 
@@ -194,6 +206,28 @@ pub fn renderer_of(r: config::Renderer, tok: &Tokenizer) -> Result<Renderer> {
             .unwrap_or(RendererName::RoleColon),
     };
     Ok(Renderer::new(name, tok)?)
+}
+
+/// The training and eval examples and the load reports: the one way every process of a
+/// run (the single trainer, each rank, the coordinator's data plan) loads the data, so
+/// example indices mean the same everywhere.
+pub fn load_examples(
+    cfg: &RunConfig,
+    tok: &Tokenizer,
+) -> Result<(Vec<Datum>, Vec<Datum>, Vec<DataReport>)> {
+    let renderer = renderer_of(cfg.data.renderer, tok)?;
+    let opts = load_options(cfg);
+    let train_set = load_jsonl(&cfg.data.train, Some(&renderer), &opts)?;
+    let mut reports = vec![train_set.report.clone()];
+    let (train, eval) = match &cfg.data.eval {
+        Some(p) => {
+            let e = load_jsonl(p, Some(&renderer), &opts)?;
+            reports.push(e.report.clone());
+            (train_set.examples, e.examples)
+        }
+        None => split_holdout(train_set.examples, cfg.data.eval_fraction, cfg.seed)?,
+    };
+    Ok((train, eval, reports))
 }
 
 /// Loading options for the config's data section.
@@ -273,27 +307,77 @@ impl Trainer {
     pub fn new(cfg: RunConfig, resume: bool, sync: Box<dyn StepSync>) -> Result<Self> {
         if cfg.nodes != 1 {
             return Err(Error::Invalid(format!(
-                "nodes = {}: this build trains with one node process; the distributed \
-                 runtime is not available yet",
+                "nodes = {}: a multi-node run is started by `ringtune train` (the local \
+                 harness) or `ringtune coordinator` + `ringtune node`, not by Trainer::new",
                 cfg.nodes
             )));
         }
+        Self::build(cfg, Mode::Local { resume }, sync)
+    }
+
+    /// A trainer for one rank of a distributed run (see `crate::distributed`): no
+    /// metrics.jsonl (the coordinator writes the run's), no data sampler of its own (the
+    /// coordinator says which examples each step uses, via [`Trainer::train_shard`]), and
+    /// it starts from the checkpoint written after `resume_from` (0: fresh). Only the rank
+    /// that `writes` cleans up interrupted checkpoint writes.
+    pub fn for_node(
+        cfg: RunConfig,
+        resume_from: u64,
+        writes: bool,
+        sync: Box<dyn StepSync>,
+    ) -> Result<Self> {
+        Self::build(
+            cfg,
+            Mode::Node {
+                resume_from,
+                writes,
+            },
+            sync,
+        )
+    }
+
+    fn build(cfg: RunConfig, mode: Mode, sync: Box<dyn StepSync>) -> Result<Self> {
         let hash = cfg.semantic_hash();
         let out_dir = cfg.output_dir.clone();
         // Refuse early, before any expensive work, when the folder's state contradicts the flag.
         let existing = RunDir::open_existing(&out_dir)?;
-        let latest = match &existing {
-            Some(run) => run.latest_checkpoint()?,
-            None => None,
+        let latest = match mode {
+            Mode::Local { resume } => {
+                let latest = match &existing {
+                    Some(run) => run.latest_checkpoint()?,
+                    None => None,
+                };
+                if !resume && latest.is_some() {
+                    return Err(Error::RunExists(out_dir));
+                }
+                match (resume, latest) {
+                    (true, None) => return Err(Error::NothingToResume(out_dir)),
+                    (true, Some(r)) => Some(r),
+                    (false, _) => None,
+                }
+            }
+            Mode::Node { resume_from: 0, .. } => None,
+            Mode::Node { resume_from, .. } => {
+                let listed = match &existing {
+                    Some(run) => run.complete_checkpoints()?,
+                    None => Vec::new(),
+                };
+                Some(
+                    listed
+                        .into_iter()
+                        .find(|r| r.step == resume_from)
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "the coordinator asked to resume from step {resume_from}, but \
+                                 {} lists no complete checkpoint of that step",
+                                out_dir.join("checkpoints.jsonl").display()
+                            ))
+                        })?,
+                )
+            }
         };
-        if !resume && latest.is_some() {
-            return Err(Error::RunExists(out_dir));
-        }
-        let latest = match (resume, latest) {
-            (true, None) => return Err(Error::NothingToResume(out_dir)),
-            (true, Some(r)) => Some(r),
-            (false, _) => None,
-        };
+        let node_mode = matches!(mode, Mode::Node { .. });
+        let cleans = !matches!(mode, Mode::Node { writes: false, .. });
         let resume_state = match &latest {
             Some(rec) => {
                 let dir = out_dir.join(&rec.path);
@@ -311,18 +395,7 @@ impl Trainer {
 
         let model_dir = prepare_model_dir(&cfg)?;
         let tok = Tokenizer::from_dir(&model_dir)?;
-        let renderer = renderer_of(cfg.data.renderer, &tok)?;
-        let opts = load_options(&cfg);
-        let train_set = load_jsonl(&cfg.data.train, Some(&renderer), &opts)?;
-        let mut reports = vec![train_set.report.clone()];
-        let (train, eval) = match &cfg.data.eval {
-            Some(p) => {
-                let e = load_jsonl(p, Some(&renderer), &opts)?;
-                reports.push(e.report.clone());
-                (train_set.examples, e.examples)
-            }
-            None => split_holdout(train_set.examples, cfg.data.eval_fraction, cfg.seed)?,
-        };
+        let (train, eval, reports) = load_examples(&cfg, &tok)?;
         let pad_id = tok.pad_id();
 
         let device = device_of(cfg.model.device)?;
@@ -374,7 +447,9 @@ impl Trainer {
         let run = RunDir::create(&out_dir)?;
         let (opt, step, elapsed_before, dropout_passes, metrics) = match resume_state {
             Some((dir, state)) => {
-                run.clean_incomplete()?;
+                if cleans {
+                    run.clean_incomplete()?;
+                }
                 model.load_adapter(&dir.join("adapter"))?;
                 let fp = model.params_fingerprint()?;
                 if fp != state.params_fingerprint {
@@ -407,7 +482,11 @@ impl Trainer {
                 if cfg.lora.dropout > 0.0 {
                     advance_dropout(&model, state.dropout_passes)?;
                 }
-                let metrics = MetricsLog::resume(&run.metrics_path(), state.step)?;
+                let metrics = if node_mode {
+                    None
+                } else {
+                    Some(MetricsLog::resume(&run.metrics_path(), state.step)?)
+                };
                 (
                     opt,
                     state.step,
@@ -418,8 +497,14 @@ impl Trainer {
             }
             None => {
                 // A fresh run: nothing from an earlier attempt that never checkpointed.
-                run.clean_incomplete()?;
-                let metrics = MetricsLog::create(&run.metrics_path())?;
+                if cleans {
+                    run.clean_incomplete()?;
+                }
+                let metrics = if node_mode {
+                    None
+                } else {
+                    Some(MetricsLog::create(&run.metrics_path())?)
+                };
                 (
                     AdamW::new(adam_cfg, model.param_layout().clone()),
                     0,
@@ -452,6 +537,7 @@ impl Trainer {
             dropout_passes,
             last_loss: None,
             last_saved: Some(step).filter(|_| step > 0),
+            last_local: (0.0, 0.0),
             sync,
         })
     }
@@ -508,7 +594,9 @@ impl Trainer {
             if eval_due {
                 m.eval_nll = Some(self.eval()?);
             }
-            self.metrics.append(&m)?;
+            if let Some(log) = &mut self.metrics {
+                log.append(&m)?;
+            }
             on_event(Event::Step(&m));
             if t.save_every > 0 && self.step.is_multiple_of(t.save_every) && !last {
                 let rec = self.save()?;
@@ -529,11 +617,59 @@ impl Trainer {
 
     /// One global step; returns its metrics (without eval).
     pub fn train_step(&mut self) -> Result<StepMetrics> {
-        let started = Instant::now();
         let batch = self.sampler.next_batch();
+        self.step_on(&batch.indices, batch.epoch)
+    }
+
+    /// One step of a distributed run over this rank's `shard` of step `step`'s global batch
+    /// (indices into the training examples, as the coordinator planned them; an empty shard
+    /// is fine: the rank still joins the all-reduce). `step` must be the next step.
+    /// The returned metrics are this rank's (tokens, examples) except loss, weight and
+    /// grad_norm, which are global after the all-reduce.
+    pub fn train_shard(&mut self, step: u64, shard: &[usize]) -> Result<StepMetrics> {
+        if step != self.step + 1 {
+            return Err(Error::Invalid(format!(
+                "asked to run step {step}, but this rank is at step {} (expects {})",
+                self.step,
+                self.step + 1
+            )));
+        }
+        if let Some(&bad) = shard.iter().find(|&&i| i >= self.train.len()) {
+            return Err(Error::Invalid(format!(
+                "step {step}: example index {bad} is out of range ({} training examples)",
+                self.train.len()
+            )));
+        }
+        self.step_on(shard, 0)
+    }
+
+    /// SHA-256 of the adapter parameters' bits (layout order, little-endian f32): equal on
+    /// two ranks exactly when their adapters are bit-identical.
+    pub fn adapter_sha256(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for chunk in self.params.chunks(4096) {
+            let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+            h.update(&bytes);
+        }
+        h.finalize().into()
+    }
+
+    /// This rank's own (Σ −logp·w, Σw) in the last step, before the all-reduce summed them.
+    pub fn last_local_sums(&self) -> (f64, f64) {
+        self.last_local
+    }
+
+    /// The adapter parameters, flat in layout order.
+    pub fn params_flat(&self) -> &[f32] {
+        &self.params
+    }
+
+    fn step_on(&mut self, indices: &[usize], epoch: u64) -> Result<StepMetrics> {
+        let started = Instant::now();
         let mbs = micro_batches(
             &self.train,
-            &batch.indices,
+            indices,
             self.cfg.train.micro_batch_tokens,
             self.pad_id,
         )?;
@@ -553,6 +689,7 @@ impl Trainer {
             buf[n + 1] += out.loss_sum as f32;
             tokens += out.tokens as u64;
         }
+        self.last_local = (buf[n + 1] as f64, buf[n] as f64);
         self.sync
             .all_reduce_sum(self.step + 1, &mut buf)
             .map_err(|message| Error::Sync {
@@ -579,13 +716,13 @@ impl Trainer {
         let dt = started.elapsed().as_secs_f64();
         Ok(StepMetrics {
             step: self.step,
-            epoch: batch.epoch,
+            epoch,
             loss,
             lr,
             grad_norm: rep.grad_norm,
             tokens,
             weight,
-            examples: batch.indices.len() as u64,
+            examples: indices.len() as u64,
             tokens_per_s: if dt > 0.0 { tokens as f64 / dt } else { 0.0 },
             elapsed_s: self.elapsed(),
             eval_nll: None,

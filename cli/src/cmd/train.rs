@@ -32,6 +32,9 @@ pub struct Args {
     /// Plain log lines instead of a progress bar, even on a terminal.
     #[arg(long)]
     pub plain: bool,
+    /// Failure handling when `nodes > 1`.
+    #[command(flatten)]
+    pub policy: super::coordinator::Policy,
 }
 
 /// Overrides from the convenience flags, then the generic `--set`s.
@@ -51,6 +54,9 @@ fn overrides(args: &Args) -> Result<Vec<String>> {
 
 pub fn run(args: Args) -> Result<()> {
     let cfg = RunConfig::load_with_overrides(&args.config, &overrides(&args)?)?;
+    if cfg.nodes > 1 {
+        return run_local_cluster(cfg, &args);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while the checkpoint is being written ends the process at once.
@@ -203,5 +209,109 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// Launcher variables a local node process must not inherit: it is not a Slurm/torchrun
+/// task, whatever this process is.
+const LAUNCHER_VARS: &[&str] = &[
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_NODELIST",
+    "SLURM_JOB_NODELIST",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+];
+
+/// `nodes = N > 1`: the local multi-process harness. The coordinator runs in this process
+/// on 127.0.0.1 (a free port), and N `ringtune node` children join it with a fresh
+/// per-run token (passed in their environment, never on a command line), one compute
+/// thread each. The children get their own process group (Ctrl-C reaches only the
+/// coordinator, which stops them cleanly) and die with this process (PR_SET_PDEATHSIG;
+/// they also exit when the control connection drops), so none is left behind.
+fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Child, Command, Stdio};
+    if args.resume {
+        anyhow::bail!("--resume with nodes = {} is not supported yet", cfg.nodes);
+    }
+    let token = ringtune_collectives::auth::ClusterToken::generate()?;
+    let token_text = String::from_utf8(token.expose().to_vec()).context("token is hex")?;
+    let exe = std::env::current_exe().context("locating the ringtune binary")?;
+    let n = cfg.nodes;
+    let mut children: Vec<Child> = Vec::new();
+    let plain = args.plain || !std::io::stderr().is_terminal();
+    let result = super::coordinator::serve_run(
+        cfg,
+        "127.0.0.1:0".parse()?,
+        token,
+        &args.policy,
+        plain,
+        |addr| {
+            for i in 0..n {
+                let mut cmd = Command::new(&exe);
+                cmd.args(["node", "--coordinator", &addr.to_string()])
+                    .args([
+                        "--local-rank",
+                        &i.to_string(),
+                        "--threads",
+                        "1",
+                        "--connect-timeout",
+                        "30",
+                    ])
+                    .env("RINGTUNE_TOKEN", &token_text)
+                    .env("RAYON_NUM_THREADS", "1")
+                    .stdin(Stdio::null())
+                    .process_group(0);
+                for v in LAUNCHER_VARS {
+                    cmd.env_remove(v);
+                }
+                // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                        Ok(())
+                    });
+                }
+                children.push(
+                    cmd.spawn()
+                        .with_context(|| format!("starting node {i} ({})", exe.display()))?,
+                );
+            }
+            Ok(())
+        },
+    );
+    // Nodes exit on their own once stopped; give them a moment, then make sure.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut failed = Vec::new();
+    for (i, mut c) in children.into_iter().enumerate() {
+        let status = loop {
+            match c.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break None;
+                }
+            }
+        };
+        match status {
+            Some(s) if s.success() => {}
+            Some(s) => failed.push(format!("node {i} exited with {s}")),
+            None => failed.push(format!("node {i} did not exit and was killed")),
+        }
+    }
+    match result {
+        Err(e) if !failed.is_empty() => Err(e.context(failed.join("; "))),
+        Err(e) => Err(e),
+        Ok(()) if !failed.is_empty() => anyhow::bail!("{}", failed.join("; ")),
+        Ok(()) => Ok(()),
     }
 }

@@ -1,0 +1,312 @@
+//! `ringtune coordinator CONFIG --listen HOST:PORT`: schedules a distributed run. Builds
+//! the data plan, waits for `nodes` node processes to register (cluster token from
+//! `--token-file` or `RINGTUNE_TOKEN`), hands out ranks and ring neighbours, runs the
+//! steps, shows one progress bar and writes the run's one metrics.jsonl. `ringtune train`
+//! with `nodes > 1` runs the same code in-process ([`serve_run`]) next to its local node
+//! processes.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ringtune_collectives::auth::ClusterToken;
+use ringtune_collectives::tls::ClusterIdentity;
+use ringtune_config::RunConfig;
+use ringtune_coordinator::driver::{self, DriverConfig};
+use ringtune_coordinator::{
+    Coordinator, CoordinatorConfig, Event, Outcome, Refusal, StepRecord, Timeouts, WorldSize,
+};
+use ringtune_node::distributed::{config_hash_of, data_plan};
+use ringtune_node::RunDir;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The run config (TOML); `nodes` is the number of node processes (the world size).
+    pub config: PathBuf,
+    /// Control-plane address to listen on, e.g. 0.0.0.0:29400.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: SocketAddr,
+    /// File holding the cluster token (else the RINGTUNE_TOKEN environment variable).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Override any config key (repeatable; TOML values).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    #[command(flatten)]
+    pub policy: Policy,
+    /// Plain log lines instead of a progress bar.
+    #[arg(long)]
+    pub plain: bool,
+}
+
+/// Failure handling, shared with `ringtune train`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Policy {
+    /// A node silent for this many seconds is declared dead.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    pub heartbeat_timeout: f64,
+    /// Restart every node from the last checkpoint up to this many times after a failure
+    /// (0: stop with an error naming the node and step).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_restarts: u32,
+    /// Go on with as few as this many nodes after a restart (default: all of them).
+    #[arg(long, value_name = "N")]
+    pub min_nodes: Option<u32>,
+    /// Compare every rank's adapter hash every this many steps (always at checkpoints).
+    #[arg(long, value_name = "STEPS", default_value_t = 1)]
+    pub hash_every: u64,
+}
+
+/// The cluster token: `--token-file`, else `RINGTUNE_TOKEN`.
+pub fn token_from(file: Option<&PathBuf>) -> Result<ClusterToken> {
+    Ok(match file {
+        Some(f) => ClusterToken::from_file(f)?,
+        None => ClusterToken::from_env("RINGTUNE_TOKEN").context(
+            "no cluster token: pass --token-file FILE or set RINGTUNE_TOKEN (the same on every node)",
+        )?,
+    })
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = RunConfig::load_with_overrides(&args.config, &args.set)?;
+    let token = token_from(args.token_file.as_ref())?;
+    serve_run(
+        cfg,
+        args.listen,
+        token,
+        &args.policy,
+        args.plain || !std::io::stderr().is_terminal(),
+        |_| Ok(()),
+    )
+}
+
+/// Runs the coordinator for `cfg` to the end. `started(addr)` is called once the control
+/// address is bound (the local harness starts its node processes there).
+pub fn serve_run(
+    cfg: RunConfig,
+    listen: SocketAddr,
+    token: ClusterToken,
+    policy: &Policy,
+    plain: bool,
+    started: impl FnOnce(SocketAddr) -> Result<()>,
+) -> Result<()> {
+    let plan = data_plan(&cfg).context("building the data plan")?;
+    let world = cfg.nodes;
+    let run = RunDir::open_existing(&cfg.output_dir)?;
+    if let Some(run) = run {
+        if run.latest_checkpoint()?.is_some() {
+            bail!(
+                "{} already holds checkpoints of a run; resuming a distributed run is not \
+                 supported yet: choose a new output_dir",
+                cfg.output_dir.display()
+            );
+        }
+    }
+    let run = RunDir::create(&cfg.output_dir)?;
+    let metrics_path = run.metrics_path();
+    let mut metrics = std::fs::File::create(&metrics_path)
+        .with_context(|| format!("creating {}", metrics_path.display()))?;
+
+    let mut ccfg = CoordinatorConfig::new(config_hash_of(&cfg)?, WorldSize(world));
+    ccfg.min_nodes = WorldSize(policy.min_nodes.unwrap_or(world));
+    ccfg.max_restarts = policy.max_restarts;
+    ccfg.save_every = Some(cfg.train.save_every).filter(|&s| s > 0);
+    ccfg.hash_every = Some(policy.hash_every).filter(|&s| s > 0);
+    ccfg.max_steps = cfg.train.max_steps;
+    if !(policy.heartbeat_timeout > 0.0 && policy.heartbeat_timeout.is_finite()) {
+        bail!("--heartbeat-timeout must be a positive number of seconds");
+    }
+    ccfg.timeouts = Timeouts {
+        heartbeat: Duration::from_secs_f64(policy.heartbeat_timeout),
+        ..Timeouts::default()
+    };
+    let now = std::time::Instant::now();
+    let core = Coordinator::new(ccfg, plan, now)?;
+    let total = core.total_steps().0;
+    let identity = ClusterIdentity::generate()?;
+    let run_config_json = serde_json::to_string(&cfg)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the coordinator's runtime")?;
+    let out_dir = cfg.output_dir.clone();
+    rt.block_on(async move {
+        let listener = driver::bind(listen).await?;
+        let addr = listener.local_addr().context("reading the bound control address")?;
+        eprintln!(
+            "coordinator: listening on {addr}, waiting for {world} node(s); {total} steps; run folder {}",
+            out_dir.display()
+        );
+        started(addr)?;
+        let (int_tx, int_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut a), Ok(mut b)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+            else {
+                return;
+            };
+            tokio::select! { _ = a.recv() => {}, _ = b.recv() => {} }
+            let _ = int_tx.send(true);
+            // A second signal ends the process at once.
+            tokio::select! { _ = a.recv() => {}, _ = b.recv() => {} }
+            std::process::exit(130);
+        });
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let serve = tokio::spawn(driver::serve(
+            core,
+            listener,
+            DriverConfig {
+                token,
+                identity,
+                run_config_json,
+            },
+            ev_tx,
+            int_rx,
+        ));
+        let mut progress = Progress::new(total, plain);
+        while let Some(ev) = ev_rx.recv().await {
+            if let Event::StepCompleted(rec) = &ev {
+                let line = serde_json::to_string(rec)?;
+                writeln!(metrics, "{line}").with_context(|| format!("writing {}", metrics_path.display()))?;
+            }
+            progress.event(&ev);
+        }
+        progress.finish();
+        let outcome = serve.await.context("the coordinator task panicked")??;
+        match outcome {
+            Outcome::Completed { steps, last_checkpoint } => {
+                eprintln!(
+                    "done: {} steps; adapter: {}",
+                    steps.0,
+                    run_adapter(&out_dir, last_checkpoint.0)
+                );
+                Ok(())
+            }
+            Outcome::Interrupted { last_completed, last_checkpoint } => {
+                eprintln!(
+                    "interrupted after step {}; last checkpoint: step {}",
+                    last_completed.0, last_checkpoint.0
+                );
+                Ok(())
+            }
+            Outcome::Failed(e) => bail!("distributed run failed: {e}"),
+        }
+    })
+}
+
+fn run_adapter(out: &std::path::Path, step: u64) -> String {
+    out.join("checkpoints")
+        .join(format!("step-{step}"))
+        .join("adapter")
+        .display()
+        .to_string()
+}
+
+/// One progress bar (or log lines) for the whole run.
+struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    last_line: Option<std::time::Instant>,
+}
+
+impl Progress {
+    fn new(total: u64, plain: bool) -> Self {
+        let bar = (!plain).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30.cyan/blue} step {pos}/{len} {msg} eta {eta}")
+                    .expect("valid template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(500));
+            bar
+        });
+        Self {
+            bar,
+            total,
+            last_line: None,
+        }
+    }
+
+    fn say(&self, line: String) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn summary(r: &StepRecord) -> String {
+        format!(
+            "loss {} | {} tok/s | W={} | compute {:.3}s comm {:.3}s",
+            r.loss
+                .map(|l| format!("{l:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            r.tokens_per_s
+                .map(|t| format!("{t:.0}"))
+                .unwrap_or_else(|| "-".into()),
+            r.world_size.0,
+            r.compute_s_max,
+            r.comm_s_max,
+        )
+    }
+
+    fn event(&mut self, ev: &Event) {
+        match ev {
+            Event::StepCompleted(r) => {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(r.step.0);
+                    bar.set_message(Self::summary(r));
+                    return;
+                }
+                let due = self
+                    .last_line
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+                if due || r.step.0 == self.total {
+                    self.last_line = Some(std::time::Instant::now());
+                    eprintln!("step {}/{} | {}", r.step.0, self.total, Self::summary(r));
+                }
+            }
+            Event::Refused { node, reason } => {
+                let extra = matches!(reason, Refusal::BadToken)
+                    .then_some(" (check RINGTUNE_TOKEN)")
+                    .unwrap_or("");
+                self.say(format!("coordinator: refused {node}: {reason}{extra}"))
+            }
+            Event::Registered { node, identity, standby } => self.say(format!(
+                "coordinator: {node} registered from {}:{}{}",
+                identity.host,
+                identity.local_rank,
+                if *standby { " (standby)" } else { "" }
+            )),
+            Event::RunStarted { generation, world_size, resume_from, .. } => self.say(format!(
+                "coordinator: generation {} with {} rank(s), from step {}",
+                generation.0, world_size.0, resume_from.0
+            )),
+            Event::CheckpointRecorded { step } => {
+                self.say(format!("checkpoint: step {} (every rank's adapter hash agreed)", step.0))
+            }
+            Event::NodeFailed(f) => self.say(format!("coordinator: node failure: {f}")),
+            Event::Restarting { resume_from, restart, max_restarts, .. } => self.say(format!(
+                "coordinator: restarting all nodes from step {} (restart {restart} of {max_restarts})",
+                resume_from.0
+            )),
+            Event::Left { node, reason } => self.say(format!("coordinator: {node} left: {reason}")),
+            Event::Stopping(reason) => self.say(format!("coordinator: stopping: {reason}")),
+            Event::StopTimedOut { unacked } => self.say(format!(
+                "coordinator: {} node(s) did not acknowledge the stop",
+                unacked.len()
+            )),
+            Event::Ignored { .. } | Event::Finished(_) => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! `ringtune node --coordinator HOST:PORT`: one rank of a distributed run. Gets the run
+//! config and the ring certificate from the coordinator (after both proved the cluster
+//! token), trains the steps it is given, and exits when the coordinator stops it — or
+//! with an error naming the coordinator when it goes away.
+//!
+//! Launcher variables (Slurm, torchrun) give the coordinator's address and this
+//! process's GPU slot when the flags do not.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ringtune_config::{Device, RunConfig};
+use ringtune_coordinator::{LaunchEnv, NodeIdentity};
+use ringtune_node::distributed::{run_node, NodeExit, NodeOptions};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The coordinator's control address (default: from MASTER_ADDR/MASTER_PORT or the
+    /// Slurm variables).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub coordinator: Option<String>,
+    /// File holding the cluster token (else the RINGTUNE_TOKEN environment variable).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The compute device for this node (cpu, cuda:N); overrides the config's.
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
+    /// Register with this config's hash: the coordinator refuses the node if the run's
+    /// config differs (a node of another run).
+    #[arg(long, value_name = "CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This process's slot on its host (default: LOCAL_RANK / SLURM_LOCALID, else 0).
+    #[arg(long, value_name = "N")]
+    pub local_rank: Option<u32>,
+    /// Compute threads (default: the machine's cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Seconds to keep retrying the first connection to the coordinator.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub connect_timeout: u64,
+    /// Seconds one gradient all-reduce may take (waiting for the slowest rank included).
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub collective_timeout: u64,
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty() && h.len() <= 255)
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    ringtune_model::init_cpu_runtime(args.threads);
+    let launch = LaunchEnv::from_process_env()?;
+    let coordinator = match (&args.coordinator, &launch) {
+        (Some(c), _) => c.clone(),
+        (None, Some(l)) => l.coordinator_addr.to_string(),
+        (None, None) => anyhow::bail!(
+            "no coordinator address: pass --coordinator HOST:PORT (or run under Slurm/torchrun)"
+        ),
+    };
+    let token = super::coordinator::token_from(args.token_file.as_ref())?;
+    let device = args
+        .device
+        .as_deref()
+        .map(|d| {
+            d.parse::<Device>()
+                .map_err(|e| anyhow::anyhow!("--device {d}: {e}"))
+        })
+        .transpose()?;
+    let own_config = args
+        .config
+        .as_ref()
+        .map(|p| RunConfig::load(p))
+        .transpose()?;
+    let identity = NodeIdentity {
+        host: host_name(),
+        local_rank: args
+            .local_rank
+            .or(launch.as_ref().map(|l| l.local_rank))
+            .unwrap_or(0),
+        launch_rank: launch.as_ref().map(|l| l.rank),
+    };
+    let exit = run_node(NodeOptions {
+        coordinator: coordinator.clone(),
+        token,
+        identity,
+        device,
+        own_config,
+        connect_timeout: Duration::from_secs(args.connect_timeout),
+        collective_timeout: Duration::from_secs(args.collective_timeout),
+    })
+    .with_context(|| format!("node (coordinator {coordinator})"))?;
+    match exit {
+        NodeExit::Finished | NodeExit::Interrupted => Ok(()),
+    }
+}

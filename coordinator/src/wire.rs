@@ -1,0 +1,344 @@
+//! The control plane's wire: TLS 1.3 over TCP between the coordinator and each node,
+//! a mutual cluster-token proof bound to the TLS session, then length-prefixed bincode
+//! frames carrying [`NodeMsg`] up and [`Command`] down.
+//!
+//! Trust: the coordinator's certificate is generated per run, so a node cannot pin it in
+//! advance. Instead both ends prove they hold the cluster token with an HMAC over the TLS
+//! session's exported keying material (RFC 8446 §7.5): a man in the middle terminates two
+//! different sessions, so it can relay neither proof. The node proves first; the
+//! coordinator answers a bad proof with [`Refusal::BadToken`] and nothing else, and only
+//! after a good one sends the [`Welcome`] (the run config and the per-run ring certificate).
+//! The node checks the coordinator's proof before it believes anything in the welcome.
+//! The token itself never crosses the wire.
+
+use std::sync::Arc;
+
+use ring::hmac;
+use ringtune_collectives::auth::ClusterToken;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::{Error, Result};
+use crate::msg::Refusal;
+
+/// Bumped on any incompatible change to the control messages.
+pub const CONTROL_VERSION: u32 = 1;
+/// The largest control frame either side accepts (a step order for a large global batch,
+/// the welcome with the config and certificate, fit easily).
+pub const MAX_CONTROL_FRAME: usize = 4 << 20;
+/// ALPN of the control plane (distinct from the ring's, so neither accepts the other).
+pub const CONTROL_ALPN: &[u8] = b"ringtune-control/1";
+/// The server name nodes ask for (the certificate is not checked against it; see the module docs).
+pub const CONTROL_SERVER_NAME: &str = "ringtune-coordinator";
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-ringtune-control-proof-v1";
+
+/// The first message of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHello {
+    pub version: u32,
+    /// HMAC(token, "node" ‖ session keying material).
+    pub proof: Vec<u8>,
+}
+
+/// The coordinator's answer to a [`NodeHello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CoordHello {
+    Welcome(Welcome),
+    Refused(Refusal),
+}
+
+/// What a node needs to join the run, sent only to a node that proved the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// HMAC(token, "coordinator" ‖ session keying material).
+    pub proof: Vec<u8>,
+    /// The effective run config (overrides applied) as JSON.
+    pub run_config_json: String,
+    /// The per-run ring certificate chain (DER) and its PKCS#8 key, shared by every rank.
+    pub ring_cert_chain: Vec<Vec<u8>>,
+    pub ring_key: Vec<u8>,
+}
+
+impl Welcome {
+    /// The ring identity carried in the welcome: the chain, its key, and the chain's first
+    /// certificate as the only trust root (the per-run self-signed certificate).
+    pub fn ring_identity(&self) -> Result<ringtune_collectives::tls::ClusterIdentity> {
+        let bad = |reason: &str| Error::Wire {
+            peer: "coordinator".into(),
+            reason: reason.into(),
+        };
+        let chain: Vec<CertificateDer<'static>> = self
+            .ring_cert_chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        let first = chain
+            .first()
+            .cloned()
+            .ok_or_else(|| bad("welcome has no ring certificate"))?;
+        let key = PrivateKeyDer::try_from(self.ring_key.clone())
+            .map_err(|e| bad(&format!("welcome's ring key: {e}")))?;
+        Ok(ringtune_collectives::tls::ClusterIdentity {
+            cert_chain: chain,
+            key,
+            trust_roots: vec![first],
+        })
+    }
+}
+
+/// Which side computes a proof (so one side's proof is never valid for the other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Node,
+    Coordinator,
+}
+
+/// HMAC-SHA256 of the side and the session's keying material under the token.
+pub fn proof(token: &ClusterToken, side: Side, exporter: &[u8]) -> Vec<u8> {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, token.expose());
+    let mut ctx = hmac::Context::with_key(&key);
+    ctx.update(b"ringtune-control-proof-v1\0");
+    ctx.update(match side {
+        Side::Node => b"node\0".as_slice(),
+        Side::Coordinator => b"coordinator\0".as_slice(),
+    });
+    ctx.update(exporter);
+    ctx.sign().as_ref().to_vec()
+}
+
+/// Checks a proof in constant time.
+pub fn verify(token: &ClusterToken, side: Side, exporter: &[u8], got: &[u8]) -> bool {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, token.expose());
+    let mut msg = Vec::with_capacity(64 + exporter.len());
+    msg.extend_from_slice(b"ringtune-control-proof-v1\0");
+    msg.extend_from_slice(match side {
+        Side::Node => b"node\0".as_slice(),
+        Side::Coordinator => b"coordinator\0".as_slice(),
+    });
+    msg.extend_from_slice(exporter);
+    hmac::verify(&key, &msg, got).is_ok()
+}
+
+/// 32 bytes of the TLS session's exported keying material.
+pub fn exporter<C>(conn: &rustls::ConnectionCommon<C>) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; 32];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, None)
+        .map_err(|e| Error::Wire {
+            peer: "tls".into(),
+            reason: format!("exporting keying material: {e}"),
+        })?;
+    Ok(out)
+}
+
+fn bincode_opts() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_limit(MAX_CONTROL_FRAME as u64)
+        .reject_trailing_bytes()
+}
+
+/// Writes one frame: a 4-byte little-endian length, then the bincode body.
+pub async fn write_msg<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+) -> std::io::Result<()> {
+    use bincode::Options;
+    let body = bincode_opts()
+        .serialize(msg)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    if body.len() > MAX_CONTROL_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "control message of {} bytes is over the {MAX_CONTROL_FRAME}-byte limit",
+                body.len()
+            ),
+        ));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame).await?;
+    w.flush().await
+}
+
+/// What went wrong reading a frame.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The peer closed the connection cleanly between frames.
+    Closed,
+    Io(std::io::Error),
+    /// Over the size limit or not a valid message; the text says which.
+    Bad(String),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Closed => write!(f, "connection closed"),
+            ReadError::Io(e) => write!(f, "{e}"),
+            ReadError::Bad(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// Reads one frame; refuses a length over [`MAX_CONTROL_FRAME`] before allocating.
+pub async fn read_msg<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> std::result::Result<T, ReadError> {
+    use bincode::Options;
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ReadError::Closed),
+        Err(e) => return Err(ReadError::Io(e)),
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_CONTROL_FRAME {
+        return Err(ReadError::Bad(format!(
+            "control frame of {n} bytes is over the {MAX_CONTROL_FRAME}-byte limit"
+        )));
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).await.map_err(ReadError::Io)?;
+    bincode_opts()
+        .deserialize(&body)
+        .map_err(|e| ReadError::Bad(format!("malformed control message: {e}")))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The coordinator's TLS config: presents the per-run certificate, asks for no client
+/// certificate (nodes prove the token instead).
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig> {
+    let tls = |e: rustls::Error| Error::Net {
+        context: "control-plane TLS config".into(),
+        message: e.to_string(),
+    };
+    let mut c = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(tls)?;
+    c.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+    Ok(c)
+}
+
+/// A node's TLS config: accepts the coordinator's (per-run, unpinnable) certificate as
+/// long as the handshake signature is valid; the token proofs authenticate the session.
+pub fn client_config() -> Result<rustls::ClientConfig> {
+    let p = provider();
+    let mut c = rustls::ClientConfig::builder_with_provider(p.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Net {
+            context: "control-plane TLS config".into(),
+            message: e.to_string(),
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(TokenBoundVerifier(p)))
+        .with_no_client_auth();
+    c.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
+    Ok(c)
+}
+
+/// The server name a node's TLS client uses.
+pub fn server_name() -> ServerName<'static> {
+    ServerName::try_from(CONTROL_SERVER_NAME).expect("a valid DNS name")
+}
+
+/// Checks handshake signatures but not the certificate's issuer: see the module docs.
+#[derive(Debug)]
+struct TokenBoundVerifier(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for TokenBoundVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proofs_bind_token_side_and_session() {
+        let t = ClusterToken::new(b"0123456789abcdef".to_vec()).unwrap();
+        let other = ClusterToken::new(b"0123456789abcdeX".to_vec()).unwrap();
+        let p = proof(&t, Side::Node, b"session-a");
+        assert!(verify(&t, Side::Node, b"session-a", &p));
+        assert!(!verify(&other, Side::Node, b"session-a", &p));
+        assert!(!verify(&t, Side::Coordinator, b"session-a", &p));
+        assert!(!verify(&t, Side::Node, b"session-b", &p));
+        assert!(!verify(&t, Side::Node, b"session-a", &p[..31]));
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_oversized_is_refused_before_allocating() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let hello = NodeHello {
+            version: CONTROL_VERSION,
+            proof: vec![1, 2, 3],
+        };
+        write_msg(&mut a, &hello).await.unwrap();
+        let back: NodeHello = read_msg(&mut b).await.unwrap();
+        assert_eq!(back, hello);
+        a.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        match read_msg::<_, NodeHello>(&mut b).await {
+            Err(ReadError::Bad(s)) => assert!(s.contains("over the"), "{s}"),
+            other => panic!("expected a size refusal, got {other:?}"),
+        }
+        drop(a);
+        assert!(matches!(
+            read_msg::<_, NodeHello>(&mut b).await,
+            Err(ReadError::Closed)
+        ));
+    }
+}

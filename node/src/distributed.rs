@@ -1,0 +1,543 @@
+//! One rank of a distributed run: the node driver behind `ringtune node`.
+//!
+//! A node connects to the coordinator's control plane ([`ringtune_coordinator::wire`]),
+//! proves the cluster token, and gets the run config and the per-run ring certificate in
+//! the welcome. It registers (identity, config hash, a data-plane address), waits for its
+//! [`Assignment`], joins the QUIC ring (`ringtune_collectives::net`), loads the model
+//! through [`Trainer::for_node`], says `Ready`, and then runs each [`StepOrder`]: the
+//! forward/backward over its shard, one all-reduce of gradients + loss normaliser, AdamW,
+//! a report with compute vs communication time (and the adapter hash when asked); rank 0
+//! writes the checkpoints it is told to. `Restart` drops the ring and the trainer and
+//! registers again; `Stop` is acknowledged and ends the node.
+//!
+//! The data: every rank loads and tokenizes the same dataset deterministically (the same
+//! config, tokenizer and files), and the coordinator sends only example indices per step
+//! ([`data_plan`] builds the plan it shards). That keeps step orders tiny; it assumes the
+//! dataset and model folders are readable at the same paths on every host (a shared
+//! filesystem on clusters), which the model weights need anyway.
+//!
+//! The control connection runs on its own thread (a small tokio runtime), so heartbeats go
+//! out while the main thread is busy loading the model or computing a step. If the
+//! coordinator goes away, or tells the node to stop while the main thread is stuck in a
+//! collective with a dead peer, that thread ends the process after [`STUCK_GRACE`], so a
+//! node never outlives its run.
+
+use std::cell::Cell;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use ringtune_collectives::auth::ClusterToken;
+use ringtune_collectives::net::{self, NetConfig, NetSync, Transport, DEFAULT_CHUNK_ELEMS};
+use ringtune_collectives::{Call, GradSync, WireDtype};
+use ringtune_config::RunConfig;
+use ringtune_coordinator::wire::{self, CoordHello, NodeHello, Side, Welcome};
+use ringtune_coordinator::{
+    AdapterHash, Assignment, CollectiveSetup, Command, ConfigHash, DataPlan, ExampleIndex,
+    NodeIdentity, NodeMsg, PlannedExample, Registration, StepReport, StopReason,
+};
+use ringtune_data::{BatchSampler, Tokenizer};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+use crate::trainer::{load_examples, prepare_model_dir, StepSync, Trainer};
+
+/// How long a node told to stop (or cut off from the coordinator) may stay stuck in a
+/// collective before its control thread ends the process.
+pub const STUCK_GRACE: Duration = Duration::from_secs(5);
+
+/// How a node is started.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// The coordinator's control address, `HOST:PORT`.
+    pub coordinator: String,
+    pub token: ClusterToken,
+    pub identity: NodeIdentity,
+    /// Overrides the config's `model.device` (one GPU per node process on clusters).
+    pub device: Option<ringtune_config::Device>,
+    /// Register with this config's hash instead of the welcome's (`ringtune node
+    /// --config`): a node started for another run is then refused by the coordinator.
+    pub own_config: Option<RunConfig>,
+    /// How long to keep retrying the first connection (the coordinator may start later).
+    pub connect_timeout: Duration,
+    /// Timeout of one gradient all-reduce (waiting for the slowest rank included).
+    pub collective_timeout: Duration,
+}
+
+/// How a node's run ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeExit {
+    Finished,
+    Interrupted,
+}
+
+/// The run's data plan, as the coordinator builds it: the same examples in the same seeded
+/// order as a one-process run of this config (`BatchSampler`), with token counts for
+/// balancing the shards.
+pub fn data_plan(cfg: &RunConfig) -> Result<DataPlan> {
+    let model_dir = prepare_model_dir(cfg)?;
+    let tok = Tokenizer::from_dir(&model_dir)?;
+    let (train, _eval, _reports) = load_examples(cfg, &tok)?;
+    let t = &cfg.train;
+    let mut sampler = BatchSampler::new(train.len(), t.batch_size, cfg.seed)?;
+    let total = match t.max_steps {
+        Some(s) => s,
+        None => t.epochs * sampler.batches_per_epoch() as u64,
+    };
+    let batches = (0..total)
+        .map(|_| {
+            sampler
+                .next_batch()
+                .indices
+                .into_iter()
+                .map(|i| PlannedExample {
+                    index: ExampleIndex(i as u64),
+                    tokens: train[i].len().min(u32::MAX as usize) as u32,
+                })
+                .collect()
+        })
+        .collect();
+    DataPlan::from_batches(batches).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// The coordinator's form of a config hash.
+pub fn config_hash_of(cfg: &RunConfig) -> Result<ConfigHash> {
+    let h = cfg.semantic_hash();
+    ConfigHash::from_hex(&h.0)
+        .ok_or_else(|| Error::Invalid(format!("config hash {h} is not 64 hex digits")))
+}
+
+/// [`StepSync`] over the QUIC ring; remembers how long the last all-reduce took.
+struct RingSync {
+    ring: NetSync,
+    timeout: Duration,
+    comm: Rc<Cell<Duration>>,
+}
+
+impl StepSync for RingSync {
+    fn all_reduce_sum(&mut self, step: u64, buf: &mut [f32]) -> std::result::Result<(), String> {
+        let t = Instant::now();
+        let r = self
+            .ring
+            .all_reduce_sum(buf, Call::new(step, self.timeout))
+            .map_err(|e| e.to_string());
+        self.comm.set(self.comm.get() + t.elapsed());
+        r
+    }
+}
+
+enum Incoming {
+    Cmd(Command),
+    Lost(String),
+}
+
+/// The control connection, served by its own thread.
+struct Control {
+    addr: String,
+    cmds: std_mpsc::Receiver<Incoming>,
+    out: Option<mpsc::UnboundedSender<NodeMsg>>,
+    /// Set by the main thread once it has handled a stop: the watchdog stands down.
+    handled: Arc<AtomicBool>,
+    done: std_mpsc::Receiver<()>,
+}
+
+impl Control {
+    fn send(&self, msg: NodeMsg) -> Result<()> {
+        let lost = || self.lost("the control connection is closed");
+        self.out
+            .as_ref()
+            .ok_or_else(lost)?
+            .send(msg)
+            .map_err(|_| lost())
+    }
+
+    fn recv(&self) -> Result<Command> {
+        match self.cmds.recv() {
+            Ok(Incoming::Cmd(c)) => Ok(c),
+            Ok(Incoming::Lost(why)) => Err(self.lost(&why)),
+            Err(_) => Err(self.lost("the control connection is closed")),
+        }
+    }
+
+    fn lost(&self, why: &str) -> Error {
+        Error::Invalid(format!(
+            "lost the coordinator at {}: {why} (the run is over or the coordinator died)",
+            self.addr
+        ))
+    }
+
+    /// Stops sending and waits (briefly) for what was sent to go out.
+    fn close(mut self) {
+        self.handled.store(true, Ordering::SeqCst);
+        self.out = None;
+        let _ = self.done.recv_timeout(Duration::from_secs(2));
+    }
+}
+
+fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
+    let addr = opts.coordinator.clone();
+    let token = opts.token.clone();
+    let connect_timeout = opts.connect_timeout;
+    let (init_tx, init_rx) = std_mpsc::channel::<std::result::Result<(Welcome, IpAddr), String>>();
+    let (cmd_tx, cmd_rx) = std_mpsc::channel::<Incoming>();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<NodeMsg>();
+    let (done_tx, done_rx) = std_mpsc::channel::<()>();
+    let handled = Arc::new(AtomicBool::new(false));
+    let handled2 = Arc::clone(&handled);
+    let hb_tx = out_tx.clone();
+    let addr2 = addr.clone();
+    std::thread::Builder::new()
+        .name("ringtune-control".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = init_tx.send(Err(format!("starting the control runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let start = Instant::now();
+                let stream = loop {
+                    match tokio::net::TcpStream::connect(&addr2).await {
+                        Ok(s) => break s,
+                        Err(e) if start.elapsed() < connect_timeout => {
+                            let _ = e;
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                        Err(e) => {
+                            let _ = init_tx.send(Err(format!(
+                                "cannot connect to the coordinator at {addr2} (tried for {:?}): {e}",
+                                connect_timeout
+                            )));
+                            return;
+                        }
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let local_ip = stream
+                    .local_addr()
+                    .map(|a| a.ip())
+                    .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+                let handshake = async {
+                    let cfg = wire::client_config().map_err(|e| e.to_string())?;
+                    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+                    let mut tls = connector
+                        .connect(wire::server_name(), stream)
+                        .await
+                        .map_err(|e| format!("TLS with the coordinator at {addr2}: {e}"))?;
+                    let exporter = wire::exporter(tls.get_ref().1).map_err(|e| e.to_string())?;
+                    let hello = NodeHello {
+                        version: wire::CONTROL_VERSION,
+                        proof: wire::proof(&token, Side::Node, &exporter),
+                    };
+                    wire::write_msg(&mut tls, &hello)
+                        .await
+                        .map_err(|e| format!("sending the hello to {addr2}: {e}"))?;
+                    let answer: CoordHello = wire::read_msg(&mut tls)
+                        .await
+                        .map_err(|e| format!("reading the coordinator's answer from {addr2}: {e}"))?;
+                    match answer {
+                        CoordHello::Refused(r) => {
+                            Err(format!("the coordinator at {addr2} refused this node: {r}"))
+                        }
+                        CoordHello::Welcome(w) => {
+                            if !wire::verify(&token, Side::Coordinator, &exporter, &w.proof) {
+                                return Err(format!(
+                                    "{addr2} failed the cluster-token proof: not this run's \
+                                     coordinator, or a different RINGTUNE_TOKEN"
+                                ));
+                            }
+                            Ok((tls, w))
+                        }
+                    }
+                };
+                let (tls, welcome) =
+                    match tokio::time::timeout(Duration::from_secs(30), handshake).await {
+                        Ok(Ok(x)) => x,
+                        Ok(Err(e)) => {
+                            let _ = init_tx.send(Err(e));
+                            return;
+                        }
+                        Err(_) => {
+                            let _ = init_tx.send(Err(format!(
+                                "the coordinator at {addr2} did not complete the handshake in 30 s"
+                            )));
+                            return;
+                        }
+                    };
+                let _ = init_tx.send(Ok((welcome, local_ip)));
+                let (mut rd, mut wr) = tokio::io::split(tls);
+                let writer = async move {
+                    while let Some(msg) = out_rx.recv().await {
+                        if wire::write_msg(&mut wr, &msg).await.is_err() {
+                            break;
+                        }
+                    }
+                    use tokio::io::AsyncWriteExt;
+                    let _ = wr.shutdown().await;
+                };
+                let reader = async move {
+                    let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
+                    loop {
+                        match wire::read_msg::<_, Command>(&mut rd).await {
+                            Ok(cmd) => {
+                                if let Command::Accepted { heartbeat_every, .. } = &cmd {
+                                    if heartbeat.is_none() {
+                                        let every = (*heartbeat_every).max(Duration::from_millis(50));
+                                        let hb = hb_tx.clone();
+                                        heartbeat = Some(tokio::spawn(async move {
+                                            let mut t = tokio::time::interval(every);
+                                            loop {
+                                                t.tick().await;
+                                                if hb.send(NodeMsg::Heartbeat).is_err() {
+                                                    break;
+                                                }
+                                            }
+                                        }));
+                                    }
+                                }
+                                let ends = matches!(cmd, Command::Stop(_) | Command::Disconnect { .. });
+                                if cmd_tx.send(Incoming::Cmd(cmd)).is_err() {
+                                    break;
+                                }
+                                if ends {
+                                    watchdog(Arc::clone(&handled2), "was told to stop");
+                                }
+                            }
+                            Err(e) => {
+                                let _ = cmd_tx.send(Incoming::Lost(e.to_string()));
+                                watchdog(Arc::clone(&handled2), "lost the coordinator");
+                                break;
+                            }
+                        }
+                    }
+                    if let Some(h) = heartbeat {
+                        h.abort();
+                    }
+                    drop(hb_tx);
+                };
+                // The writer ends when the main thread drops its sender (after StopAck);
+                // the reader when the coordinator closes. Either ends the connection.
+                tokio::select! {
+                    _ = writer => {}
+                    _ = reader => {}
+                }
+                let _ = done_tx.send(());
+            });
+        })
+        .map_err(|e| Error::Invalid(format!("starting the control thread: {e}")))?;
+    let (welcome, ip) = init_rx
+        .recv()
+        .map_err(|_| Error::Invalid(format!("the control thread for {addr} died")))?
+        .map_err(Error::Invalid)?;
+    Ok((
+        Control {
+            addr,
+            cmds: cmd_rx,
+            out: Some(out_tx),
+            handled,
+            done: done_rx,
+        },
+        welcome,
+        ip,
+    ))
+}
+
+/// Ends the process if the main thread has not handled a stop within [`STUCK_GRACE`]
+/// (it is stuck in a collective with a peer that will never answer).
+fn watchdog(handled: Arc<AtomicBool>, what: &'static str) {
+    std::thread::spawn(move || {
+        std::thread::sleep(STUCK_GRACE);
+        if !handled.load(Ordering::SeqCst) {
+            eprintln!(
+                "ringtune node: {what}, but training is stuck (a peer is gone); exiting after {STUCK_GRACE:?}"
+            );
+            std::process::exit(3);
+        }
+    });
+}
+
+/// A free UDP port on `ip` for the ring's QUIC endpoint.
+fn pick_data_addr(ip: IpAddr) -> Result<SocketAddr> {
+    let s = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
+        .map_err(|e| Error::Invalid(format!("no free UDP port on {ip} for the ring: {e}")))?;
+    s.local_addr()
+        .map_err(|e| Error::Invalid(format!("reading the ring's UDP port on {ip}: {e}")))
+}
+
+/// Runs this node until the coordinator stops it. Errors name the coordinator, the step or
+/// the ring peer involved.
+pub fn run_node(opts: NodeOptions) -> Result<NodeExit> {
+    let (ctl, welcome, local_ip) = connect_control(&opts)?;
+    let mut cfg: RunConfig = serde_json::from_str(&welcome.run_config_json)
+        .map_err(|e| Error::Invalid(format!("the run config from {}: {e}", opts.coordinator)))?;
+    if let Some(d) = opts.device {
+        cfg.model.device = d;
+    }
+    let config_hash = config_hash_of(opts.own_config.as_ref().unwrap_or(&cfg))?;
+    let ring_identity = welcome
+        .ring_identity()
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let result = serve(&ctl, &opts, &cfg, config_hash, ring_identity, local_ip);
+    ctl.close();
+    result
+}
+
+fn stop_result(reason: StopReason) -> Result<NodeExit> {
+    match reason {
+        StopReason::Finished => Ok(NodeExit::Finished),
+        StopReason::Interrupted => Ok(NodeExit::Interrupted),
+        StopReason::Failed(e) => Err(Error::Invalid(format!(
+            "the coordinator stopped the run: {e}"
+        ))),
+    }
+}
+
+fn serve(
+    ctl: &Control,
+    opts: &NodeOptions,
+    cfg: &RunConfig,
+    config_hash: ConfigHash,
+    ring_identity: ringtune_collectives::tls::ClusterIdentity,
+    local_ip: IpAddr,
+) -> Result<NodeExit> {
+    'generation: loop {
+        let data_addr = pick_data_addr(local_ip)?;
+        ctl.send(NodeMsg::Register(Registration {
+            identity: opts.identity.clone(),
+            config_hash,
+            data_addr: Some(data_addr),
+        }))?;
+        let a: Assignment = loop {
+            match ctl.recv()? {
+                Command::Accepted { .. } | Command::NcclUniqueId { .. } => {}
+                Command::Assign(a) => break a,
+                Command::Refused(r) => {
+                    return Err(Error::Invalid(format!(
+                        "the coordinator at {} refused this node: {r}",
+                        opts.coordinator
+                    )))
+                }
+                Command::Stop(reason) => {
+                    ctl.send(NodeMsg::StopAck)?;
+                    return stop_result(reason);
+                }
+                Command::Disconnect { reason } => {
+                    return Err(Error::Invalid(format!(
+                        "the coordinator dropped this node: {reason}"
+                    )))
+                }
+                Command::Restart { .. } => continue 'generation,
+                Command::RunStep(o) => {
+                    return Err(Error::Invalid(format!(
+                        "the coordinator sent step {} before an assignment",
+                        o.step
+                    )))
+                }
+            }
+        };
+        let (left, right) = match a.collective {
+            CollectiveSetup::Ring { left, right } => (left, right),
+            CollectiveSetup::Nccl { .. } => {
+                return Err(Error::Invalid(
+                    "the coordinator chose NCCL, which this node driver does not run yet".into(),
+                ))
+            }
+        };
+        let world = a.world_size.0 as usize;
+        let mut peers = vec![data_addr; world];
+        peers[left.rank.0 as usize % world] = left.addr;
+        peers[right.rank.0 as usize % world] = right.addr;
+        let ring = net::connect(NetConfig {
+            rank: ringtune_collectives::Rank(a.rank.0),
+            world: ringtune_collectives::WorldSize(a.world_size.0),
+            listen: data_addr,
+            peers,
+            identity: ring_identity.clone(),
+            token: opts.token.clone(),
+            connect_timeout: Duration::from_secs(120),
+            chunk_elems: DEFAULT_CHUNK_ELEMS,
+            wire: WireDtype::F32,
+            transport: Transport::Quic,
+        })
+        .map_err(|e| Error::Sync {
+            step: a.resume_from.0,
+            message: format!("joining the ring as rank {} of {world}: {e}", a.rank.0),
+        })?;
+        let comm = Rc::new(Cell::new(Duration::ZERO));
+        let sync = RingSync {
+            ring,
+            timeout: opts.collective_timeout,
+            comm: Rc::clone(&comm),
+        };
+        let mut trainer =
+            Trainer::for_node(cfg.clone(), a.resume_from.0, a.rank.0 == 0, Box::new(sync))?;
+        ctl.send(NodeMsg::Ready {
+            generation: a.generation,
+        })?;
+        loop {
+            match ctl.recv()? {
+                Command::RunStep(o) => {
+                    let started = Instant::now();
+                    comm.set(Duration::ZERO);
+                    let shard: Vec<usize> = o.examples.iter().map(|e| e.index.0 as usize).collect();
+                    match trainer.train_shard(o.step.0, &shard) {
+                        Ok(m) => {
+                            let (loss_sum, weight_sum) = trainer.last_local_sums();
+                            let total = started.elapsed();
+                            let comm_t = comm.get();
+                            ctl.send(NodeMsg::StepDone(StepReport {
+                                generation: o.generation,
+                                step: o.step,
+                                loss_sum,
+                                weight_sum,
+                                tokens: m.tokens,
+                                compute: total.saturating_sub(comm_t),
+                                comm: comm_t,
+                                adapter_hash: o
+                                    .report_hash
+                                    .then(|| AdapterHash(trainer.adapter_sha256())),
+                            }))?;
+                            if o.save_checkpoint {
+                                trainer.save()?;
+                                ctl.send(NodeMsg::CheckpointSaved {
+                                    generation: o.generation,
+                                    step: o.step,
+                                })?;
+                            }
+                        }
+                        Err(e) => {
+                            ctl.send(NodeMsg::Failed {
+                                generation: o.generation,
+                                step: o.step,
+                                reason: e.to_string(),
+                            })?;
+                        }
+                    }
+                }
+                Command::Restart { .. } => {
+                    drop(trainer);
+                    continue 'generation;
+                }
+                Command::Stop(reason) => {
+                    ctl.send(NodeMsg::StopAck)?;
+                    return stop_result(reason);
+                }
+                Command::Disconnect { reason } => {
+                    return Err(Error::Invalid(format!(
+                        "the coordinator dropped this node: {reason}"
+                    )))
+                }
+                Command::Accepted { .. } | Command::NcclUniqueId { .. } | Command::Assign(_) => {}
+                Command::Refused(r) => {
+                    return Err(Error::Invalid(format!(
+                        "the coordinator refused this node: {r}"
+                    )))
+                }
+            }
+        }
+    }
+}
