@@ -82,7 +82,9 @@ pub struct NetConfig {
 /// Default elements per frame: 1 MiB of f32.
 pub const DEFAULT_CHUNK_ELEMS: usize = 1 << 18;
 
-/// [`crate::GradSync`] over the network.
+/// [`crate::GradSync`] over the network. It owns a small tokio runtime and blocks the
+/// calling thread during a collective, so call it (and drop it) from ordinary threads, not
+/// from inside another async runtime. Dropping it flushes the last frames (up to 2 s).
 pub type NetSync = Ring<NetDriver>;
 
 /// Joins the ring: binds, connects to the right neighbour, accepts the left one, and
