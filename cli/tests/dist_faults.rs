@@ -1,0 +1,185 @@
+//! Failures of the distributed runtime with real processes: a node killed with SIGKILL,
+//! the coordinator killed, a node with the wrong token, a node of another run. None may
+//! hang or leave a process behind.
+
+mod dist_common;
+
+use std::time::{Duration, Instant};
+
+use dist_common::*;
+
+#[test]
+fn a_node_killed_mid_run_is_reported_with_its_rank_and_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 100_000, "");
+    let mut train = spawn(
+        &[
+            "train",
+            cfg.to_str().unwrap(),
+            "--plain",
+            "--heartbeat-timeout",
+            "2",
+        ],
+        &[],
+    );
+    train.wait_for("step 1/", 120);
+    let nodes = children_of(train.child.id());
+    assert_eq!(nodes.len(), 2, "two node processes: {nodes:?}");
+    let killed_at = Instant::now();
+    kill_9(nodes[1]);
+    let (st, err) = train.wait_exit(60);
+    let took = killed_at.elapsed();
+    assert!(!st.success(), "the run must fail:\n{err}");
+    // The connection drop is seen at once; the heartbeat timeout (2 s) bounds it anyway.
+    assert!(
+        took < Duration::from_secs(20),
+        "reported after {took:?}:\n{err}"
+    );
+    let line = err
+        .lines()
+        .find(|l| l.contains("node failure"))
+        .unwrap_or_else(|| panic!("no failure line:\n{err}"));
+    assert!(line.contains("rank"), "{line}");
+    assert!(line.contains("step"), "{line}");
+    assert!(err.contains("distributed run failed"), "{err}");
+    // No orphans: the surviving node exited too.
+    for pid in nodes {
+        assert!(!alive(pid), "node process {pid} outlived the run:\n{err}");
+    }
+}
+
+#[test]
+fn nodes_exit_with_a_clear_error_when_the_coordinator_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 100_000, "");
+    let mut coord = spawn(
+        &[
+            "coordinator",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--plain",
+        ],
+        &[("RINGTUNE_TOKEN", TOKEN)],
+    );
+    let line = coord.wait_for("listening on", 60);
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .to_string();
+    let env = [("RINGTUNE_TOKEN", TOKEN), ("RAYON_NUM_THREADS", "1")];
+    let n0 = spawn(
+        &[
+            "node",
+            "--coordinator",
+            &addr,
+            "--local-rank",
+            "0",
+            "--threads",
+            "1",
+        ],
+        &env,
+    );
+    let n1 = spawn(
+        &[
+            "node",
+            "--coordinator",
+            &addr,
+            "--local-rank",
+            "1",
+            "--threads",
+            "1",
+        ],
+        &env,
+    );
+    coord.wait_for("step 1/", 120);
+    coord.child.kill().unwrap();
+    coord.child.wait().unwrap();
+    for n in [n0, n1] {
+        let (st, err) = n.wait_exit(30);
+        assert!(
+            !st.success(),
+            "a node must fail when its coordinator dies:\n{err}"
+        );
+        assert!(
+            err.contains("lost the coordinator") || err.contains("stuck"),
+            "unclear error:\n{err}"
+        );
+        assert!(
+            err.contains(&addr),
+            "the error names the coordinator {addr}:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn wrong_token_and_foreign_config_are_refused_and_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 6, "");
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = config(other_dir.path(), 2, 6, "");
+    // Another run: a different learning rate changes the config hash.
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&other)
+            .unwrap()
+            .replace("lr = 1e-3", "lr = 2e-3"),
+    )
+    .unwrap();
+    let mut coord = spawn(
+        &[
+            "coordinator",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--plain",
+        ],
+        &[("RINGTUNE_TOKEN", TOKEN)],
+    );
+    let line = coord.wait_for("listening on", 60);
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .to_string();
+    let node = |rank: &str, token: &str, extra: &[&str]| {
+        let mut args = vec![
+            "node",
+            "--coordinator",
+            &addr,
+            "--local-rank",
+            rank,
+            "--threads",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        spawn(
+            &args,
+            &[("RINGTUNE_TOKEN", token), ("RAYON_NUM_THREADS", "1")],
+        )
+    };
+    let bad = node("0", "not-the-cluster-token-at-all", &[]);
+    let (st, err) = bad.wait_exit(30);
+    assert!(!st.success());
+    assert!(err.contains("wrong cluster token"), "{err}");
+    coord.wait_for("refused", 10);
+
+    let foreign = node("0", TOKEN, &["--config", other.to_str().unwrap()]);
+    let (st, err) = foreign.wait_exit(30);
+    assert!(!st.success());
+    assert!(err.contains("config hash"), "{err}");
+    coord.wait_for("refused", 10);
+
+    let n0 = node("0", TOKEN, &["--config", cfg.to_str().unwrap()]);
+    let n1 = node("1", TOKEN, &[]);
+    let (st, err) = coord.wait_exit(120);
+    assert!(st.success(), "the run did not go on:\n{err}");
+    assert!(err.contains("done: 6 steps"), "{err}");
+    for n in [n0, n1] {
+        let (st, err) = n.wait_exit(30);
+        assert!(st.success(), "{err}");
+    }
+}
