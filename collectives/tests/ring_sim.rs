@@ -164,7 +164,7 @@ fn fixed_order_sum(x: &[Vec<f32>]) -> Vec<f32> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(300))]
+    #![proptest_config(ProptestConfig::with_cases(1000))]
 
     #[test]
     fn all_reduce_is_the_fixed_order_sum_on_every_rank(
