@@ -183,3 +183,54 @@ fn wrong_token_and_foreign_config_are_refused_and_the_run_goes_on() {
         assert!(st.success(), "{err}");
     }
 }
+
+#[test]
+fn with_restarts_a_killed_node_is_replaced_and_the_run_ends_like_an_uninterrupted_one() {
+    const STEPS: u64 = 24;
+    let extra_steps = |dir: &std::path::Path| {
+        let cfg = config(dir, 2, STEPS, "");
+        std::fs::write(
+            &cfg,
+            std::fs::read_to_string(&cfg)
+                .unwrap()
+                .replace("save_every = 0", "save_every = 4"),
+        )
+        .unwrap();
+        cfg
+    };
+    let reference = tempfile::tempdir().unwrap();
+    let cfg = extra_steps(reference.path());
+    let (st, err) = spawn(&["train", cfg.to_str().unwrap(), "--plain"], &[]).wait_exit(300);
+    assert!(st.success(), "reference run failed:\n{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = extra_steps(dir.path());
+    let mut train = spawn(
+        &[
+            "train",
+            cfg.to_str().unwrap(),
+            "--plain",
+            "--heartbeat-timeout",
+            "2",
+            "--max-restarts",
+            "2",
+        ],
+        &[],
+    );
+    // Past the first checkpoint, so the restart resumes from it.
+    train.wait_for("checkpoint: step 4", 120);
+    let nodes = children_of(train.child.id());
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    kill_9(nodes[0]);
+    let (st, err) = train.wait_exit(240);
+    assert!(st.success(), "the run did not recover:\n{err}");
+    assert!(err.contains("restarting all nodes from step"), "{err}");
+    assert!(err.contains(&format!("done: {STEPS} steps")), "{err}");
+    let step = format!("run/checkpoints/step-{STEPS}/adapter");
+    let a = adapter(&dir.path().join(&step));
+    let b = adapter(&reference.path().join(&step));
+    assert!(
+        a == b,
+        "the recovered run's final adapter differs from the uninterrupted run's"
+    );
+}

@@ -25,7 +25,7 @@
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -138,8 +138,9 @@ struct Control {
     addr: String,
     cmds: std_mpsc::Receiver<Incoming>,
     out: Option<mpsc::UnboundedSender<NodeMsg>>,
-    /// Set by the main thread once it has handled a stop: the watchdog stands down.
-    handled: Arc<AtomicBool>,
+    /// Commands the main thread has taken; a watchdog started for the n-th command
+    /// stands down once this reaches n.
+    handled: Arc<AtomicU64>,
     done: std_mpsc::Receiver<()>,
 }
 
@@ -155,7 +156,10 @@ impl Control {
 
     fn recv(&self) -> Result<Command> {
         match self.cmds.recv() {
-            Ok(Incoming::Cmd(c)) => Ok(c),
+            Ok(Incoming::Cmd(c)) => {
+                self.handled.fetch_add(1, Ordering::SeqCst);
+                Ok(c)
+            }
             Ok(Incoming::Lost(why)) => Err(self.lost(&why)),
             Err(_) => Err(self.lost("the control connection is closed")),
         }
@@ -170,7 +174,7 @@ impl Control {
 
     /// Stops sending and waits (briefly) for what was sent to go out.
     fn close(mut self) {
-        self.handled.store(true, Ordering::SeqCst);
+        self.handled.store(u64::MAX, Ordering::SeqCst);
         self.out = None;
         let _ = self.done.recv_timeout(Duration::from_secs(2));
     }
@@ -184,7 +188,7 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
     let (cmd_tx, cmd_rx) = std_mpsc::channel::<Incoming>();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<NodeMsg>();
     let (done_tx, done_rx) = std_mpsc::channel::<()>();
-    let handled = Arc::new(AtomicBool::new(false));
+    let handled = Arc::new(AtomicU64::new(0));
     let handled2 = Arc::clone(&handled);
     let hb_tx = out_tx.clone();
     let addr2 = addr.clone();
@@ -281,6 +285,7 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                 };
                 let reader = async move {
                     let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
+                    let mut received = 0u64;
                     loop {
                         match wire::read_msg::<_, Command>(&mut rd).await {
                             Ok(cmd) => {
@@ -299,17 +304,24 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                                         }));
                                     }
                                 }
-                                let ends = matches!(cmd, Command::Stop(_) | Command::Disconnect { .. });
+                                let what = match cmd {
+                                    Command::Stop(_) | Command::Disconnect { .. } => {
+                                        Some("was told to stop")
+                                    }
+                                    Command::Restart { .. } => Some("was told to restart"),
+                                    _ => None,
+                                };
+                                received += 1;
                                 if cmd_tx.send(Incoming::Cmd(cmd)).is_err() {
                                     break;
                                 }
-                                if ends {
-                                    watchdog(Arc::clone(&handled2), "was told to stop");
+                                if let Some(what) = what {
+                                    watchdog(Arc::clone(&handled2), received, what);
                                 }
                             }
                             Err(e) => {
                                 let _ = cmd_tx.send(Incoming::Lost(e.to_string()));
-                                watchdog(Arc::clone(&handled2), "lost the coordinator");
+                                watchdog(Arc::clone(&handled2), received + 1, "lost the coordinator");
                                 break;
                             }
                         }
@@ -346,12 +358,14 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
     ))
 }
 
-/// Ends the process if the main thread has not handled a stop within [`STUCK_GRACE`]
-/// (it is stuck in a collective with a peer that will never answer).
-fn watchdog(handled: Arc<AtomicBool>, what: &'static str) {
+/// Ends the process if the main thread has not taken the `nth` command (a stop, a restart,
+/// or the news that the coordinator is gone) within [`STUCK_GRACE`]: it is stuck in a
+/// collective with a peer that will never answer. (A launcher that restarts failed
+/// processes — the local harness does — then starts a fresh node, as torchelastic does.)
+fn watchdog(handled: Arc<AtomicU64>, nth: u64, what: &'static str) {
     std::thread::spawn(move || {
         std::thread::sleep(STUCK_GRACE);
-        if !handled.load(Ordering::SeqCst) {
+        if handled.load(Ordering::SeqCst) < nth {
             eprintln!(
                 "ringtune node: {what}, but training is stuck (a peer is gone); exiting after {STUCK_GRACE:?}"
             );

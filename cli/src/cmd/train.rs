@@ -4,8 +4,8 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -243,48 +243,83 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
     let token_text = String::from_utf8(token.expose().to_vec()).context("token is hex")?;
     let exe = std::env::current_exe().context("locating the ringtune binary")?;
     let n = cfg.nodes;
-    let mut children: Vec<Child> = Vec::new();
+    let spawn_node = move |addr: std::net::SocketAddr, i: u32| -> Result<Child> {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["node", "--coordinator", &addr.to_string()])
+            .args(["--local-rank", &i.to_string(), "--threads", "1"])
+            .args(["--connect-timeout", "30"])
+            .env("RINGTUNE_TOKEN", &token_text)
+            .env("RAYON_NUM_THREADS", "1")
+            .stdin(Stdio::null())
+            .process_group(0);
+        for v in LAUNCHER_VARS {
+            cmd.env_remove(v);
+        }
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        cmd.spawn()
+            .with_context(|| format!("starting node {i} ({})", exe.display()))
+    };
+    let children: Arc<Mutex<Vec<Child>>> = Arc::new(Mutex::new(Vec::new()));
+    let over = Arc::new(AtomicBool::new(false));
     let plain = args.plain || !std::io::stderr().is_terminal();
-    let result = super::coordinator::serve_run(
-        cfg,
-        "127.0.0.1:0".parse()?,
-        token,
-        &args.policy,
-        plain,
-        |addr| {
-            for i in 0..n {
-                let mut cmd = Command::new(&exe);
-                cmd.args(["node", "--coordinator", &addr.to_string()])
-                    .args([
-                        "--local-rank",
-                        &i.to_string(),
-                        "--threads",
-                        "1",
-                        "--connect-timeout",
-                        "30",
-                    ])
-                    .env("RINGTUNE_TOKEN", &token_text)
-                    .env("RAYON_NUM_THREADS", "1")
-                    .stdin(Stdio::null())
-                    .process_group(0);
-                for v in LAUNCHER_VARS {
-                    cmd.env_remove(v);
+    let max_restarts = args.policy.max_restarts;
+    let result = {
+        let children = Arc::clone(&children);
+        let over = Arc::clone(&over);
+        super::coordinator::serve_run(
+            cfg,
+            "127.0.0.1:0".parse()?,
+            token,
+            &args.policy,
+            plain,
+            move |addr| {
+                let mut c = children.lock().expect("children lock");
+                for i in 0..n {
+                    c.push(spawn_node(addr, i)?);
                 }
-                // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-                unsafe {
-                    cmd.pre_exec(|| {
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                        Ok(())
+                drop(c);
+                if max_restarts > 0 {
+                    // Like torchelastic: a node process that dies is replaced (same slot), and
+                    // the coordinator's restart takes the replacement in. Bounded by the
+                    // restart budget times the world size.
+                    let mut budget = u64::from(max_restarts) * u64::from(n);
+                    std::thread::spawn(move || {
+                        while !over.load(Ordering::SeqCst) && budget > 0 {
+                            std::thread::sleep(Duration::from_millis(100));
+                            let mut c = children.lock().expect("children lock");
+                            for (i, child) in c.iter_mut().enumerate() {
+                                if over.load(Ordering::SeqCst) || budget == 0 {
+                                    break;
+                                }
+                                if let Ok(Some(st)) = child.try_wait() {
+                                    if st.success() {
+                                        continue;
+                                    }
+                                    eprintln!(
+                                        "harness: node {i} exited ({st}); starting a replacement"
+                                    );
+                                    match spawn_node(addr, i as u32) {
+                                        Ok(new) => *child = new,
+                                        Err(e) => eprintln!("harness: {e:#}"),
+                                    }
+                                    budget -= 1;
+                                }
+                            }
+                        }
                     });
                 }
-                children.push(
-                    cmd.spawn()
-                        .with_context(|| format!("starting node {i} ({})", exe.display()))?,
-                );
-            }
-            Ok(())
-        },
-    );
+                Ok(())
+            },
+        )
+    };
+    over.store(true, Ordering::SeqCst);
+    let children = std::mem::take(&mut *children.lock().expect("children lock"));
     // Nodes exit on their own once stopped; give them a moment, then make sure.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut failed = Vec::new();
