@@ -30,6 +30,8 @@ pub struct StepRecord {
     /// Mean and slowest rank's all-reduce time.
     pub comm_s_mean: f64,
     pub comm_s_max: f64,
+    /// The eval NLL after this step, when a rank evaluated (the lowest rank's).
+    pub eval_nll: Option<f64>,
 }
 
 impl StepRecord {
@@ -56,6 +58,7 @@ impl StepRecord {
             compute_s_max: 0.0,
             comm_s_mean: 0.0,
             comm_s_max: 0.0,
+            eval_nll: None,
         };
         for rep in reports {
             r.loss_sum += rep.loss_sum;
@@ -66,6 +69,7 @@ impl StepRecord {
             r.comm_s_mean += comm;
             r.compute_s_max = r.compute_s_max.max(compute);
             r.comm_s_max = r.comm_s_max.max(comm);
+            r.eval_nll = r.eval_nll.or(rep.eval_nll);
         }
         if !reports.is_empty() {
             r.compute_s_mean /= reports.len() as f64;
@@ -101,6 +105,7 @@ mod tests {
             compute: Duration::from_millis(compute_ms),
             comm: Duration::from_millis(comm_ms),
             adapter_hash: None,
+            eval_nll: None,
         }
     }
 

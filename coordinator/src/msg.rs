@@ -58,6 +58,9 @@ pub struct StepReport {
     pub comm: Duration,
     /// The adapter's hash after this step, when the step order asked for it.
     pub adapter_hash: Option<AdapterHash>,
+    /// Mean NLL on the eval data after this step, from the rank that evaluated (rank 0, at
+    /// the config's eval cadence).
+    pub eval_nll: Option<f64>,
 }
 
 /// A message from a node to the coordinator. Any message counts as a sign of

@@ -196,6 +196,7 @@ impl Sim {
                     compute,
                     comm,
                     adapter_hash,
+                    eval_nll: None,
                 };
                 self.send(node, compute + comm, NodeMsg::StepDone(report));
                 if o.save_checkpoint {

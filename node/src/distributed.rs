@@ -498,8 +498,18 @@ fn serve(
                     let started = Instant::now();
                     comm.set(Duration::ZERO);
                     let shard: Vec<usize> = o.examples.iter().map(|e| e.index.0 as usize).collect();
-                    match trainer.train_shard(o.step.0, &shard) {
-                        Ok(m) => {
+                    let result = trainer.train_shard(o.step.0, &shard).and_then(|m| {
+                        // Every rank holds the same adapter, so rank 0 alone evaluates, at
+                        // the one-process trainer's cadence (eval_every, and the last step).
+                        let e = cfg.train.eval_every;
+                        let due = a.rank.0 == 0
+                            && trainer.example_counts().1 > 0
+                            && (o.step == a.total_steps || (e > 0 && o.step.0 % e == 0));
+                        let eval = if due { Some(trainer.eval()?) } else { None };
+                        Ok((m, eval))
+                    });
+                    match result {
+                        Ok((m, eval_nll)) => {
                             let (loss_sum, weight_sum) = trainer.last_local_sums();
                             let total = started.elapsed();
                             let comm_t = comm.get();
@@ -514,6 +524,7 @@ fn serve(
                                 adapter_hash: o
                                     .report_hash
                                     .then(|| AdapterHash(trainer.adapter_sha256())),
+                                eval_nll,
                             }))?;
                             if o.save_checkpoint {
                                 trainer.save()?;

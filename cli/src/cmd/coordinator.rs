@@ -251,7 +251,10 @@ impl Progress {
             r.world_size.0,
             r.compute_s_max,
             r.comm_s_max,
-        )
+        ) + &r
+            .eval_nll
+            .map(|e| format!(" | eval_nll {e:.4}"))
+            .unwrap_or_default()
     }
 
     fn event(&mut self, ev: &Event) {
@@ -260,12 +263,15 @@ impl Progress {
                 if let Some(bar) = &self.bar {
                     bar.set_position(r.step.0);
                     bar.set_message(Self::summary(r));
+                    if r.eval_nll.is_some() {
+                        bar.println(format!("step {} | {}", r.step.0, Self::summary(r)));
+                    }
                     return;
                 }
                 let due = self
                     .last_line
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
-                if due || r.step.0 == self.total {
+                if due || r.step.0 == self.total || r.eval_nll.is_some() {
                     self.last_line = Some(std::time::Instant::now());
                     eprintln!("step {}/{} | {}", r.step.0, self.total, Self::summary(r));
                 }

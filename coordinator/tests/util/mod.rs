@@ -179,6 +179,7 @@ impl Harness {
                     compute: Duration::from_millis(num("compute").unwrap_or(300)),
                     comm: Duration::from_millis(num("comm").unwrap_or(100)),
                     adapter_hash,
+                    eval_nll: None,
                 };
                 self.core.handle_message(now, id, NodeMsg::StepDone(report));
             }
