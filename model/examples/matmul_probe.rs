@@ -30,6 +30,19 @@ fn probe(name: &str, m: usize, k: usize, n: usize, transpose_rhs: bool) -> candl
 }
 
 fn main() -> candle_core::Result<()> {
+    let which = std::env::args().nth(1).unwrap_or_default();
+    if which == "smol" {
+        probe("smol q (x·Wᵀ)", 1024, 576, 576, true)?;
+        probe("smol k (x·Wᵀ)", 1024, 576, 192, true)?;
+        probe("smol qkv fused", 1024, 576, 960, true)?;
+        probe("smol gate (x·Wᵀ)", 1024, 576, 1536, true)?;
+        probe("smol gate+up fused", 1024, 576, 3072, true)?;
+        probe("smol down bwd (g·W)", 1024, 576, 1536, false)?;
+        probe("smol lora x·Aᵀ", 1024, 576, 32, true)?;
+        probe("smol lora t·Bᵀ", 1024, 32, 1536, true)?;
+        probe("smol dA = uᵀ·x", 32, 1024, 576, false)?;
+        return Ok(());
+    }
     probe("square 1024", 1024, 1024, 1024, false)?;
     probe("lm_head fwd chunk (x·Wᵀ)", 512, 256, 32000, true)?;
     probe("lm_head bwd (G·W)", 1024, 32000, 256, false)?;

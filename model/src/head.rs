@@ -178,7 +178,9 @@ pub(crate) fn run(
                         ha.as_ref().map(|p| p.1.index_select(&idx, 0)).transpose()?,
                     )
                 };
-                let mut gh = g.matmul(&w.to_dtype(DType::F32)?)?;
+                // In the weight's dtype: converting a bf16 lm_head to f32 per chunk would
+                // cost more than the matmul.
+                let mut gh = g.to_dtype(w.dtype())?.matmul(w)?.to_dtype(DType::F32)?;
                 if let (Some(ad), Some(hs), Some(xs)) = (adapter, hsel, xsel) {
                     let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
                     // logits += s · (h Aᵀ) Bᵀ:

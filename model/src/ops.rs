@@ -329,6 +329,8 @@ struct LoraLinearOp {
     w: Tensor,
     bias: Option<Tensor>,
     scale: f32,
+    /// `x·Aᵀ` from the forward pass, kept (it is small: [m, r]) for dB in the backward.
+    t: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl CustomOp3 for LoraLinearOp {
@@ -377,6 +379,7 @@ impl CustomOp3 for LoraLinearOp {
         let mut t = vec![0f32; m * r];
         sgemm((m, r, k), &mut t, false, (x, k, 1), (a, 1, k), 1.0);
         sgemm((m, n, r), &mut y, true, (&t, r, 1), (b, 1, r), self.scale);
+        *self.t.lock().expect("lora-linear cache poisoned") = Some(t);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -423,9 +426,15 @@ impl CustomOp3 for LoraLinearOp {
         } else {
             None
         };
-        // t = x·Aᵀ [m, r]; dB = s·Gᵀ·t [n, r]; dA = s·uᵀ·x [r, k]
-        let mut t = vec![0f32; m * r];
-        sgemm((m, r, k), &mut t, false, (xv, k, 1), (av, 1, k), 1.0);
+        // t = x·Aᵀ [m, r] (kept from the forward); dB = s·Gᵀ·t [n, r]; dA = s·uᵀ·x [r, k]
+        let t = match self.t.lock().expect("lora-linear cache poisoned").take() {
+            Some(t) if t.len() == m * r => t,
+            _ => {
+                let mut t = vec![0f32; m * r];
+                sgemm((m, r, k), &mut t, false, (xv, k, 1), (av, 1, k), 1.0);
+                t
+            }
+        };
         let mut db = vec![0f32; n * r];
         sgemm((n, r, m), &mut db, false, (g, 1, n), (&t, r, 1), s);
         let mut da = vec![0f32; r * k];
@@ -456,6 +465,7 @@ pub(crate) fn lora_linear_fused(
         w: w.clone(),
         bias: bias.cloned(),
         scale: scale as f32,
+        t: Default::default(),
     };
     Ok(Some(x.apply_op3_arc(a, b, Arc::new(Box::new(op)))?))
 }
@@ -883,29 +893,34 @@ pub(crate) fn masked_softmax(scores: &Tensor, scale: f64, mask: &AttnMask) -> Re
         return Ok(s.apply_op1_arc(Arc::new(Box::new(op)))?);
     }
     // Composition for other devices: an additive −inf mask, then a max-shifted softmax.
+    // The mask depends only on (batch row, query position, key) — [B or 1, 1, T, T] —
+    // and is broadcast over the head groups, never built at the scores' full size.
     let dims = scores.dims().to_vec();
     let (b, t) = (dims[0], dims[dims.len() - 1]);
-    let rows = scores.elem_count() / b / t;
-    let mut add = vec![0f32; b * rows * t];
-    for bi in 0..b {
-        for r in 0..rows {
-            let i = r % mask.t;
+    let groups = scores.elem_count() / b / t / mask.t;
+    let mb = if mask.key_valid.is_some() { b } else { 1 };
+    let mut add = vec![0f32; mb * mask.t * t];
+    for bi in 0..mb {
+        for i in 0..mask.t {
             for j in 0..t {
                 if !mask.allowed(bi, i, j) {
-                    add[(bi * rows + r) * t + j] = f32::NEG_INFINITY;
+                    add[(bi * mask.t + i) * t + j] = f32::NEG_INFINITY;
                 }
             }
         }
     }
-    let add = Tensor::from_vec(add, dims.as_slice(), scores.device())?.to_dtype(DType::F32)?;
-    let x = (scores.to_dtype(DType::F32)? * scale)?.add(&add)?;
+    let add = Tensor::from_vec(add, (mb, 1, mask.t, t), scores.device())?;
+    let s4 = scores.reshape((b, groups, mask.t, t))?;
+    let x = (s4.to_dtype(DType::F32)? * scale)?.broadcast_add(&add)?;
     let m = x.max_keepdim(D::Minus1)?.detach();
     // A fully masked row has max −inf; shift it by 0 instead so it becomes all zeros.
     let m = m.ne(f32::NEG_INFINITY)?.where_cond(&m, &m.zeros_like()?)?;
     let e = x.broadcast_sub(&m)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     let sum = (sum.clone() + sum.eq(0f32)?.to_dtype(DType::F32)?)?;
-    Ok(e.broadcast_div(&sum)?.to_dtype(scores.dtype())?)
+    Ok(e.broadcast_div(&sum)?
+        .to_dtype(scores.dtype())?
+        .reshape(dims.as_slice())?)
 }
 
 #[cfg(test)]
