@@ -187,6 +187,26 @@ impl AdamW {
         })
     }
 
+    /// One update of a model's adapters with `grads` (convenience around
+    /// [`AdamW::step_flat`]: flatten, step, write back).
+    pub fn step_model(
+        &mut self,
+        model: &crate::LoraModel,
+        grads: &crate::Gradients,
+        lr: f64,
+    ) -> Result<StepReport> {
+        if grads.layout() != &self.layout || model.param_layout() != &self.layout {
+            return Err(Error::ParamMismatch(
+                "gradients, model and optimizer state have different layouts".into(),
+            ));
+        }
+        let mut params = model.params_flat()?;
+        let mut g = grads.to_flat()?;
+        let report = self.step_flat(&mut params, &mut g, lr)?;
+        model.set_params_flat(&params)?;
+        Ok(report)
+    }
+
     /// The state as named tensors: `<key>.exp_avg`, `<key>.exp_avg_sq` for every parameter
     /// key, sorted by name.
     pub fn state_tensors(&self, device: &Device) -> Result<Vec<(String, Tensor)>> {

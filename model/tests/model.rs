@@ -932,3 +932,30 @@ fn a_sharded_index_must_match_its_shards() {
     std::fs::write(&index, v.to_string()).unwrap();
     assert!(matches!(load_err(out.path()), Error::InvalidField { .. }));
 }
+
+#[test]
+fn step_model_is_step_flat() {
+    let batch = ref_batch();
+    let (a, b) = (trained_tiny(), trained_tiny());
+    let mut oa = AdamW::new(AdamWConfig::default(), a.param_layout().clone());
+    let mut ob = oa.clone();
+    let (_, g) = a.forward_backward(&batch, LossKind::CrossEntropy).unwrap();
+    let rep = oa.step_model(&a, &g, 1e-3).unwrap();
+    let mut p = b.params_flat().unwrap();
+    let mut gf = g.to_flat().unwrap();
+    let rep2 = ob.step_flat(&mut p, &mut gf, 1e-3).unwrap();
+    assert_eq!(rep, rep2);
+    assert_eq!(a.params_flat().unwrap(), p);
+    let other = LoraModel::load(
+        &tiny().join("base"),
+        &LoraConfig::from_tinker(4, true, false, false),
+        &Device::Cpu,
+        DType::F32,
+        0,
+    )
+    .unwrap();
+    assert!(matches!(
+        oa.step_model(&other, &g, 1e-3),
+        Err(Error::ParamMismatch(_))
+    ));
+}
