@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One-command GPU check (issue 6), run on the GPU machine from binaries built elsewhere:
+#   bash deploy/gpu/check.sh            (device tool: carry [".gpu"])
+# 1. ringtune gpu_check: CUDA-vs-CPU parity (tiny preset) + LoRA throughput (qwen05b, llama1b)
+# 2. NCCL world-size-1 smoke test through ringtune-collectives (if .gpu/nccl_smoke exists)
+# 3. PyTorch + PEFT reference (gpu_peft_bench.py), last, so ringtune's numbers come first
+# Everything is also written to $OUT/ (or ./gpu-check-out when $OUT is unset).
+# Budgets (seconds) can be overridden: GPU_CHECK_S, NCCL_S, TORCH_S.
+set -u
+cd "$(dirname "$0")/../.."
+OUTDIR="${OUT:-./gpu-check-out}"
+mkdir -p "$OUTDIR"
+LOG="$OUTDIR/check.log"
+GPU_CHECK_S="${GPU_CHECK_S:-180}"
+NCCL_S="${NCCL_S:-40}"
+TORCH_S="${TORCH_S:-130}"
+t0=$(date +%s)
+{
+echo "== ringtune GPU check $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+# shellcheck disable=SC1091
+source .gpu/gpu-env.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+echo
+
+echo "== 1. ringtune gpu_check (timeout ${GPU_CHECK_S}s; its own throughput guard is 50s less)"
+timeout -k 5 "$GPU_CHECK_S" .gpu/gpu_check --device cuda:0 --budget-s $((GPU_CHECK_S - 50)) 2>&1
+echo "gpu_check exit: $?  (elapsed $(( $(date +%s) - t0 ))s)"
+echo
+
+if [ -x .gpu/nccl_smoke ]; then
+  echo "== 2. NCCL world-size-1 smoke (timeout ${NCCL_S}s)"
+  timeout -k 5 "$NCCL_S" .gpu/nccl_smoke 2>&1
+  echo "nccl_smoke exit: $?  (elapsed $(( $(date +%s) - t0 ))s)"
+else
+  echo "== 2. NCCL smoke skipped: .gpu/nccl_smoke not built"
+fi
+echo
+
+echo "== 3. PyTorch + PEFT reference (timeout ${TORCH_S}s)"
+timeout -k 5 "$TORCH_S" /opt/torch/.venv/bin/python3 .gpu/gpu_peft_bench.py \
+  --presets qwen05b,llama1b --steps 5 --warmup 2 2>&1
+echo "pytorch bench exit: $?  (total elapsed $(( $(date +%s) - t0 ))s)"
+} 2>&1 | tee "$LOG"
