@@ -253,8 +253,8 @@ fn resume_without_a_checkpoint() {
 }
 
 #[test]
-fn more_than_one_node_is_refused_for_now() {
+fn out_of_range_value_names_the_key() {
     let c = Case::new(&chat_lines(16, 1));
-    let err = c.fails(&c.config("nodes = 2", ""), &[]);
-    assert!(err.contains("nodes = 2"), "{err}");
+    let err = c.fails(&c.config("nodes = 0", ""), &[]);
+    assert!(err.contains("run.toml: nodes: must be at least 1"), "{err}");
 }
