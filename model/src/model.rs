@@ -213,12 +213,11 @@ impl Attention {
         // are stacked along the rows, [B, kv, rep·T, d] · [B, kv, d, T].
         let rep = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, rep * t, d))?;
-        let scores = q.matmul(&k.t()?)?;
         let mask = AttnMask {
             window: self.window,
             ..pass.mask.clone()
         };
-        let p = ops::masked_softmax(&scores, 1.0 / (d as f64).sqrt(), &mask)?;
+        let p = ops::attention_probs(&q, &k, 1.0 / (d as f64).sqrt(), &mask)?;
         let o = p.matmul(&v)?;
         let o = o
             .reshape((b, self.heads, t, d))?

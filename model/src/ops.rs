@@ -257,12 +257,30 @@ type Mat<'a> = (&'a [f32], usize, usize);
 
 /// `dst [m×n] (contiguous) = (accumulate ? dst : 0) + beta · A[m×k] · B[k×n]`.
 fn sgemm(
+    dims: (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    beta: f32,
+) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    sgemm_with(dims, dst, accumulate, a, b, beta, par)
+}
+
+fn sgemm_with(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,
     a: Mat<'_>,
     b: Mat<'_>,
     beta: f32,
+    par: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -285,12 +303,6 @@ fn sgemm(
         b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
         "sgemm: rhs too small"
     );
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: extents checked above; dst does not alias a or b (distinct borrows).
     unsafe {
         gemm::gemm(
@@ -315,6 +327,18 @@ fn sgemm(
             par,
         )
     }
+}
+
+/// [`sgemm`] on the calling thread only (for many small matmuls run side by side).
+fn sgemm_serial(
+    dims: (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    beta: f32,
+) {
+    sgemm_with(dims, dst, accumulate, a, b, beta, gemm::Parallelism::None)
 }
 
 /// The contiguous f32 data of a CPU tensor (copying only if it is not contiguous).
@@ -768,130 +792,191 @@ impl AttnMask {
     }
 }
 
-struct MaskedSoftmax {
+/// Turns one row of raw scores (query position `i` of batch row `bi`) into masked softmax
+/// probabilities of `scale · scores`, in place; masked keys become exactly 0, and a row
+/// with no visible key (a padding query) becomes all zeros rather than NaN.
+fn softmax_row_inplace(yr: &mut [f32], scale: f32, mask: &AttnMask, bi: usize, i: usize) {
+    // Causal: keys 0..=i; the window and key padding remove more.
+    let lo = mask.window.map_or(0, |w| (i + 1).saturating_sub(w));
+    let hi = (i + 1).min(yr.len());
+    yr[..lo].fill(0.0);
+    yr[hi..].fill(0.0);
+    let mut m = f32::NEG_INFINITY;
+    for (j, v) in yr.iter_mut().enumerate().take(hi).skip(lo) {
+        if mask.allowed(bi, i, j) {
+            *v *= scale;
+            m = m.max(*v);
+        } else {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    if m == f32::NEG_INFINITY {
+        yr[lo..hi].fill(0.0);
+        return;
+    }
+    let sum = if mask.key_valid.is_none() {
+        // No holes in lo..hi: the vectorised exp.
+        exp_shift_sum(&mut yr[lo..hi], m)
+    } else {
+        let mut sum = 0f32;
+        for v in &mut yr[lo..hi] {
+            *v = if *v == f32::NEG_INFINITY {
+                0.0
+            } else {
+                exp_approx(*v - m)
+            };
+            sum += *v;
+        }
+        sum
+    };
+    let inv = 1.0 / sum;
+    for v in &mut yr[lo..hi] {
+        *v *= inv;
+    }
+}
+
+/// Attention probabilities straight from q and k: `P = masked_softmax(scale · q·kᵀ)` for
+/// q `[B, G, R, d]`, k `[B, G, T, d]` (R = rep·T query rows per kv head). The raw scores
+/// are never kept: the backward needs only P, q and k.
+struct AttnProbs {
     scale: f32,
     mask: AttnMask,
 }
 
-impl CustomOp1 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "masked-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
-        let dims = l.dims();
-        // [B, groups, rows, T]
-        let (b, rows_per_b, t) = (
-            dims[0],
-            l.shape().elem_count() / dims[0] / dims[dims.len() - 1],
-            dims[dims.len() - 1],
-        );
-        let _ = b;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(t)
-            .zip(x.par_chunks(t))
-            .enumerate()
-            .for_each(|(row, (yr, xr))| {
-                let bi = row / rows_per_b;
-                let i = row % self.mask.t;
-                // Causal: keys 0..=i; the window and key padding remove more.
-                let lo = self.mask.window.map_or(0, |w| (i + 1).saturating_sub(w));
-                let hi = i + 1;
-                let mut m = f32::NEG_INFINITY;
-                for j in lo..hi {
-                    if self.mask.allowed(bi, i, j) {
-                        yr[j] = xr[j] * self.scale;
-                        m = m.max(yr[j]);
-                    } else {
-                        yr[j] = f32::NEG_INFINITY;
-                    }
-                }
-                if m == f32::NEG_INFINITY {
-                    // No visible key (a padding query): output zeros, not NaN.
-                    yr[lo..hi].fill(0.0);
-                    return;
-                }
-                let sum = if self.mask.key_valid.is_none() {
-                    // No holes in lo..hi: the vectorised exp.
-                    exp_shift_sum(&mut yr[lo..hi], m)
-                } else {
-                    let mut sum = 0f32;
-                    for v in &mut yr[lo..hi] {
-                        *v = if *v == f32::NEG_INFINITY {
-                            0.0
-                        } else {
-                            exp_approx(*v - m)
-                        };
-                        sum += *v;
-                    }
-                    sum
-                };
-                let inv = 1.0 / sum;
-                for v in &mut yr[lo..hi] {
-                    *v *= inv;
-                }
-            });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?;
-        Ok(Some(
-            res.apply_op2_no_bwd(&g, &SoftmaxBwd { scale: self.scale })?,
-        ))
+impl AttnProbs {
+    fn dims(lq: &Layout, lk: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (b, g, r, d) = lq.shape().dims4()?;
+        let (b2, g2, t, d2) = lk.shape().dims4()?;
+        if (b, g, d) != (b2, g2, d2) {
+            bail!(
+                "attn-probs: q {:?} and k {:?} do not fit",
+                lq.dims(),
+                lk.dims()
+            )
+        }
+        Ok((b * g, r, t, d))
     }
 }
 
-struct SoftmaxBwd {
-    scale: f32,
-}
-
-impl CustomOp2 for SoftmaxBwd {
+impl CustomOp2 for AttnProbs {
     fn name(&self) -> &'static str {
-        "masked-softmax-bwd"
+        "attn-probs"
     }
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, g) = (slice(s1, l1)?, slice(s2, l2)?);
-        let t = *l1.dims().last().unwrap_or(&1);
-        let mut dx = vec![0f32; y.len()];
-        dx.par_chunks_mut(t)
-            .zip(y.par_chunks(t).zip(g.par_chunks(t)))
-            .for_each(|(dr, (yr, gr))| {
-                // d/dx softmax(scale·x) = scale · y ⊙ (g − Σ g ⊙ y)
-                let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                for ((d, yv), gv) in dr.iter_mut().zip(yr).zip(gr) {
-                    *d = self.scale * yv * (gv - dot);
+        let (q, k) = (slice(sq, lq)?, slice(sk, lk)?);
+        let (bg, r, t, d) = Self::dims(lq, lk)?;
+        let groups = lq.dims()[1];
+        let mut p = vec![0f32; bg * r * t];
+        // One (batch, kv-head) block per task: small matmuls, run single-threaded in parallel.
+        p.par_chunks_mut(r * t).enumerate().for_each(|(blk, pb)| {
+            let (qb, kb) = (
+                &q[blk * r * d..(blk + 1) * r * d],
+                &k[blk * t * d..(blk + 1) * t * d],
+            );
+            sgemm_serial((r, t, d), pb, false, (qb, d, 1), (kb, 1, d), 1.0);
+            let bi = blk / groups;
+            for (row, pr) in pb.chunks_exact_mut(t).enumerate() {
+                softmax_row_inplace(pr, self.scale, &self.mask, bi, row % self.mask.t);
+            }
+        });
+        Ok((
+            CpuStorage::F32(p),
+            Shape::from(vec![lq.dims()[0], groups, r, t]),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dp = dp.contiguous()?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (ps, pl) = p.storage_and_layout();
+        let (ds, dl) = dp.storage_and_layout();
+        let (Storage::Cpu(qs), Storage::Cpu(ks), Storage::Cpu(ps), Storage::Cpu(ds)) =
+            (&*qs, &*ks, &*ps, &*ds)
+        else {
+            bail!("attn-probs: backward expects CPU tensors")
+        };
+        let (qv, kv, pv, dv) = (
+            slice(qs, ql)?,
+            slice(ks, kl)?,
+            slice(ps, pl)?,
+            slice(ds, dl)?,
+        );
+        let (bg, r, t, d) = Self::dims(ql, kl)?;
+        let mut dq = vec![0f32; bg * r * d];
+        let mut dk = vec![0f32; bg * t * d];
+        dq.par_chunks_mut(r * d)
+            .zip(dk.par_chunks_mut(t * d))
+            .enumerate()
+            .for_each(|(blk, (dqb, dkb))| {
+                let (pb, db) = (
+                    &pv[blk * r * t..(blk + 1) * r * t],
+                    &dv[blk * r * t..(blk + 1) * r * t],
+                );
+                // dS = scale · P ⊙ (dP − Σ dP ⊙ P), row by row.
+                let mut ds = vec![0f32; r * t];
+                for ((dsr, pr), dr) in ds
+                    .chunks_exact_mut(t)
+                    .zip(pb.chunks_exact(t))
+                    .zip(db.chunks_exact(t))
+                {
+                    let dot: f32 = pr.iter().zip(dr).map(|(a, b)| a * b).sum();
+                    for ((o, &pv), &dv) in dsr.iter_mut().zip(pr).zip(dr) {
+                        *o = self.scale * pv * (dv - dot);
+                    }
                 }
+                let (qb, kb) = (
+                    &qv[blk * r * d..(blk + 1) * r * d],
+                    &kv[blk * t * d..(blk + 1) * t * d],
+                );
+                // dq = dS·k [r, d]; dk = dSᵀ·q [t, d]
+                sgemm_serial((r, d, t), dqb, false, (&ds, t, 1), (kb, d, 1), 1.0);
+                sgemm_serial((t, d, r), dkb, false, (&ds, 1, t), (qb, d, 1), 1.0);
             });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), q.device())?),
+            Some(Tensor::from_vec(dk, k.shape(), k.device())?),
+        ))
     }
 }
 
+/// Attention probabilities for q `[B, G, R, d]` and k `[B, G, T, d]`:
+/// `masked_softmax(scale · q·kᵀ)` `[B, G, R, T]`.
+pub(crate) fn attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    mask: &AttnMask,
+) -> Result<Tensor> {
+    if cpu_f32(q) {
+        let (q, k) = (q.contiguous()?, k.contiguous()?);
+        let op = AttnProbs {
+            scale: scale as f32,
+            mask: mask.clone(),
+        };
+        return Ok(q.apply_op2_arc(&k, Arc::new(Box::new(op)))?);
+    }
+    masked_softmax(&q.matmul(&k.t()?)?, scale, mask)
+}
+
+/// The composition behind [`attention_probs`] for devices without the CPU kernel:
 /// `softmax(scale · scores + mask)` over the last dimension for scores
 /// `[B, groups, rows, T]` (row `r` is query position `r % mask.t`); masked keys get
 /// probability 0 and a row with no visible key is all zeros.
 pub(crate) fn masked_softmax(scores: &Tensor, scale: f64, mask: &AttnMask) -> Result<Tensor> {
-    if cpu_f32(scores) {
-        let s = scores.contiguous()?;
-        let op = MaskedSoftmax {
-            scale: scale as f32,
-            mask: mask.clone(),
-        };
-        return Ok(s.apply_op1_arc(Arc::new(Box::new(op)))?);
-    }
     // Composition for other devices: an additive −inf mask, then a max-shifted softmax.
     // The mask depends only on (batch row, query position, key) — [B or 1, 1, T, T] —
     // and is broadcast over the head groups, never built at the scores' full size.
