@@ -234,3 +234,24 @@ fn with_restarts_a_killed_node_is_replaced_and_the_run_ends_like_an_uninterrupte
         "the recovered run's final adapter differs from the uninterrupted run's"
     );
 }
+
+#[test]
+fn ctrl_c_stops_every_node_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 100_000, "");
+    let mut train = spawn(&["train", cfg.to_str().unwrap(), "--plain"], &[]);
+    train.wait_for("step 1/", 120);
+    let nodes = children_of(train.child.id());
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &train.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (st, err) = train.wait_exit(60);
+    assert!(st.success(), "an interrupt is a clean stop:\n{err}");
+    assert!(err.contains("interrupted after step"), "{err}");
+    for pid in nodes {
+        assert!(!alive(pid), "node process {pid} outlived the run:\n{err}");
+    }
+}
