@@ -85,8 +85,8 @@ pub struct RunConfig {
     pub output_dir: PathBuf,
     /// Seeds data shuffling, LoRA A initialisation and dropout.
     pub seed: u64,
-    /// Number of local node processes (data-parallel ranks). Only 1 is supported until
-    /// the distributed runtime lands; the field is here so configs need not change then.
+    /// Number of node processes (data-parallel ranks). `ringtune train` starts this many
+    /// local node processes beside an in-process coordinator when it is above 1.
     pub nodes: u32,
     pub model: ModelConfig,
     pub data: DataConfig,
