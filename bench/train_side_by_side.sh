@@ -46,13 +46,14 @@ out, threads = sys.argv[1], sys.argv[2]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
 print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {cpu}, {os.cpu_count()} CPUs, {threads} threads, "
       f"loadavg now {os.getloadavg()[0]:.1f}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-print("| preset | round | ringtune tokens/s | PyTorch tokens/s | ratio | ringtune peak RSS | PyTorch peak RSS | PyTorch loadavg |")
-print("|---|---|---|---|---|---|---|---|")
+print("| preset | round | ringtune tokens/s | PyTorch tokens/s | ratio | ringtune peak RSS | PyTorch peak RSS | matmul 1024³ GFLOP/s candle / torch | PyTorch loadavg |")
+print("|---|---|---|---|---|---|---|---|---|")
 for f in sorted(glob.glob(f"{out}/rt-*.json")):
     p, r = os.path.basename(f)[3:-5].rsplit("-", 1)
     rt = json.load(open(f))
     pt = json.load(open(f"{out}/pt-{p}-{r}.json"))
     ratio = rt["tokens_per_s"] / pt["tokens_per_s_median"]
     print(f"| {p} (B={rt['batch']}, T={rt['seq']}) | {r} | {rt['tokens_per_s']:.0f} | {pt['tokens_per_s_median']:.0f} | "
-          f"{ratio:.2f}x | {rt['peak_rss_bytes'] / 2**20:.0f} MiB | {pt['peak_rss_MiB']:.0f} MiB | {pt['loadavg'][0]:.1f} |")
+          f"{ratio:.2f}x | {rt['peak_rss_bytes'] / 2**20:.0f} MiB | {pt['peak_rss_MiB']:.0f} MiB | "
+          f"{rt['matmul1024_gflops_before']:.0f} / {pt['matmul1024_gflops_before']:.0f} | {pt['loadavg'][0]:.1f} |")
 PY

@@ -565,6 +565,18 @@ impl LoraModel {
         Ok(())
     }
 
+    /// Training passes ([`LoraModel::forward_backward`] calls) so far. Each pass numbers its
+    /// dropout masks, so a checkpoint stores this and a resumed run restores it with
+    /// [`LoraModel::set_passes`] to draw exactly the masks an uninterrupted run would.
+    pub fn passes(&self) -> u64 {
+        self.passes.load(Ordering::Relaxed)
+    }
+
+    /// Sets the pass counter (see [`LoraModel::passes`]).
+    pub fn set_passes(&self, passes: u64) {
+        self.passes.store(passes, Ordering::Relaxed);
+    }
+
     /// A 64-bit fingerprint of the adapter bits (FNV-1a over the flat buffer): equal on
     /// every rank after every step, or something diverged.
     pub fn params_fingerprint(&self) -> Result<u64> {

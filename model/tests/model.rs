@@ -800,6 +800,17 @@ fn dropout_is_seeded_and_fresh_every_pass() {
         .to_flat()
         .unwrap();
     assert_ne!(g1, g2, "each pass draws new masks");
+    // Resuming the counter replays the masks.
+    assert_eq!(a.passes(), 2);
+    b.set_passes(1);
+    let g2b = b
+        .forward_backward(&batch, LossKind::CrossEntropy)
+        .unwrap()
+        .1
+        .to_flat()
+        .unwrap();
+    assert_eq!(g2, g2b);
+    b.set_passes(0);
     assert_eq!(g1, g1b, "same seed, same masks");
     // No dropout outside training passes.
     let no_drop = trained_tiny();

@@ -65,6 +65,21 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Machine-state probe, as the PyTorch script has one: median GFLOP/s of a 1024³ f32
+/// matmul (candle's CPU kernel) at the configured thread count.
+fn matmul_gflops() -> anyhow::Result<f64> {
+    let n = 1024;
+    let x = ringtune_model::Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let y = ringtune_model::Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let mut ts = Vec::new();
+    for _ in 0..12 {
+        let t0 = Instant::now();
+        let _z = x.matmul(&y)?;
+        ts.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * n * n) as f64 / median(&ts[2..]) / 1e9)
+}
+
 fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -87,6 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // nothing has touched it yet.
     ringtune_model::init_cpu_runtime(Some(args.threads));
 
+    let gflops_before = matmul_gflops()?;
     let preset = ModelPreset::from_name(&args.preset, Some(args.vocab))?;
     let cfg = preset.config();
     let (def_b, def_t) = preset.bench_batch();
@@ -131,6 +147,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let max = times.iter().cloned().fold(0.0, f64::max);
     let tokens_per_s = (b * t) as f64 / med;
     let peak = peak_rss_bytes();
+    let gflops_after = matmul_gflops()?;
     let lora_params = model.param_layout().numel();
     if args.json {
         let v = serde_json::json!({
@@ -150,6 +167,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "step_s_max": max,
             "peak_rss_bytes": peak,
             "rss_after_init_bytes": rss_after_init,
+            "matmul1024_gflops_before": gflops_before,
+            "matmul1024_gflops_after": gflops_after,
             "losses": losses,
             "step_times_s": times,
         });
