@@ -84,6 +84,17 @@ pub enum Error {
         message: String,
     },
 
+    /// An RL environment failed: its reward command misbehaved (wrong count, not a
+    /// number, non-zero exit, timeout) or a problem is malformed. `env` names the
+    /// environment (for an external one, its command line).
+    #[error("RL environment {env}: {message}")]
+    Env {
+        /// The environment, e.g. ``external command `python3 reward.py` ``.
+        env: String,
+        /// What went wrong, with the output line where there is one.
+        message: String,
+    },
+
     /// A saved data cursor does not fit the dataset it is resumed on.
     #[error("cannot resume data cursor (epoch {epoch}, position {position}): {message}")]
     BadCursor {

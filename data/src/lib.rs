@@ -11,6 +11,8 @@
 //!   [`Datum`]s, with `max_length` handling, bad-line skipping, held-out splits.
 //! - [`batch`]: seeded epoch order, the resumable [`DataCursor`], global
 //!   batches, token-budget micro-batches, token-balanced sharding over ranks.
+//! - [`env`]: RL environments ([`env::Env`]): the offline arithmetic task with an
+//!   exact-answer check and tinker's format reward, and an external reward command.
 //! - [`rng`]: SplitMix64, the explicit PRNG behind every seeded choice.
 //! - [`quickstart`]: the bundled dataset's generator and the offline
 //!   tokenizer builder for the tiny quickstart model.
@@ -20,6 +22,7 @@
 
 pub mod batch;
 pub mod dataset;
+pub mod env;
 mod error;
 pub mod quickstart;
 pub mod render;
