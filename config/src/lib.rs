@@ -14,6 +14,7 @@
 //! [optimizer]  # lr, beta1, beta2, eps, weight_decay, grad_clip
 //! [schedule]   # kind, warmup_steps, final_lr_fraction
 //! [train]      # batch_size, micro_batch_tokens, epochs, max_steps, save_every, eval_every
+//! [rl]         # env, groups_per_step, group_size, max_tokens, loss, kl_penalty_coef, ...
 //! ```
 //!
 //! Every struct is `deny_unknown_fields`: a typo is an error naming the file, line, dotted
@@ -94,6 +95,8 @@ pub struct RunConfig {
     pub optimizer: OptimizerConfig,
     pub schedule: ScheduleConfig,
     pub train: TrainConfig,
+    /// Reinforcement learning (used when the run trains with RL).
+    pub rl: RlConfig,
 }
 
 impl Default for RunConfig {
@@ -108,6 +111,7 @@ impl Default for RunConfig {
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
             train: TrainConfig::default(),
+            rl: RlConfig::default(),
         }
     }
 }
@@ -396,6 +400,157 @@ impl Default for TrainConfig {
     }
 }
 
+/// Reinforcement learning as in tinker-cookbook: per step, `groups_per_step` prompts from
+/// the environment, `group_size` samples of each from the current policy, rewards,
+/// advantages = reward − group mean, then one policy-gradient step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlConfig {
+    /// Where prompts and rewards come from.
+    pub env: RlEnv,
+    /// Prompts (groups) per step, over all nodes.
+    pub groups_per_step: usize,
+    /// Samples per prompt; advantages are centred within each group.
+    pub group_size: usize,
+    /// Most tokens per sample (a sample cut here has not stopped cleanly).
+    pub max_tokens: usize,
+    /// Sampling temperature (1.0: the policy itself, which the losses assume).
+    pub temperature: f64,
+    /// The policy-gradient loss (tinker's names).
+    pub loss: RlLoss,
+    /// `ppo`/`cispo`: lower bound on the ratio (default 0.8 / 0.0).
+    pub clip_low: Option<f64>,
+    /// `ppo`/`cispo`: upper bound on the ratio (default 1.2 / 4.0).
+    pub clip_high: Option<f64>,
+    /// KL penalty against the base model (adapter off), shaped into the per-token
+    /// advantages as tinker-cookbook does; 0 turns it off (and skips the base pass).
+    pub kl_penalty_coef: f64,
+    /// Drop groups whose samples all got the same reward (they carry no signal).
+    pub remove_constant_reward_groups: bool,
+    /// `arithmetic`: reward = correct + format_coef · (format_ok − 1).
+    pub format_coef: f64,
+    /// `arithmetic`: operands are drawn from 0..=max_operand.
+    pub max_operand: u64,
+    /// `external`: the reward command as an argv, e.g. `["python3", "reward.py"]`.
+    pub command: Vec<String>,
+    /// `external`: JSONL prompts (`messages` or `prompt`, optional `id`, `answer`).
+    pub prompts: Option<PathBuf>,
+    /// `external`: seconds the reward command may take per step before it is killed.
+    pub timeout_s: f64,
+}
+
+impl Default for RlConfig {
+    fn default() -> Self {
+        Self {
+            env: RlEnv::Arithmetic,
+            groups_per_step: 8,
+            group_size: 8,
+            max_tokens: 16,
+            temperature: 1.0,
+            loss: RlLoss::ImportanceSampling,
+            clip_low: None,
+            clip_high: None,
+            kl_penalty_coef: 0.0,
+            remove_constant_reward_groups: true,
+            format_coef: 0.1,
+            max_operand: 99,
+            command: Vec::new(),
+            prompts: None,
+            timeout_s: 60.0,
+        }
+    }
+}
+
+/// An RL environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RlEnv {
+    /// Built in, offline: "What is a + b?" with an exact-answer check.
+    Arithmetic,
+    /// Prompts from `rl.prompts`, rewards from `rl.command`.
+    External,
+}
+
+/// A policy-gradient loss (tinker's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RlLoss {
+    /// −Σ exp(logp − q) · A.
+    ImportanceSampling,
+    /// Clipped ratio (0.8 / 1.2).
+    Ppo,
+    /// Clipped-ratio coefficient on logp (0.0 / 4.0).
+    Cispo,
+}
+
+impl RlConfig {
+    /// Checks ranges (every RL key, whether or not the run uses RL, so a config that is
+    /// switched to RL later does not surprise).
+    fn validate(&self, path: &Path) -> Result<()> {
+        let err = |key: &str, message: &str| {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: format!("rl.{key}"),
+                message: message.to_owned(),
+            })
+        };
+        if self.groups_per_step == 0 {
+            return err("groups_per_step", "must be at least 1");
+        }
+        if self.group_size < 2 {
+            return err(
+                "group_size",
+                "must be at least 2 (advantages are centred within a group)",
+            );
+        }
+        if self.max_tokens == 0 {
+            return err("max_tokens", "must be at least 1");
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return err("temperature", "must be a positive number");
+        }
+        for (key, v) in [("clip_low", self.clip_low), ("clip_high", self.clip_high)] {
+            if let Some(v) = v {
+                if self.loss == RlLoss::ImportanceSampling {
+                    return err(key, "only ppo and cispo take clip thresholds");
+                }
+                if !(v.is_finite() && v >= 0.0) {
+                    return err(key, "must be a number >= 0");
+                }
+            }
+        }
+        if let (Some(lo), Some(hi)) = (self.clip_low, self.clip_high) {
+            if lo > hi {
+                return err("clip_low", "must not exceed rl.clip_high");
+            }
+        }
+        if !(self.kl_penalty_coef.is_finite() && self.kl_penalty_coef >= 0.0) {
+            return err("kl_penalty_coef", "must be >= 0");
+        }
+        if !(self.format_coef.is_finite() && self.format_coef >= 0.0) {
+            return err("format_coef", "must be >= 0");
+        }
+        if self.max_operand == 0 || self.max_operand > 1_000_000_000 {
+            return err("max_operand", "must be in 1..=1000000000");
+        }
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+            return err("timeout_s", "must be a positive number of seconds");
+        }
+        if self.env == RlEnv::External {
+            if self.command.first().is_none_or(|c| c.is_empty()) {
+                return err(
+                    "command",
+                    "the external env needs a reward command, e.g. [\"python3\", \"reward.py\"]",
+                );
+            }
+            if self.prompts.is_none() {
+                return err("prompts", "the external env needs a JSONL prompts file");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Keys that change where results go or how often they are written, not what is
 /// computed: a resumed run may change them freely.
 const NON_SEMANTIC_KEYS: &[&str] = &[
@@ -404,6 +559,7 @@ const NON_SEMANTIC_KEYS: &[&str] = &[
     "train.save_every",
     "train.eval_every",
     "data.skip_bad_lines",
+    "rl.timeout_s",
 ];
 
 impl RunConfig {
@@ -576,6 +732,7 @@ impl RunConfig {
                 "must be at least 1 (or set train.max_steps)",
             );
         }
+        self.rl.validate(path)?;
         Ok(())
     }
 
@@ -750,6 +907,34 @@ mod tests {
         assert!(e.contains("data.eval_fraction"), "{e}");
         assert!(err(&format!("{MIN}[optimizer]\nlr = -1.0\n")).contains("optimizer.lr"));
         assert!(err("[model]\npath = \"hf:x\"\n[data]\ntrain = \"t\"\n").contains("hf:org/name"));
+    }
+
+    #[test]
+    fn rl_section_defaults_and_validation() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.rl.loss, RlLoss::ImportanceSampling);
+        assert_eq!((c.rl.groups_per_step, c.rl.group_size), (8, 8));
+        assert!(c.rl.remove_constant_reward_groups);
+        let c = parse(&format!("{MIN}[rl]\nloss = \"cispo\"\nclip_high = 5.0\n")).unwrap();
+        assert_eq!((c.rl.loss, c.rl.clip_high), (RlLoss::Cispo, Some(5.0)));
+        for (extra, key) in [
+            ("group_size = 1", "rl.group_size"),
+            ("clip_low = 0.5", "rl.clip_low"),
+            ("loss = \"ppo\"\nclip_low = 2.0\nclip_high = 1.0", "rl.clip_low"),
+            ("kl_penalty_coef = -1.0", "rl.kl_penalty_coef"),
+            ("env = \"external\"", "rl.command"),
+            ("env = \"external\"\ncommand = [\"sh\"]", "rl.prompts"),
+            ("timeout_s = 0.0", "rl.timeout_s"),
+        ] {
+            let e = err(&format!("{MIN}[rl]\n{extra}\n"));
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let e = err(&format!("{MIN}[rl]\nloss = \"reinforce\"\n"));
+        assert!(e.contains("rl.loss") && e.contains("`cispo`"), "{e}");
+        // The command's timeout does not change what is computed.
+        let a = parse(MIN).unwrap();
+        let b = parse(&format!("{MIN}[rl]\ntimeout_s = 5.0\n")).unwrap();
+        assert_eq!(a.semantic_hash(), b.semantic_hash());
     }
 
     #[test]
