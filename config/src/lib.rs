@@ -920,7 +920,10 @@ mod tests {
         for (extra, key) in [
             ("group_size = 1", "rl.group_size"),
             ("clip_low = 0.5", "rl.clip_low"),
-            ("loss = \"ppo\"\nclip_low = 2.0\nclip_high = 1.0", "rl.clip_low"),
+            (
+                "loss = \"ppo\"\nclip_low = 2.0\nclip_high = 1.0",
+                "rl.clip_low",
+            ),
             ("kl_penalty_coef = -1.0", "rl.kl_penalty_coef"),
             ("env = \"external\"", "rl.command"),
             ("env = \"external\"\ncommand = [\"sh\"]", "rl.prompts"),
