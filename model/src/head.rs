@@ -33,6 +33,9 @@ type RowOut = (f32, f64, f32);
 struct LossRows<'a> {
     targets: &'a [u32],
     weights: &'a [f32],
+    /// Sampler logprobs and advantages of the chunk's rows (zeros when the batch has none).
+    q: &'a [f32],
+    a: &'a [f32],
     valid: &'a [bool],
     kind: LossKind,
     want_grad: bool,
@@ -67,7 +70,9 @@ impl InplaceOp1 for LossRows<'_> {
                 let sum = ops::exp_shift_sum(row, m);
                 // log_softmax = x − max − log Σ exp(x − max), as PyTorch computes it.
                 let logp = (xt - m) - sum.ln();
-                let (term, coef) = self.kind.token_term(logp, self.weights[i]);
+                let (term, coef) =
+                    self.kind
+                        .token_term(logp, self.weights[i], self.q[i], self.a[i]);
                 if self.want_grad && coef != 0.0 {
                     // ∂ℓ/∂logits = coef · (onehot − softmax)
                     let s = -coef / sum;
@@ -98,7 +103,16 @@ pub(crate) fn run(
 ) -> Result<HeadOutput> {
     let (n, hidden) = h.dims2()?;
     let seq = batch.seq();
+    batch.check_loss_inputs(kind)?;
     let valid: Vec<bool> = (0..n).map(|i| i % seq < batch.lengths()[i / seq]).collect();
+    let no_rl;
+    let (q_all, a_all) = match (batch.sampler_logprobs(), batch.advantages()) {
+        (Some(q), Some(a)) => (q, a),
+        _ => {
+            no_rl = vec![0f32; n];
+            (no_rl.as_slice(), no_rl.as_slice())
+        }
+    };
     let w = &lm_head.weight;
     let vocab = w.dim(0)?;
     let adapter = match adapters {
@@ -138,10 +152,13 @@ pub(crate) fn run(
             &batch.weights()[r0..r0 + rows],
             &valid[r0..r0 + rows],
         );
+        let (qc, ac) = (&q_all[r0..r0 + rows], &a_all[r0..r0 + rows]);
         let (rows_out, g) = if fast {
             let op = LossRows {
                 targets: tg,
                 weights: wt,
+                q: qc,
+                a: ac,
                 valid: vd,
                 kind,
                 want_grad,
@@ -150,7 +167,7 @@ pub(crate) fn run(
             logits.inplace_op1(&op)?;
             (op.out.into_inner().expect("row output poisoned"), logits)
         } else {
-            generic_rows(&logits, tg, wt, vd, kind, want_grad)?
+            generic_rows(&logits, tg, wt, qc, ac, vd, kind, want_grad)?
         };
         for (i, &(lp, term, _)) in rows_out.iter().enumerate() {
             logprobs[r0 + i] = lp;
@@ -235,10 +252,13 @@ pub(crate) fn run(
 }
 
 /// The same as [`LossRows`] with candle ops, for devices without the CPU kernel.
+#[allow(clippy::too_many_arguments)]
 fn generic_rows(
     logits: &Tensor,
     targets: &[u32],
     weights: &[f32],
+    q: &[f32],
+    a: &[f32],
     valid: &[bool],
     kind: LossKind,
     want_grad: bool,
@@ -259,7 +279,7 @@ fn generic_rows(
             coefs.push(0f32);
             continue;
         }
-        let (term, coef) = kind.token_term(logp[i], weights[i]);
+        let (term, coef) = kind.token_term(logp[i], weights[i], q[i], a[i]);
         out.push((logp[i], term, coef));
         coefs.push(coef);
     }

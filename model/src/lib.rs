@@ -16,7 +16,7 @@
 //! - `ops`: custom candle ops (frozen linear, RMSNorm, RoPE, masked softmax) whose backward
 //!   gives only the gradients LoRA needs.
 //! - `head`: lm_head + loss, chunked, forward and backward by hand.
-//! - [`loss`]: [`Batch`], [`LossKind`], [`LossOutput`].
+//! - [`loss`]: [`Batch`], [`LossKind`] (cross_entropy, policy-gradient losses), [`LossOutput`].
 //! - [`grads`]: [`ParamLayout`], [`Gradients`].
 //! - [`optim`], [`schedule`]: [`AdamW`], [`LrSchedule`].
 //! - [`peft`], [`merge`]: adapter folders, merging into a full model.
@@ -44,7 +44,7 @@ pub use error::{Error, Result};
 pub use grads::{Gradients, ParamLayout};
 pub use hub::{resolve_model_dir, ModelSpec};
 pub use lora::{Adapters, LoraConfig, TargetModule};
-pub use loss::{Batch, LossKind, LossOutput};
+pub use loss::{Batch, LossKind, LossOutput, Reduction};
 pub use merge::{merge, merge_with, MergeOptions, MergeReport};
 pub use model::LoraModel;
 pub use ops::set_force_generic;

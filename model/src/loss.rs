@@ -8,47 +8,217 @@
 //! Every loss here is a sum over tokens of a function of that token's logprob, so the
 //! head only needs, per token, the loss term and its derivative d loss / d logp
 //! ([`LossKind::token_term`]); the gradient on the logits is then
-//! `dℓ/dlogp · (onehot − softmax)`. The RL losses (importance_sampling, ppo, cispo) have this
-//! shape too and slot in as more variants with their per-token inputs; DPO, whose
-//! per-token derivative depends on whole-sequence sums, runs a no-grad pass first
-//! ([`crate::LoraModel::logprobs`], with [`crate::Adapters::Off`] for the reference) and
-//! then feeds the resulting coefficients in as a per-token linear loss.
+//! `dℓ/dlogp · (onehot − softmax)`. The policy-gradient losses (tinker's
+//! `importance_sampling`, `ppo`, `cispo`) have this shape too: their per-token inputs, the
+//! sampler's logprob `q` and the advantage `A`, ride on the [`Batch`]
+//! ([`Batch::with_rl_inputs`]). DPO, whose per-token derivative depends on whole-sequence
+//! sums, runs a no-grad pass first ([`crate::LoraModel::logprobs`], with
+//! [`crate::Adapters::Off`] for the reference) and then feeds the resulting coefficients in
+//! as a per-token [`LossKind::Linear`] loss.
+//!
+//! # Normalisation
+//! `forward_backward` always returns the gradient of the loss *sum*. What the step divides
+//! it by is [`LossKind::reduction`]: `cross_entropy` is a mean per unit weight (the
+//! trainer divides by the global Σw); the policy-gradient losses are plain sums, as tinker
+//! computes them (its docs: "loss: sum"), so the advantages and the learning rate set the
+//! step's scale; DPO is a mean over pairs (its trainer divides by the global pair count).
+//!
+//! # Weights in the policy-gradient losses
+//! tinker's RL datums carry no weights: prompt tokens get advantage 0. Here every datum
+//! has weights, and each token's term is multiplied by its weight, so weight 1 on every
+//! target gives tinker's numbers exactly, and weight 0 masks a token (prompt, padding).
 
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 
 /// Which loss [`crate::LoraModel::forward_backward`] computes. Names follow tinker's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// With `r = exp(logp − q)` (the ratio of the learner's probability to the sampler's), `A`
+/// the advantage and `w` the weight of a token, the per-token loss terms are in
+/// [`LossKind::token_term`]; each loss is their sum over tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 #[non_exhaustive]
 pub enum LossKind {
     /// `cross_entropy`: Σ −logp · w.
     #[default]
     CrossEntropy,
+    /// `importance_sampling`: Σ −w · r · A (REINFORCE with an importance weight for the
+    /// sampler/learner mismatch).
+    ImportanceSampling,
+    /// `ppo`: Σ −w · min(r · A, clip(r, clip_low, clip_high) · A), token-wise.
+    Ppo {
+        /// tinker's `clip_low_threshold` (a bound on the ratio, not an epsilon); 0.8.
+        clip_low: f32,
+        /// tinker's `clip_high_threshold`; 1.2.
+        clip_high: f32,
+    },
+    /// `cispo`: Σ −w · sg(clip(r, clip_low, clip_high)) · logp · A (the clipped ratio is a
+    /// constant coefficient: the gradient always flows through logp).
+    Cispo {
+        /// tinker's `clip_low_threshold`; 0.0.
+        clip_low: f32,
+        /// tinker's `clip_high_threshold`; 4.0.
+        clip_high: f32,
+    },
+    /// Σ −w · A · logp: a loss linear in the logprobs with a given coefficient per token (the
+    /// on-policy policy gradient; DPO feeds its per-sequence derivatives in through it).
+    /// Not one of tinker's names.
+    Linear,
 }
 
+/// What a step divides the summed gradient by (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduction {
+    /// Divide by the global Σw: the mean loss per unit weight.
+    WeightMean,
+    /// Do not divide: the loss is the sum, as tinker's policy-gradient losses.
+    Sum,
+}
+
+/// Clip thresholds of tinker's `ppo` by default.
+pub const PPO_CLIP: (f32, f32) = (0.8, 1.2);
+/// Clip thresholds of tinker's `cispo` by default.
+pub const CISPO_CLIP: (f32, f32) = (0.0, 4.0);
+
 impl LossKind {
-    /// tinker's name of the loss.
+    /// `ppo` with tinker's default thresholds (0.8, 1.2).
+    pub const PPO: LossKind = LossKind::Ppo {
+        clip_low: PPO_CLIP.0,
+        clip_high: PPO_CLIP.1,
+    };
+    /// `cispo` with tinker's default thresholds (0.0, 4.0).
+    pub const CISPO: LossKind = LossKind::Cispo {
+        clip_low: CISPO_CLIP.0,
+        clip_high: CISPO_CLIP.1,
+    };
+
+    /// tinker's name of the loss (`linear` is ringtune's own).
     pub fn name(self) -> &'static str {
         match self {
             LossKind::CrossEntropy => "cross_entropy",
+            LossKind::ImportanceSampling => "importance_sampling",
+            LossKind::Ppo { .. } => "ppo",
+            LossKind::Cispo { .. } => "cispo",
+            LossKind::Linear => "linear",
         }
     }
 
-    /// Parses tinker's name.
+    /// Parses tinker's name; `ppo` and `cispo` get tinker's default thresholds.
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "cross_entropy" => Some(LossKind::CrossEntropy),
+            "importance_sampling" => Some(LossKind::ImportanceSampling),
+            "ppo" => Some(LossKind::PPO),
+            "cispo" => Some(LossKind::CISPO),
+            "linear" => Some(LossKind::Linear),
             _ => None,
         }
     }
 
-    /// The loss term of one token and its derivative with respect to the token's logprob.
-    #[inline]
-    pub fn token_term(self, logp: f32, weight: f32) -> (f64, f32) {
-        match self {
-            LossKind::CrossEntropy => (-(logp as f64) * weight as f64, -weight),
+    /// Parses tinker's name with its `loss_fn_config` thresholds (`clip_low_threshold`,
+    /// `clip_high_threshold`); `None` keeps the loss's default. Thresholds are refused for
+    /// losses that take none, and must be finite with low ≤ high.
+    pub fn with_config(
+        name: &str,
+        clip_low_threshold: Option<f32>,
+        clip_high_threshold: Option<f32>,
+    ) -> Result<Self> {
+        let kind = Self::from_name(name)
+            .ok_or_else(|| Error::InvalidBatch(format!("unknown loss {name:?}")))?;
+        let (lo, hi) = match kind {
+            LossKind::Ppo { .. } => PPO_CLIP,
+            LossKind::Cispo { .. } => CISPO_CLIP,
+            _ => {
+                if clip_low_threshold.is_some() || clip_high_threshold.is_some() {
+                    return Err(Error::InvalidBatch(format!(
+                        "loss {name:?} takes no clip thresholds"
+                    )));
+                }
+                return Ok(kind);
+            }
+        };
+        let lo = clip_low_threshold.unwrap_or(lo);
+        let hi = clip_high_threshold.unwrap_or(hi);
+        if !lo.is_finite() || !hi.is_finite() || lo > hi {
+            return Err(Error::InvalidBatch(format!(
+                "{name}: clip_low_threshold {lo} and clip_high_threshold {hi} must be finite \
+                 with low <= high"
+            )));
         }
+        Ok(match kind {
+            LossKind::Ppo { .. } => LossKind::Ppo {
+                clip_low: lo,
+                clip_high: hi,
+            },
+            _ => LossKind::Cispo {
+                clip_low: lo,
+                clip_high: hi,
+            },
+        })
+    }
+
+    /// Whether the loss reads the sampler's logprobs (`q`) and advantages (`A`).
+    pub fn needs_sampler_logprobs(self) -> bool {
+        matches!(
+            self,
+            LossKind::ImportanceSampling | LossKind::Ppo { .. } | LossKind::Cispo { .. }
+        )
+    }
+
+    /// Whether the loss reads per-token advantages.
+    pub fn needs_advantages(self) -> bool {
+        !matches!(self, LossKind::CrossEntropy)
+    }
+
+    /// What a step divides the summed gradient by.
+    pub fn reduction(self) -> Reduction {
+        match self {
+            LossKind::CrossEntropy => Reduction::WeightMean,
+            _ => Reduction::Sum,
+        }
+    }
+
+    /// The loss term of one token and its derivative with respect to the token's logprob
+    /// `logp`, given its weight `w`, the sampler's logprob `q` and the advantage `a` (the
+    /// last two are ignored by losses that do not read them). Computed in f64.
+    ///
+    /// `ppo`'s derivative follows PyTorch's autograd of `−min(r·A, clamp(r, lo, hi)·A)`:
+    /// where the clipped branch is strictly smaller it is a constant (derivative 0);
+    /// otherwise (inside the range, on its boundary, or where clipping would not lower the
+    /// objective) it is `−w·r·A`.
+    #[inline]
+    pub fn token_term(self, logp: f32, w: f32, q: f32, a: f32) -> (f64, f32) {
+        let (lp, w, q, a) = (logp as f64, w as f64, q as f64, a as f64);
+        let (term, d) = match self {
+            LossKind::CrossEntropy => (-lp * w, -w),
+            LossKind::Linear => (-w * a * lp, -w * a),
+            LossKind::ImportanceSampling => {
+                let r = (lp - q).exp();
+                (-w * r * a, -w * r * a)
+            }
+            LossKind::Ppo {
+                clip_low,
+                clip_high,
+            } => {
+                let r = (lp - q).exp();
+                let rc = r.clamp(clip_low as f64, clip_high as f64);
+                let (un, cl) = (r * a, rc * a);
+                if cl < un {
+                    (-w * cl, 0.0)
+                } else {
+                    (-w * un, -w * r * a)
+                }
+            }
+            LossKind::Cispo {
+                clip_low,
+                clip_high,
+            } => {
+                let rc = (lp - q).exp().clamp(clip_low as f64, clip_high as f64);
+                (-w * rc * lp * a, -w * rc * a)
+            }
+        };
+        (term, d as f32)
     }
 }
 
@@ -64,6 +234,15 @@ pub struct Batch {
     target_ids: Vec<u32>,
     weights: Vec<f32>,
     lengths: Vec<usize>,
+    /// The policy-gradient losses' per-token inputs, `[rows, seq]` like the weights.
+    rl: Option<RlInputs>,
+}
+
+/// Per target position: the sampler's logprob (`q`) and the advantage (`A`).
+#[derive(Debug, Clone, PartialEq)]
+struct RlInputs {
+    sampler_logprobs: Vec<f32>,
+    advantages: Vec<f32>,
 }
 
 impl Batch {
@@ -125,7 +304,110 @@ impl Batch {
             target_ids,
             weights,
             lengths,
+            rl: None,
         })
+    }
+
+    /// Attaches the policy-gradient inputs, each row-major `[rows, seq]` and aligned to the
+    /// targets (tinker's `loss_fn_inputs` `logprobs` and `advantages`): the sampler's logprob
+    /// of each target token and its advantage. Values must be finite; padding positions are
+    /// ignored. Only the losses that read them ([`LossKind::needs_advantages`]) use them.
+    pub fn with_rl_inputs(
+        mut self,
+        sampler_logprobs: Vec<f32>,
+        advantages: Vec<f32>,
+    ) -> Result<Self> {
+        let n = self.rows * self.seq;
+        for (name, v) in [
+            ("sampler_logprobs", &sampler_logprobs),
+            ("advantages", &advantages),
+        ] {
+            if v.len() != n {
+                return Err(Error::InvalidBatch(format!(
+                    "{name} has {} values, expected {} x {} = {n}",
+                    v.len(),
+                    self.rows,
+                    self.seq
+                )));
+            }
+            for (b, &len) in self.lengths.iter().enumerate() {
+                for t in 0..len {
+                    let x = v[b * self.seq + t];
+                    if !x.is_finite() {
+                        return Err(Error::InvalidBatch(format!(
+                            "{name}[{b}, {t}] = {x} is not finite"
+                        )));
+                    }
+                }
+            }
+        }
+        self.rl = Some(RlInputs {
+            sampler_logprobs,
+            advantages,
+        });
+        Ok(self)
+    }
+
+    /// [`Batch::with_rl_inputs`] from ragged rows aligned to the *tokens*, as
+    /// [`Batch::from_token_rows`] takes the weights: row `b` has one value per token of
+    /// sequence `b`, and value 0 (which no token predicts) is unused. So one sequence's
+    /// tokens, weights, sampler logprobs and advantages are built the same way.
+    pub fn with_rl_rows(
+        self,
+        sampler_logprobs: &[Vec<f32>],
+        advantages: &[Vec<f32>],
+    ) -> Result<Self> {
+        let seq = self.seq;
+        let mut dense = [vec![0f32; self.rows * seq], vec![0f32; self.rows * seq]];
+        for (k, (name, rows)) in [
+            ("sampler_logprobs", sampler_logprobs),
+            ("advantages", advantages),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if rows.len() != self.rows {
+                return Err(Error::InvalidBatch(format!(
+                    "{} {name} rows for {} sequences",
+                    rows.len(),
+                    self.rows
+                )));
+            }
+            for (b, r) in rows.iter().enumerate() {
+                let len = self.lengths[b];
+                if r.len() != len + 1 {
+                    return Err(Error::InvalidBatch(format!(
+                        "row {b}: {} {name} for {} tokens",
+                        r.len(),
+                        len + 1
+                    )));
+                }
+                dense[k][b * seq..b * seq + len].copy_from_slice(&r[1..]);
+            }
+        }
+        let [q, a] = dense;
+        self.with_rl_inputs(q, a)
+    }
+
+    /// The sampler's logprobs, row-major `[rows, seq]`, when attached.
+    pub fn sampler_logprobs(&self) -> Option<&[f32]> {
+        self.rl.as_ref().map(|r| r.sampler_logprobs.as_slice())
+    }
+
+    /// The advantages, row-major `[rows, seq]`, when attached.
+    pub fn advantages(&self) -> Option<&[f32]> {
+        self.rl.as_ref().map(|r| r.advantages.as_slice())
+    }
+
+    /// Checks that the batch carries what `kind` reads.
+    pub(crate) fn check_loss_inputs(&self, kind: LossKind) -> Result<()> {
+        if kind.needs_advantages() && self.rl.is_none() {
+            return Err(Error::InvalidBatch(format!(
+                "loss {} needs per-token sampler logprobs and advantages (Batch::with_rl_inputs)",
+                kind.name()
+            )));
+        }
+        Ok(())
     }
 
     /// From full token rows (ragged) with weights aligned to the tokens: inputs =
