@@ -108,6 +108,13 @@ pub struct CoordinatorConfig {
     /// Stop after this many steps even if the data plan has more.
     pub max_steps: Option<u64>,
     pub timeouts: Timeouts,
+    /// Continue a run from the checkpoint written after this step (0: a fresh run). Every
+    /// rank is assigned with it, so nodes load that checkpoint and the plan goes on at the
+    /// next step.
+    pub resume_from: Step,
+    /// Training time of the run's earlier segments, so `elapsed_s` in the metrics goes on
+    /// counting across a resume.
+    pub elapsed_before: Duration,
 }
 
 impl CoordinatorConfig {
@@ -124,6 +131,8 @@ impl CoordinatorConfig {
             hash_every: None,
             max_steps: None,
             timeouts: Timeouts::default(),
+            resume_from: Step(0),
+            elapsed_before: Duration::ZERO,
         }
     }
 
@@ -316,6 +325,8 @@ pub struct Coordinator {
     ring: Vec<NodeId>,
     last_completed: Step,
     last_checkpoint: Step,
+    /// Σ wall time of completed steps (the earlier segments' included).
+    elapsed: Duration,
     pending_saves: BTreeMap<Step, PendingSave>,
     state: State,
     outcome: Option<Outcome>,
@@ -328,7 +339,17 @@ impl Coordinator {
     pub fn new(cfg: CoordinatorConfig, plan: DataPlan, now: Instant) -> Result<Coordinator> {
         cfg.validate()?;
         let total = plan.total_steps().min(cfg.max_steps.unwrap_or(u64::MAX));
+        if cfg.resume_from.0 > total {
+            return Err(Error::InvalidConfig {
+                field: "resume_from".to_string(),
+                reason: format!(
+                    "step {} is past the run's last step ({total})",
+                    cfg.resume_from.0
+                ),
+            });
+        }
         let deadline = now + cfg.timeouts.join;
+        let (resume_from, elapsed) = (cfg.resume_from, cfg.elapsed_before);
         Ok(Coordinator {
             cfg,
             plan,
@@ -338,8 +359,9 @@ impl Coordinator {
             generation: Generation(0),
             restarts_used: 0,
             ring: Vec::new(),
-            last_completed: Step(0),
-            last_checkpoint: Step(0),
+            last_completed: resume_from,
+            last_checkpoint: resume_from,
+            elapsed,
             pending_saves: BTreeMap::new(),
             state: State::Gathering {
                 since: now,
@@ -1169,7 +1191,9 @@ impl Coordinator {
         let examples = self.plan.batch(step).map(|b| b.len() as u64).unwrap_or(0);
         let ordered: Vec<&StepReport> = reports.values().collect();
         let wall = now.saturating_duration_since(started);
-        let record = StepRecord::aggregate(self.generation, step, examples, wall, &ordered);
+        self.elapsed += wall;
+        let mut record = StepRecord::aggregate(self.generation, step, examples, wall, &ordered);
+        record.elapsed_s = self.elapsed.as_secs_f64();
         self.events.push_back(Event::StepCompleted(record));
         self.last_completed = step;
         if let Some(p) = self.pending_saves.get_mut(&step) {

@@ -7,23 +7,36 @@ use crate::msg::StepReport;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// A line of `metrics.jsonl` (newtypes serialise as bare numbers).
+/// A line of `metrics.jsonl` (newtypes serialise as bare numbers). The fields the
+/// one-process trainer writes come first under the same names (`step`, `epoch`, `loss`,
+/// `lr`, `grad_norm`, `tokens`, `weight`, `examples`, `tokens_per_s`, `elapsed_s`,
+/// `eval_nll`), so one reader handles both; the rest say how the ranks spent the step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     pub step: Step,
+    /// The epoch the step's global batch came from (0-based).
+    pub epoch: u64,
+    /// Σ loss_sum / Σ weight; `None` when the batch carried no weight.
+    pub loss: Option<f64>,
+    /// The step's learning rate (rank 0's; every rank uses the same).
+    pub lr: f64,
+    /// Global gradient norm before clipping (rank 0's; equal on every rank).
+    pub grad_norm: f64,
+    pub tokens: u64,
+    /// Σ loss weight over the global batch.
+    #[serde(rename = "weight")]
+    pub weight_sum: f64,
+    pub examples: u64,
+    /// `None` when no time passed (a virtual clock in tests).
+    pub tokens_per_s: Option<f64>,
+    /// Σ wall time of the run's steps so far, earlier segments of a resumed run included.
+    pub elapsed_s: f64,
     /// Steps re-run after a restart appear again with a higher generation.
     pub generation: Generation,
     pub world_size: WorldSize,
-    /// Σ loss_sum / Σ weight_sum; `None` when the batch carried no weight.
-    pub loss: Option<f64>,
     pub loss_sum: f64,
-    pub weight_sum: f64,
-    pub tokens: u64,
-    pub examples: u64,
     /// From handing the step out to the last rank's report.
     pub wall_s: f64,
-    /// `None` when no time passed (a virtual clock in tests).
-    pub tokens_per_s: Option<f64>,
     /// Mean and slowest rank's forward/backward + optimiser time.
     pub compute_s_mean: f64,
     pub compute_s_max: f64,
@@ -43,17 +56,22 @@ impl StepRecord {
         wall: Duration,
         reports: &[&StepReport],
     ) -> StepRecord {
+        let first = reports.first();
         let mut r = StepRecord {
             step,
+            epoch: first.map_or(0, |f| f.epoch),
+            loss: None,
+            lr: first.map_or(0.0, |f| f.lr),
+            grad_norm: first.map_or(0.0, |f| f.grad_norm),
+            tokens: 0,
+            weight_sum: 0.0,
+            examples,
+            tokens_per_s: None,
+            elapsed_s: wall.as_secs_f64(),
             generation,
             world_size: WorldSize(reports.len() as u32),
-            loss: None,
             loss_sum: 0.0,
-            weight_sum: 0.0,
-            tokens: 0,
-            examples,
             wall_s: wall.as_secs_f64(),
-            tokens_per_s: None,
             compute_s_mean: 0.0,
             compute_s_max: 0.0,
             comm_s_mean: 0.0,
@@ -102,6 +120,9 @@ mod tests {
             loss_sum,
             weight_sum,
             tokens,
+            epoch: 0,
+            lr: 1e-4,
+            grad_norm: 0.5,
             compute: Duration::from_millis(compute_ms),
             comm: Duration::from_millis(comm_ms),
             adapter_hash: None,
@@ -131,10 +152,15 @@ mod tests {
         assert!((r.compute_s_mean - 0.4).abs() < 1e-12 && (r.compute_s_max - 0.5).abs() < 1e-12);
         assert!((r.comm_s_mean - 0.075).abs() < 1e-12 && (r.comm_s_max - 0.1).abs() < 1e-12);
         let json = serde_json::to_string(&r).unwrap();
+        // The one-process trainer's names and order first, so one reader parses both.
         assert!(
-            json.starts_with("{\"step\":3,\"generation\":1,\"world_size\":2,\"loss\":1.0,"),
+            json.starts_with(
+                "{\"step\":3,\"epoch\":0,\"loss\":1.0,\"lr\":0.0001,\"grad_norm\":0.5,\
+                 \"tokens\":160,\"weight\":8.0,\"examples\":5,\"tokens_per_s\":200.0,"
+            ),
             "{json}"
         );
+        assert!(json.contains("\"world_size\":2"), "{json}");
     }
 
     #[test]

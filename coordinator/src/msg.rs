@@ -52,6 +52,13 @@ pub struct StepReport {
     pub weight_sum: f64,
     /// Tokens this rank processed.
     pub tokens: u64,
+    /// The epoch the step's global batch came from (0-based).
+    pub epoch: u64,
+    /// The learning rate of this step's optimiser update.
+    pub lr: f64,
+    /// Global L2 norm of the normalised gradient before clipping (after the all-reduce,
+    /// so every rank reports the same value).
+    pub grad_norm: f64,
     /// Time in forward/backward and the optimiser.
     pub compute: Duration,
     /// Time in the gradient all-reduce (waiting on the ring included).

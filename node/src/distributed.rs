@@ -102,6 +102,50 @@ pub fn data_plan(cfg: &RunConfig) -> Result<DataPlan> {
     DataPlan::from_batches(batches).map_err(|e| Error::Invalid(e.to_string()))
 }
 
+/// Where a distributed run starts: the checkpoint it continues from (`step` 0: a fresh
+/// run) and the training seconds of its earlier segments.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResumePoint {
+    pub step: u64,
+    pub elapsed_s: f64,
+}
+
+/// The coordinator's side of `--resume`, with the one-process trainer's rules: without
+/// `resume`, a folder that already holds checkpoints is refused (nothing is overwritten);
+/// with it, the newest listed checkpoint is the start, and a config whose semantic hash
+/// differs from the checkpoint's is refused naming every changed key — before any node
+/// is started.
+pub fn resume_point(cfg: &RunConfig, resume: bool) -> Result<ResumePoint> {
+    let out = &cfg.output_dir;
+    let latest = match crate::RunDir::open_existing(out)? {
+        Some(run) => run.latest_checkpoint()?,
+        None => None,
+    };
+    let rec = match (resume, latest) {
+        (false, None) => {
+            return Ok(ResumePoint {
+                step: 0,
+                elapsed_s: 0.0,
+            })
+        }
+        (false, Some(_)) => return Err(Error::RunExists(out.clone())),
+        (true, None) => return Err(Error::NothingToResume(out.clone())),
+        (true, Some(rec)) => rec,
+    };
+    let dir = out.join(&rec.path);
+    let state = crate::trainer::read_state(&dir.join(crate::trainer::STATE_FILE))?;
+    if state.config_hash != cfg.semantic_hash() {
+        return Err(Error::ConfigChanged {
+            checkpoint: dir,
+            changed: ringtune_config::diff_entries(&state.config, &cfg.semantic_entries()),
+        });
+    }
+    Ok(ResumePoint {
+        step: state.step,
+        elapsed_s: state.elapsed_s,
+    })
+}
+
 /// The coordinator's form of a config hash.
 pub fn config_hash_of(cfg: &RunConfig) -> Result<ConfigHash> {
     let h = cfg.semantic_hash();
@@ -519,6 +563,9 @@ fn serve(
                                 loss_sum,
                                 weight_sum,
                                 tokens: m.tokens,
+                                epoch: m.epoch,
+                                lr: m.lr,
+                                grad_norm: m.grad_norm,
                                 compute: total.saturating_sub(comm_t),
                                 comm: comm_t,
                                 adapter_hash: o

@@ -82,7 +82,7 @@ pub struct TrainState {
 }
 
 const STATE_VERSION: u32 = 1;
-const STATE_FILE: &str = "state.json";
+pub(crate) const STATE_FILE: &str = "state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// What the trainer reports as it goes.
@@ -479,9 +479,9 @@ impl Trainer {
                     });
                 }
                 sampler = BatchSampler::resume(train.len(), t.batch_size, cfg.seed, state.cursor)?;
-                if cfg.lora.dropout > 0.0 {
-                    advance_dropout(&model, state.dropout_passes)?;
-                }
+                // Dropout masks come from (seed, pass number): restoring the counter makes
+                // the next pass draw what an uninterrupted run would have drawn.
+                model.set_passes(state.dropout_passes);
                 let metrics = if node_mode {
                     None
                 } else {
@@ -640,7 +640,18 @@ impl Trainer {
                 self.train.len()
             )));
         }
-        self.step_on(shard, 0)
+        // The coordinator planned this step with the same seeded sampler; advancing ours
+        // keeps the checkpoint's data cursor (and the epoch in the metrics) true, so a
+        // distributed checkpoint resumes right with any world size, and a shard that is not
+        // part of our global batch means the plans diverged (other data, other config).
+        let global = self.sampler.next_batch();
+        if let Some(&stray) = shard.iter().find(|&&i| !global.indices.contains(&i)) {
+            return Err(Error::Invalid(format!(
+                "step {step}: example {stray} is not in this node's global batch for the step \
+                 (the coordinator's data plan differs from this node's: same dataset files?)"
+            )));
+        }
+        self.step_on(shard, global.epoch)
     }
 
     /// SHA-256 of the adapter parameters' bits (layout order, little-endian f32): equal on
@@ -772,18 +783,7 @@ impl Trainer {
     }
 }
 
-/// The model draws dropout masks from a counter of forward_backward calls that it does not
-/// expose; a resumed run replays that many minimal passes (one token, weight 0) so the next
-/// real pass draws the same masks as in an uninterrupted run.
-fn advance_dropout(model: &LoraModel, passes: u64) -> Result<()> {
-    let b = Batch::new(1, 1, vec![0], vec![0], vec![0.0], vec![1])?;
-    for _ in 0..passes {
-        model.forward_backward(&b, LossKind::CrossEntropy)?;
-    }
-    Ok(())
-}
-
-fn read_state(path: &Path) -> Result<TrainState> {
+pub(crate) fn read_state(path: &Path) -> Result<TrainState> {
     let text = std::fs::read_to_string(path).map_err(io_err(path))?;
     let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
         path: path.to_owned(),

@@ -17,10 +17,10 @@ use ringtune_collectives::tls::ClusterIdentity;
 use ringtune_config::RunConfig;
 use ringtune_coordinator::driver::{self, DriverConfig};
 use ringtune_coordinator::{
-    Coordinator, CoordinatorConfig, Event, Outcome, Refusal, StepRecord, Timeouts, WorldSize,
+    Coordinator, CoordinatorConfig, Event, Outcome, Refusal, Step, StepRecord, Timeouts, WorldSize,
 };
-use ringtune_node::distributed::{config_hash_of, data_plan};
-use ringtune_node::RunDir;
+use ringtune_node::distributed::{config_hash_of, data_plan, resume_point};
+use ringtune_node::{MetricsLog, RunDir};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -37,6 +37,10 @@ pub struct Args {
     pub set: Vec<String>,
     #[command(flatten)]
     pub policy: Policy,
+    /// Continue the run in the config's output_dir from its newest checkpoint (the nodes
+    /// load it; the data plan goes on at the next step).
+    #[arg(long)]
+    pub resume: bool,
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     pub plain: bool,
@@ -78,6 +82,7 @@ pub fn run(args: Args) -> Result<()> {
         args.listen,
         token,
         &args.policy,
+        args.resume,
         args.plain || !std::io::stderr().is_terminal(),
         |_| Ok(()),
     )
@@ -90,25 +95,24 @@ pub fn serve_run(
     listen: SocketAddr,
     token: ClusterToken,
     policy: &Policy,
+    resume: bool,
     plain: bool,
     started: impl FnOnce(SocketAddr) -> Result<()>,
 ) -> Result<()> {
+    // Refuse a folder that holds another run, or a changed config, before any work.
+    let start = resume_point(&cfg, resume)?;
     let plan = data_plan(&cfg).context("building the data plan")?;
     let world = cfg.nodes;
-    let run = RunDir::open_existing(&cfg.output_dir)?;
-    if let Some(run) = run {
-        if run.latest_checkpoint()?.is_some() {
-            bail!(
-                "{} already holds checkpoints of a run; resuming a distributed run is not \
-                 supported yet: choose a new output_dir",
-                cfg.output_dir.display()
-            );
-        }
-    }
     let run = RunDir::create(&cfg.output_dir)?;
     let metrics_path = run.metrics_path();
-    let mut metrics = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("creating {}", metrics_path.display()))?;
+    let mut metrics = if start.step > 0 {
+        // Lines after the checkpoint are dropped: the resumed run writes them again.
+        drop(MetricsLog::resume(&metrics_path, start.step)?);
+        std::fs::OpenOptions::new().append(true).open(&metrics_path)
+    } else {
+        std::fs::File::create(&metrics_path)
+    }
+    .with_context(|| format!("opening {}", metrics_path.display()))?;
 
     let mut ccfg = CoordinatorConfig::new(config_hash_of(&cfg)?, WorldSize(world));
     ccfg.min_nodes = WorldSize(policy.min_nodes.unwrap_or(world));
@@ -116,6 +120,8 @@ pub fn serve_run(
     ccfg.save_every = Some(cfg.train.save_every).filter(|&s| s > 0);
     ccfg.hash_every = Some(policy.hash_every).filter(|&s| s > 0);
     ccfg.max_steps = cfg.train.max_steps;
+    ccfg.resume_from = Step(start.step);
+    ccfg.elapsed_before = Duration::from_secs_f64(start.elapsed_s.max(0.0));
     if !(policy.heartbeat_timeout > 0.0 && policy.heartbeat_timeout.is_finite()) {
         bail!("--heartbeat-timeout must be a positive number of seconds");
     }
@@ -189,8 +195,14 @@ pub fn serve_run(
             }
             Outcome::Interrupted { last_completed, last_checkpoint } => {
                 eprintln!(
-                    "interrupted after step {}; last checkpoint: step {}",
-                    last_completed.0, last_checkpoint.0
+                    "interrupted after step {}; last checkpoint: step {}{}",
+                    last_completed.0,
+                    last_checkpoint.0,
+                    if last_checkpoint.0 > 0 {
+                        " (the same command with --resume continues from it)"
+                    } else {
+                        ""
+                    }
                 );
                 Ok(())
             }

@@ -236,9 +236,6 @@ const LAUNCHER_VARS: &[&str] = &[
 fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
     use std::os::unix::process::CommandExt;
     use std::process::{Child, Command, Stdio};
-    if args.resume {
-        anyhow::bail!("--resume with nodes = {} is not supported yet", cfg.nodes);
-    }
     let token = ringtune_collectives::auth::ClusterToken::generate()?;
     let token_text = String::from_utf8(token.expose().to_vec()).context("token is hex")?;
     let exe = std::env::current_exe().context("locating the ringtune binary")?;
@@ -277,6 +274,7 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
             "127.0.0.1:0".parse()?,
             token,
             &args.policy,
+            args.resume,
             plain,
             move |addr| {
                 let mut c = children.lock().expect("children lock");
