@@ -13,7 +13,8 @@
 //! [lora]       # rank, alpha, dropout, rslora, train_attn, train_mlp, train_unembed
 //! [optimizer]  # lr, beta1, beta2, eps, weight_decay, grad_clip
 //! [schedule]   # kind, warmup_steps, final_lr_fraction
-//! [train]      # batch_size, micro_batch_tokens, epochs, max_steps, save_every, eval_every
+//! [train]      # method, batch_size, micro_batch_tokens, epochs, max_steps, save_every, ...
+//! [dpo]        # beta
 //! [rl]         # env, groups_per_step, group_size, max_tokens, loss, kl_penalty_coef, ...
 //! ```
 //!
@@ -97,6 +98,8 @@ pub struct RunConfig {
     pub train: TrainConfig,
     /// Reinforcement learning (used when the run trains with RL).
     pub rl: RlConfig,
+    /// Preference training (used when `train.method = "dpo"`).
+    pub dpo: DpoConfig,
 }
 
 impl Default for RunConfig {
@@ -112,6 +115,7 @@ impl Default for RunConfig {
             schedule: ScheduleConfig::default(),
             train: TrainConfig::default(),
             rl: RlConfig::default(),
+            dpo: DpoConfig::default(),
         }
     }
 }
@@ -371,7 +375,10 @@ pub enum ScheduleKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Examples per global (optimiser) step, summed over all nodes.
+    /// What the run optimises: `sft` (cross-entropy on the data's weighted tokens), `dpo`
+    /// (preference pairs, see `[dpo]`), `rl` (see `[rl]`).
+    pub method: Method,
+    /// Examples per global (optimiser) step, summed over all nodes (DPO: pairs).
     pub batch_size: usize,
     /// Token budget of one micro-batch (padded tokens): a step's examples are split into
     /// micro-batches under this budget and their gradients accumulated, so long and short
@@ -390,6 +397,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
+            method: Method::Sft,
             batch_size: 8,
             micro_batch_tokens: 4096,
             epochs: 1,
@@ -397,6 +405,34 @@ impl Default for TrainConfig {
             save_every: 100,
             eval_every: 0,
         }
+    }
+}
+
+/// The training method (`train.method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Supervised fine-tuning: cross-entropy on weighted tokens.
+    #[default]
+    Sft,
+    /// Direct preference optimisation on `{prompt, chosen, rejected}` pairs.
+    Dpo,
+    /// Reinforcement learning with policy-gradient losses.
+    Rl,
+}
+
+/// DPO (Rafailov et al. 2023) as tinker-cookbook runs it: the reference is the base model
+/// with the adapter switched off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoConfig {
+    /// β: scale of the implicit reward β·(log π − log π_ref); tinker-cookbook's 0.1.
+    pub beta: f64,
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        Self { beta: 0.1 }
     }
 }
 
@@ -733,6 +769,16 @@ impl RunConfig {
             );
         }
         self.rl.validate(path)?;
+        if !finite_pos(self.dpo.beta) {
+            return err("dpo.beta", "must be a positive number");
+        }
+        if self.train.method == Method::Dpo && self.nodes > 1 {
+            return err(
+                "nodes",
+                "train.method = \"dpo\" runs in one process for now: set nodes = 1 (the \
+                 distributed data plan ships SFT examples, not preference pairs)",
+            );
+        }
         Ok(())
     }
 
@@ -861,6 +907,24 @@ mod tests {
         assert_eq!(c.optimizer.grad_clip, None);
         assert_eq!(c.nodes, 1);
         assert_eq!(c.model.device, Device::Cpu);
+    }
+
+    #[test]
+    fn method_and_dpo_section() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.train.method, Method::Sft);
+        assert_eq!(c.dpo.beta, 0.1);
+        let c = parse(&format!(
+            "{MIN}[train]\nmethod = \"dpo\"\n[dpo]\nbeta = 0.5\n"
+        ))
+        .unwrap();
+        assert_eq!((c.train.method, c.dpo.beta), (Method::Dpo, 0.5));
+        let e = err(&format!("{MIN}[dpo]\nbeta = 0.0\n"));
+        assert!(e.contains("dpo.beta"), "{e}");
+        let e = err(&format!("nodes = 2\n{MIN}[train]\nmethod = \"dpo\"\n"));
+        assert!(e.contains("nodes") && e.contains("dpo"), "{e}");
+        let e = err(&format!("{MIN}[train]\nmethod = \"ddpo\"\n"));
+        assert!(e.contains("`sft`, `dpo`, `rl`"), "{e}");
     }
 
     #[test]
