@@ -21,6 +21,8 @@
 //! - [`optim`], [`schedule`]: [`AdamW`], [`LrSchedule`].
 //! - [`peft`], [`merge`]: adapter folders, merging into a full model.
 //! - [`preset`]: benchmark shapes, [`write_random_model`].
+//! - [`kv_cache`], [`sample`]: incremental decoding, [`LoraModel::sample`],
+//!   [`LoraModel::prompt_logprobs`].
 
 pub mod config;
 mod error;
@@ -28,6 +30,7 @@ pub mod grads;
 mod head;
 pub mod hub;
 pub mod io;
+pub mod kv_cache;
 pub mod lora;
 pub mod loss;
 pub mod merge;
@@ -36,6 +39,7 @@ mod ops;
 pub mod optim;
 pub mod peft;
 pub mod preset;
+pub mod sample;
 pub mod schedule;
 pub mod weights;
 
@@ -43,6 +47,7 @@ pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use grads::{Gradients, ParamLayout};
 pub use hub::{resolve_model_dir, ModelSpec};
+pub use kv_cache::KvCache;
 pub use lora::{Adapters, LoraConfig, TargetModule};
 pub use loss::{Batch, LossKind, LossOutput, Reduction};
 pub use merge::{merge, merge_with, MergeOptions, MergeReport};
@@ -51,6 +56,7 @@ pub use ops::set_force_generic;
 pub use optim::{AdamW, AdamWConfig, StepReport};
 pub use peft::AdapterConfig;
 pub use preset::{write_random_model, ModelPreset};
+pub use sample::{Sample, SamplingParams, StopReason};
 pub use schedule::{lr_at, LrSchedule, ScheduleKind};
 
 /// Tunes the C allocator for training: keeps freed memory in the process instead of

@@ -21,6 +21,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::grads::{Gradients, ParamLayout};
 use crate::head;
+use crate::kv_cache::KvCache;
 use crate::lora::{fnv1a, Adapters, LoraAdapter, LoraConfig, LoraLinear, TargetModule};
 use crate::loss::{Batch, LossKind, LossOutput};
 use crate::ops::{self, AttnMask};
@@ -226,6 +227,67 @@ impl Attention {
             .reshape((n, self.heads * d))?;
         pass.linear(&self.o_proj, &o)
     }
+
+    /// Incremental attention: the `t = pass.seq` new positions of every row attend the
+    /// cached keys plus themselves; their k and v are written into the cache at slots
+    /// `len..len + t`. `x [B·t, hidden]` → `[B·t, hidden]`. RoPE positions are per row
+    /// (`pass.cos`/`pass.sin` are `[B·t, d/2]`), so the same RoPE op as the full forward is
+    /// applied with the batch and time folded into one axis.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        pass: &Pass<'_>,
+        mask: &Tensor,
+        kv: &mut (Tensor, Tensor),
+        len: usize,
+    ) -> Result<Tensor> {
+        let (b, t, d) = (pass.batch, pass.seq, self.head_dim);
+        let n = b * t;
+        let mut q = pass.linear(&self.q_proj, x)?;
+        let mut k = pass.linear(&self.k_proj, x)?;
+        let v = pass.linear(&self.v_proj, x)?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = ops::rms_norm(&q.reshape((n * self.heads, d))?, qn, self.eps)?;
+            k = ops::rms_norm(&k.reshape((n * self.kv_heads, d))?, kn, self.eps)?;
+        }
+        // [n, heads, d] → [heads, n, d]: rope's table row is the (row, slot) index.
+        let rope = |x: Tensor, heads: usize| -> Result<Tensor> {
+            let x = x.reshape((n, heads, d))?.transpose(0, 1)?.contiguous()?;
+            let x = ops::rope(&x, pass.cos, pass.sin)?;
+            Ok(x.reshape((heads, b, t, d))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .detach())
+        };
+        let q = rope(q, self.heads)?;
+        let k = rope(k, self.kv_heads)?;
+        let v = v
+            .reshape((b, t, self.kv_heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .detach();
+        kv.0.slice_set(&k, 2, len)?;
+        kv.1.slice_set(&v, 2, len)?;
+        let s = len + t;
+        let keys = kv.0.narrow(2, 0, s)?;
+        let values = kv.1.narrow(2, 0, s)?;
+        let rep = self.heads / self.kv_heads;
+        let q = q.reshape((b, self.kv_heads, rep * t, d))?;
+        let scores = (q.matmul(&keys.t()?)? * (1.0 / (d as f64).sqrt()))?
+            .to_dtype(DType::F32)?
+            .reshape((b, self.heads, t, s))?
+            .broadcast_add(mask)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?
+            .to_dtype(values.dtype())?
+            .reshape((b, self.kv_heads, rep * t, s))?;
+        let o = p.matmul(&values)?;
+        let o = o
+            .reshape((b, self.heads, t, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n, self.heads * d))?;
+        pass.linear(&self.o_proj, &o)
+    }
 }
 
 #[derive(Debug)]
@@ -308,6 +370,22 @@ impl DecoderLayer {
         let x = (x + self.self_attn.forward(&h, pass)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
         Ok((&x + self.mlp.forward(&h, pass)?)?)
+    }
+
+    /// [`DecoderLayer::forward`] through the kv cache (see [`Attention::forward_cached`]).
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        pass: &Pass<'_>,
+        mask: &Tensor,
+        kv: &mut (Tensor, Tensor),
+        len: usize,
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
+        let x = (x + self.self_attn.forward_cached(&h, pass, mask, kv, len)?)?;
+        let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
+        // Detached: sampling never differentiates, so no layer keeps the one before alive.
+        Ok((&x + self.mlp.forward(&h, pass)?)?.detach())
     }
 
     fn linears(&self) -> [&LoraLinear; 7] {
@@ -801,6 +879,83 @@ impl LoraModel {
             tensors.push((key.clone(), g));
         }
         Ok((out.loss, Gradients::new(self.layout.clone(), tensors)?))
+    }
+}
+
+/// Incremental decoding (see [`crate::kv_cache`] and [`crate::sample`]).
+impl LoraModel {
+    /// An empty kv cache for rows whose real tokens start at slot `start[b]` (left
+    /// padding), with room for `capacity` slots.
+    pub fn new_kv_cache(&self, start: Vec<usize>, capacity: usize) -> Result<KvCache> {
+        KvCache::new(
+            self.cfg.num_hidden_layers,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+            start,
+            capacity,
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    /// Runs `input_ids [B, t]` (u32) as the next `t` slots of every row of `cache`,
+    /// writing their keys and values into it, and returns the logits `[B, t, vocab]` —
+    /// or, with `last_only`, `[B, 1, vocab]` of the last slot (the lm_head is skipped
+    /// elsewhere). No autograd graph is kept.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut KvCache,
+        adapters: Adapters,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = self.check_ids(input_ids)?;
+        cache.check_room(b, t)?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?;
+        let (cos, sin) =
+            crate::kv_cache::rope_tables_at(&self.inv_freq, &cache.positions(t), &self.device)?;
+        let dummy = AttnMask {
+            t,
+            window: None,
+            key_valid: None,
+        };
+        let pass = Pass {
+            adapters,
+            dropout: None,
+            mask: &dummy,
+            cos: &cos,
+            sin: &sin,
+            batch: b,
+            seq: t,
+        };
+        // One additive mask per distinct window (Mistral/Qwen layers may differ).
+        let mut masks: Vec<(Option<usize>, Tensor)> = Vec::new();
+        let len = cache.len;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let w = layer.self_attn.window;
+            let mask = match masks.iter().find(|(mw, _)| *mw == w) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = crate::kv_cache::mask(&cache.start, len, t, w, &self.device)?;
+                    masks.push((w, m.clone()));
+                    m
+                }
+            };
+            x = layer.forward_cached(&x, &pass, &mask, kv, len)?;
+        }
+        cache.len += t;
+        let x = if last_only {
+            x.reshape((b, t, self.cfg.hidden_size))?
+                .narrow(1, t - 1, 1)?
+                .reshape((b, self.cfg.hidden_size))?
+        } else {
+            x
+        };
+        let h = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
+        let logits = self.lm_head.forward(&h, adapters, None)?.detach();
+        Ok(logits.reshape((b, if last_only { 1 } else { t }, self.cfg.vocab_size))?)
     }
 }
 
