@@ -691,7 +691,8 @@ impl RunConfig {
                 return err("model.path", "an hf: path must be hf:org/name");
             }
         }
-        if self.data.train.as_os_str().is_empty() {
+        // RL makes its own prompts (the environment); every other method reads data.
+        if self.data.train.as_os_str().is_empty() && self.train.method != Method::Rl {
             return err("data.train", "is required: a JSONL training file");
         }
         if !(0.0..1.0).contains(&self.data.eval_fraction) {
@@ -769,6 +770,21 @@ impl RunConfig {
             );
         }
         self.rl.validate(path)?;
+        if self.train.method == Method::Rl {
+            if self.train.max_steps.is_none() {
+                return err(
+                    "train.max_steps",
+                    "train.method = \"rl\" needs the number of steps",
+                );
+            }
+            if self.nodes > 1 {
+                return err(
+                    "nodes",
+                    "train.method = \"rl\" runs in one process for now: set nodes = 1 \
+                     (distributed sampling is not implemented)",
+                );
+            }
+        }
         if !finite_pos(self.dpo.beta) {
             return err("dpo.beta", "must be a positive number");
         }
@@ -998,6 +1014,13 @@ mod tests {
         }
         let e = err(&format!("{MIN}[rl]\nloss = \"reinforce\"\n"));
         assert!(e.contains("rl.loss") && e.contains("`cispo`"), "{e}");
+        // RL needs no data file but a step count, and one node.
+        let rl = "[model]\npath = \"m\"\n[train]\nmethod = \"rl\"\n";
+        assert!(err(rl).contains("train.max_steps"));
+        let c = parse(&format!("{rl}max_steps = 3\n")).unwrap();
+        assert_eq!(c.train.method, Method::Rl);
+        let e = err(&format!("nodes = 2\n{rl}max_steps = 3\n"));
+        assert!(e.contains("nodes") && e.contains("rl"), "{e}");
         // The command's timeout does not change what is computed.
         let a = parse(MIN).unwrap();
         let b = parse(&format!("{MIN}[rl]\ntimeout_s = 5.0\n")).unwrap();

@@ -109,8 +109,8 @@ pub fn extract_final_int(text: &str) -> Option<i64> {
 /// The built-in verifiable environment: `a + b` with `a, b` uniform in `0..=max_operand`.
 ///
 /// - `correct`: the last integer of the reply equals `a + b` (tinker's arithmetic check);
-/// - `format`: the reply ended cleanly (stop token or stop sequence) and is a bare number
-///   (optionally with a trailing `.`), i.e. a short numeric answer;
+/// - `format`: the reply ended cleanly (stop token or stop sequence) — tinker's parse
+///   success; its arithmetic env checks nothing else;
 /// - reward = `correct + format_coef · (format − 1)`.
 #[derive(Clone, Debug)]
 pub struct ArithmeticEnv {
@@ -144,21 +144,13 @@ impl ArithmeticEnv {
     /// The reward of one reply to `a + b`.
     pub fn score_reply(&self, a: i64, b: i64, text: &str, stopped: bool) -> Score {
         let correct = extract_final_int(text) == Some(a + b);
-        let format = stopped && is_bare_number(text);
+        let format = stopped;
         let (c, f) = (f64::from(u8::from(correct)), f64::from(u8::from(format)));
         Score {
             reward: c + self.format_coef * (f - 1.0),
             metrics: BTreeMap::from([("correct".into(), c), ("format".into(), f)]),
         }
     }
-}
-
-/// `" 82."`, `"-3"`: a number and nothing else (surrounding space and one trailing `.`).
-fn is_bare_number(text: &str) -> bool {
-    let t = text.trim();
-    let t = t.strip_suffix('.').unwrap_or(t).trim_end();
-    let digits = t.strip_prefix('-').unwrap_or(t);
-    !digits.is_empty() && digits.len() <= 19 && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Parses `"a + b"` out of an arithmetic problem's id.
@@ -558,21 +550,22 @@ mod tests {
 
     #[test]
     fn arithmetic_scoring() {
-        // Correct and well-formed: reward 1.
+        // Correct and ended cleanly: reward 1.
         check("82", true, (1.0, 1.0, 1.0));
         check(" 82.", true, (1.0, 1.0, 1.0));
-        // Correct but not a bare number: tinker's lenient answer check, format penalty.
-        check("37 + 45 = 82", true, (0.5, 1.0, 0.0));
-        // Correct digits but cut off at max_tokens: format fails.
+        // tinker's lenient answer check: the last integer counts.
+        check("37 + 45 = 82", true, (1.0, 1.0, 1.0));
+        check("82, or 81", true, (0.0, 0.0, 1.0));
+        // Correct digits but cut off at max_tokens: format penalty.
         check("82", false, (0.5, 1.0, 0.0));
-        // Wrong but well-formed: 0.
+        // Wrong but ended cleanly: 0.
         check("81", true, (0.0, 0.0, 1.0));
         check("-82", true, (0.0, 0.0, 1.0));
-        // Malformed: no number, empty, garbage.
-        check("eighty-two", true, (-0.5, 0.0, 0.0));
-        check("", true, (-0.5, 0.0, 0.0));
-        check("82 apples", false, (0.5, 1.0, 0.0));
-        check("99999999999999999999999", true, (-0.5, 0.0, 0.0));
+        // Malformed: no number, empty, too long to be a number.
+        check("eighty-two", true, (0.0, 0.0, 1.0));
+        check("", true, (0.0, 0.0, 1.0));
+        check("eighty-two", false, (-0.5, 0.0, 0.0));
+        check("99999999999999999999999", false, (-0.5, 0.0, 0.0));
     }
 
     #[test]

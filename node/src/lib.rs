@@ -8,6 +8,8 @@
 //! - [`metrics`]: `metrics.jsonl`, one line per step.
 //! - [`distributed`]: one rank of a distributed run (`ringtune node`): the control
 //!   connection, the QUIC ring, step orders, reports.
+//! - [`rl`]: the RL loop ([`RlTrainer`]): sample groups from the policy, score them with
+//!   an environment, group-centred advantages (+ KL penalty), one policy-gradient step.
 //! - [`init`]: random-init model folders with a matching tokenizer (quickstart, tests).
 //! - [`error`]: the crate's error type.
 //!
@@ -18,10 +20,12 @@ pub mod distributed;
 pub mod error;
 pub mod init;
 pub mod metrics;
+pub mod rl;
 pub mod trainer;
 
 pub use checkpoint::{CheckpointRecord, RunDir};
 pub use error::{Error, Result};
 pub use init::{init_model, InitReport};
 pub use metrics::{MetricsLog, StepMetrics};
+pub use rl::{RlEvent, RlOutcome, RlStepMetrics, RlTrainer};
 pub use trainer::{Event, LocalSync, Outcome, StepSync, TrainState, Trainer};
