@@ -1,4 +1,5 @@
-//! Regenerates the bundled quickstart datasets from their generator:
+//! Regenerates the bundled quickstart datasets (chats and DPO preference pairs) from their
+//! generator:
 //! `cargo run -p ringtune-data --example gen_quickstart_datasets [DIR]`
 //! (DIR defaults to the repository's `datasets/`).
 
@@ -7,7 +8,9 @@ fn main() {
         .nth(1)
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../datasets"));
-    if let Err(e) = ringtune_data::quickstart::write_bundled_datasets(&dir) {
+    let q = &ringtune_data::quickstart::write_bundled_datasets;
+    let p = &ringtune_data::quickstart::write_bundled_preference_datasets;
+    if let Err(e) = q(&dir).and_then(|()| p(&dir)) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }

@@ -11,6 +11,8 @@
 //!   [`Datum`]s, with `max_length` handling, bad-line skipping, held-out splits.
 //! - [`batch`]: seeded epoch order, the resumable [`DataCursor`], global
 //!   batches, token-budget micro-batches, token-balanced sharding over ranks.
+//! - [`preference`]: DPO preference pairs (`prompt`/`messages`, `chosen`, `rejected`)
+//!   rendered into two weighted sequences each.
 //! - [`env`]: RL environments ([`env::Env`]): the offline arithmetic task with an
 //!   exact-answer check and tinker's format reward, and an external reward command.
 //! - [`rng`]: SplitMix64, the explicit PRNG behind every seeded choice.
@@ -24,6 +26,7 @@ pub mod batch;
 pub mod dataset;
 pub mod env;
 mod error;
+pub mod preference;
 pub mod quickstart;
 pub mod render;
 pub mod rng;
@@ -35,6 +38,7 @@ pub use batch::{
 };
 pub use dataset::{load_jsonl, split_holdout, DataReport, Dataset, LoadOptions, OverflowPolicy};
 pub use error::{Error, LineProblem, Result};
+pub use preference::{load_preference_jsonl, split_pairs, PreferencePair, PreferenceSet};
 pub use render::{Message, Renderer, RendererName, Role, StopCondition, TrainOnWhat};
 pub use rng::SplitMix64;
 pub use tokenizer::{SpecialToken, SpecialTokens, Tokenizer};

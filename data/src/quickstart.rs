@@ -452,3 +452,112 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).map_err(|e| Error::io(path, e))?;
     f.sync_all().map_err(|e| Error::io(path, e))
 }
+
+/// Seed of the bundled preference-pair training file.
+pub const PREF_TRAIN_SEED: u64 = 23;
+/// Seed of the bundled held-out preference pairs.
+pub const PREF_EVAL_SEED: u64 = 1023;
+/// Pairs in the bundled preference training file.
+pub const PREF_TRAIN_PAIRS: usize = 2000;
+/// Pairs in the bundled held-out preference file.
+pub const PREF_EVAL_PAIRS: usize = 200;
+/// File name of the bundled preference pairs under `datasets/`.
+pub const PREF_TRAIN_FILE: &str = "quickstart_pref.jsonl";
+/// File name of the bundled held-out preference pairs under `datasets/`.
+pub const PREF_EVAL_FILE: &str = "quickstart_pref_eval.jsonl";
+
+const UNHELPFUL: &[&str] = &["I don't know.", "I cannot answer that.", "Maybe."];
+
+/// A wrong answer to the same question: the last number off by 1..=9, a word left
+/// un-transformed, the wrong letter — or, one time in three, an unhelpful reply.
+fn corrupt(rng: &mut SplitMix64, answer: &str) -> String {
+    if rng.below(3) == 0 {
+        return pick(rng, UNHELPFUL).to_string();
+    }
+    // The last run of digits (the result of an arithmetic or counting task).
+    if let Some(end) = answer.rfind(|c: char| c.is_ascii_digit()) {
+        let start = answer[..=end]
+            .rfind(|c: char| !c.is_ascii_digit())
+            .map_or(0, |i| i + 1);
+        let n: u64 = answer[start..=end].parse().unwrap_or(0);
+        let d = range(rng, 1, 9);
+        let wrong = if n >= d && rng.below(2) == 0 {
+            n - d
+        } else {
+            n + d
+        };
+        return format!("{}{wrong}{}", &answer[..start], &answer[end + 1..]);
+    }
+    if answer.chars().all(|c| c.is_ascii_uppercase()) {
+        return answer.to_lowercase();
+    }
+    if let Some(stem) = answer.strip_suffix('.') {
+        // "The first letter of "w" is f.": name the last letter instead.
+        let w = stem.split('"').nth(1).unwrap_or("");
+        let last = w.chars().last().unwrap_or('z');
+        let first = stem.chars().last().unwrap_or('a');
+        let other = if last != first { last } else { 'z' };
+        return format!("{}{other}.", &stem[..stem.len() - first.len_utf8()]);
+    }
+    // A reversed word: the word itself (unless it reads the same both ways).
+    let back: String = answer.chars().rev().collect();
+    if back != answer {
+        back
+    } else {
+        pick(rng, UNHELPFUL).to_string()
+    }
+}
+
+/// `n` preference pairs from `seed` as JSONL lines `{"prompt", "chosen", "rejected"}`: a
+/// quickstart question, its correct answer, and a wrong one ([`corrupt`]).
+pub fn generate_preference_lines(seed: u64, n: usize) -> Vec<String> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n)
+        .map(|_| {
+            let (q, a) = task(&mut rng);
+            let r = corrupt(&mut rng, &a);
+            json!({"prompt": q, "chosen": a, "rejected": r}).to_string()
+        })
+        .collect()
+}
+
+/// The bundled preference files' contents: (train, held-out) JSONL text. Held-out prompts
+/// never occur in train.
+pub fn bundled_preference_jsonl() -> (String, String) {
+    let prompt_of = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line).expect("generated JSON")["prompt"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut train = String::new();
+    for line in generate_preference_lines(PREF_TRAIN_SEED, PREF_TRAIN_PAIRS) {
+        seen.insert(prompt_of(&line));
+        train.push_str(&line);
+        train.push('\n');
+    }
+    let mut eval = String::new();
+    let (mut count, mut seed) = (0, PREF_EVAL_SEED);
+    while count < PREF_EVAL_PAIRS {
+        for line in generate_preference_lines(seed, PREF_EVAL_PAIRS) {
+            if count < PREF_EVAL_PAIRS && seen.insert(prompt_of(&line)) {
+                eval.push_str(&line);
+                eval.push('\n');
+                count += 1;
+            }
+        }
+        seed += 1;
+    }
+    (train, eval)
+}
+
+/// Writes [`PREF_TRAIN_FILE`] and [`PREF_EVAL_FILE`] into `dir`.
+pub fn write_bundled_preference_datasets(dir: &Path) -> Result<()> {
+    let (train, eval) = bundled_preference_jsonl();
+    for (name, text) in [(PREF_TRAIN_FILE, train), (PREF_EVAL_FILE, eval)] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}

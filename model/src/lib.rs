@@ -26,6 +26,7 @@
 
 pub mod config;
 mod error;
+mod gemv;
 pub mod grads;
 mod head;
 pub mod hub;
@@ -49,7 +50,7 @@ pub use grads::{Gradients, ParamLayout};
 pub use hub::{resolve_model_dir, ModelSpec};
 pub use kv_cache::KvCache;
 pub use lora::{Adapters, LoraConfig, TargetModule};
-pub use loss::{Batch, LossKind, LossOutput, Reduction};
+pub use loss::{Batch, DpoPair, LossKind, LossOutput, Reduction};
 pub use merge::{merge, merge_with, MergeOptions, MergeReport};
 pub use model::LoraModel;
 pub use ops::set_force_generic;

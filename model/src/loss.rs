@@ -389,6 +389,35 @@ impl Batch {
         self.with_rl_inputs(q, a)
     }
 
+    /// Attaches per-token advantages only (sampler logprobs 0), for [`LossKind::Linear`],
+    /// which reads no sampler logprobs: row-major `[rows, seq]`, aligned to the targets.
+    pub fn with_advantages(self, advantages: Vec<f32>) -> Result<Self> {
+        let q = vec![0f32; advantages.len()];
+        self.with_rl_inputs(q, advantages)
+    }
+
+    /// Σ over each row's real positions of `weight · logprobs` (`logprobs` row-major
+    /// `[rows, seq]`, e.g. [`LossOutput::logprobs`]), in f64: a sequence's logprob of its
+    /// weighted tokens (DPO's π and r).
+    pub fn weighted_row_sums(&self, logprobs: &[f32]) -> Result<Vec<f64>> {
+        if logprobs.len() != self.rows * self.seq {
+            return Err(Error::InvalidBatch(format!(
+                "{} logprobs for a {} x {} batch",
+                logprobs.len(),
+                self.rows,
+                self.seq
+            )));
+        }
+        Ok((0..self.rows)
+            .map(|b| {
+                let at = b * self.seq;
+                (at..at + self.lengths[b])
+                    .map(|i| self.weights[i] as f64 * logprobs[i] as f64)
+                    .sum()
+            })
+            .collect())
+    }
+
     /// The sampler's logprobs, row-major `[rows, seq]`, when attached.
     pub fn sampler_logprobs(&self) -> Option<&[f32]> {
         self.rl.as_ref().map(|r| r.sampler_logprobs.as_slice())
@@ -568,6 +597,69 @@ impl LossOutput {
             0.0
         } else {
             self.loss_sum / self.weight_sum
+        }
+    }
+}
+
+/// One preference pair's DPO numbers (Rafailov et al. 2023), from the summed reply
+/// logprobs of the policy (π) and the reference (r) on the chosen (c) and rejected side.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpoPair {
+    /// −log σ(β·((π_c − r_c) − (π_r − r_r))).
+    pub loss: f64,
+    /// ∂loss/∂π_c (= −β·σ(−z)); ∂loss/∂π_r is its negative.
+    pub d_chosen: f64,
+    /// The chosen side's implicit reward β·(π_c − r_c).
+    pub chosen_reward: f64,
+    /// The rejected side's implicit reward β·(π_r − r_r).
+    pub rejected_reward: f64,
+}
+
+impl DpoPair {
+    /// Computes the pair's loss, derivative and rewards in f64 (stable for any margin).
+    pub fn new(
+        beta: f64,
+        pi_chosen: f64,
+        pi_rejected: f64,
+        ref_chosen: f64,
+        ref_rejected: f64,
+    ) -> Self {
+        let chosen_reward = beta * (pi_chosen - ref_chosen);
+        let rejected_reward = beta * (pi_rejected - ref_rejected);
+        let z = chosen_reward - rejected_reward;
+        // softplus(−z) = −log σ(z), without overflow either way.
+        let loss = if z > 0.0 {
+            (-z).exp().ln_1p()
+        } else {
+            -z + z.exp().ln_1p()
+        };
+        // σ(−z) = 1 / (1 + e^z)
+        let s = if z > 0.0 {
+            let e = (-z).exp();
+            e / (1.0 + e)
+        } else {
+            1.0 / (1.0 + z.exp())
+        };
+        DpoPair {
+            loss,
+            d_chosen: -beta * s,
+            chosen_reward,
+            rejected_reward,
+        }
+    }
+
+    /// The reward margin (chosen − rejected).
+    pub fn margin(&self) -> f64 {
+        self.chosen_reward - self.rejected_reward
+    }
+
+    /// 1 when the chosen side's reward is higher, 0 when lower, ½ on a tie (so a policy
+    /// equal to the reference, where every margin is 0, scores chance, 0.5).
+    pub fn accuracy(&self) -> f64 {
+        match self.margin() {
+            m if m > 0.0 => 1.0,
+            m if m < 0.0 => 0.0,
+            _ => 0.5,
         }
     }
 }
