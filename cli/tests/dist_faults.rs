@@ -255,3 +255,28 @@ fn ctrl_c_stops_every_node_cleanly() {
         assert!(!alive(pid), "node process {pid} outlived the run:\n{err}");
     }
 }
+
+/// A CPU build asked for NCCL: every node says why it cannot join, and the run's error
+/// carries that reason instead of a bare lost connection.
+#[cfg(not(feature = "nccl"))]
+#[test]
+fn nccl_on_a_build_without_it_fails_naming_the_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 4, "");
+    let (st, err) = spawn(
+        &[
+            "train",
+            cfg.to_str().unwrap(),
+            "--plain",
+            "--collective",
+            "nccl",
+        ],
+        &[],
+    )
+    .wait_exit(120);
+    assert!(!st.success(), "{err}");
+    assert!(
+        err.contains("node failure: rank") && err.contains("without the `nccl` cargo feature"),
+        "{err}"
+    );
+}

@@ -30,13 +30,13 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ringtune_collectives::auth::ClusterToken;
-use ringtune_collectives::net::{self, NetConfig, NetSync, Transport, DEFAULT_CHUNK_ELEMS};
+use ringtune_collectives::net::{self, NetConfig, Transport, DEFAULT_CHUNK_ELEMS};
 use ringtune_collectives::{Call, GradSync, WireDtype};
 use ringtune_config::RunConfig;
 use ringtune_coordinator::wire::{self, CoordHello, NodeHello, Side, Welcome};
 use ringtune_coordinator::{
     AdapterHash, Assignment, CollectiveSetup, Command, ConfigHash, DataPlan, ExampleIndex,
-    NodeIdentity, NodeMsg, PlannedExample, Registration, StepReport, StopReason,
+    NodeIdentity, NodeMsg, Peer, PlannedExample, Registration, StepReport, StopReason,
 };
 use ringtune_data::{BatchSampler, Tokenizer};
 use tokio::sync::mpsc;
@@ -153,23 +153,174 @@ pub fn config_hash_of(cfg: &RunConfig) -> Result<ConfigHash> {
         .ok_or_else(|| Error::Invalid(format!("config hash {h} is not 64 hex digits")))
 }
 
-/// [`StepSync`] over the QUIC ring; remembers how long the last all-reduce took.
-struct RingSync {
-    ring: NetSync,
+/// [`StepSync`] over a communicator (the QUIC ring, or NCCL); adds the time each
+/// all-reduce took to `comm`.
+struct CollectiveSync<S: GradSync> {
+    sync: S,
     timeout: Duration,
     comm: Rc<Cell<Duration>>,
 }
 
-impl StepSync for RingSync {
+impl<S: GradSync> StepSync for CollectiveSync<S> {
     fn all_reduce_sum(&mut self, step: u64, buf: &mut [f32]) -> std::result::Result<(), String> {
         let t = Instant::now();
         let r = self
-            .ring
+            .sync
             .all_reduce_sum(buf, Call::new(step, self.timeout))
             .map_err(|e| e.to_string());
         self.comm.set(self.comm.get() + t.elapsed());
         r
     }
+}
+
+/// How joining a generation's communicator ended.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+enum Joined {
+    Sync(Box<dyn StepSync>),
+    /// The coordinator restarted the run (a peer failed) before the communicator was up.
+    Restart,
+    Stop(StopReason),
+}
+
+/// The GPU this node's NCCL communicator uses: the model's device (`auto`: the node's
+/// GPU slot on its host, i.e. LOCAL_RANK / SLURM_LOCALID).
+#[cfg(feature = "nccl")]
+fn nccl_device(cfg: &RunConfig, local_rank: u32) -> Result<usize> {
+    match cfg.model.device {
+        ringtune_config::Device::Cuda(i) => Ok(i as usize),
+        ringtune_config::Device::Auto => Ok(local_rank as usize),
+        ringtune_config::Device::Cpu => Err(Error::Invalid(
+            "the coordinator chose NCCL, but this node's device is the CPU (start it with \
+             --device cuda:N, or run the coordinator with --collective quic)"
+                .into(),
+        )),
+    }
+}
+
+/// Joins the NCCL communicator: rank 0 creates the unique id and hands it to the
+/// coordinator, every other rank waits for it on the control plane.
+#[cfg(feature = "nccl")]
+fn join_nccl(
+    ctl: &Control,
+    cfg: &RunConfig,
+    local_rank: u32,
+    a: &Assignment,
+    create_unique_id: bool,
+    timeout: Duration,
+    comm: Rc<Cell<Duration>>,
+) -> Result<Joined> {
+    use ringtune_collectives::nccl::{NcclId, NcclSync};
+    let device = nccl_device(cfg, local_rank)?;
+    let nccl_err = |e: ringtune_collectives::Error| Error::Sync {
+        step: a.resume_from.0,
+        message: format!("NCCL setup as rank {} on cuda:{device}: {e}", a.rank.0),
+    };
+    let id = if create_unique_id {
+        let id = NcclId::new().map_err(nccl_err)?;
+        ctl.send(NodeMsg::NcclUniqueId {
+            generation: a.generation,
+            id: id.0.to_vec(),
+        })?;
+        id
+    } else {
+        loop {
+            match ctl.recv()? {
+                Command::NcclUniqueId { generation, id } if generation == a.generation => {
+                    let bytes: [u8; 128] = id.as_slice().try_into().map_err(|_| {
+                        Error::Invalid(format!(
+                            "the coordinator sent an NCCL unique id of {} bytes (NCCL's is 128)",
+                            id.len()
+                        ))
+                    })?;
+                    break NcclId(bytes);
+                }
+                Command::NcclUniqueId { .. } | Command::Accepted { .. } | Command::Assign(_) => {}
+                Command::Restart { .. } => return Ok(Joined::Restart),
+                Command::Stop(reason) => return Ok(Joined::Stop(reason)),
+                other => {
+                    return Err(Error::Invalid(format!(
+                        "waiting for the NCCL unique id, the coordinator sent {other:?}"
+                    )))
+                }
+            }
+        }
+    };
+    let sync = NcclSync::new(
+        device,
+        ringtune_collectives::Rank(a.rank.0),
+        ringtune_collectives::WorldSize(a.world_size.0),
+        id,
+    )
+    .map_err(nccl_err)?;
+    Ok(Joined::Sync(Box::new(CollectiveSync {
+        sync,
+        timeout,
+        comm,
+    })))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn join_nccl(
+    _: &Control,
+    _: &RunConfig,
+    _: u32,
+    _: &Assignment,
+    _: bool,
+    _: Duration,
+    _: Rc<Cell<Duration>>,
+) -> Result<Joined> {
+    Err(Error::Invalid(
+        "the coordinator chose NCCL, but this ringtune was built without the `nccl` cargo \
+         feature (rebuild with --features nccl, or run the coordinator with --collective quic)"
+            .into(),
+    ))
+}
+
+/// Tells the coordinator why this node cannot take part (so the run's error names the
+/// cause, not just a lost connection), then hands the error back.
+fn setup_failed(ctl: &Control, a: &Assignment, e: Error) -> Error {
+    let _ = ctl.send(NodeMsg::Failed {
+        generation: a.generation,
+        step: ringtune_coordinator::Step(a.resume_from.0 + 1),
+        reason: e.to_string(),
+    });
+    e
+}
+
+/// Joins the QUIC ring with this generation's neighbours.
+fn join_ring(
+    opts: &NodeOptions,
+    a: &Assignment,
+    (left, right): (Peer, Peer),
+    data_addr: SocketAddr,
+    ring_identity: &ringtune_collectives::tls::ClusterIdentity,
+    comm: Rc<Cell<Duration>>,
+) -> Result<Joined> {
+    let world = a.world_size.0 as usize;
+    let mut peers = vec![data_addr; world];
+    peers[left.rank.0 as usize % world] = left.addr;
+    peers[right.rank.0 as usize % world] = right.addr;
+    let ring = net::connect(NetConfig {
+        rank: ringtune_collectives::Rank(a.rank.0),
+        world: ringtune_collectives::WorldSize(a.world_size.0),
+        listen: data_addr,
+        peers,
+        identity: ring_identity.clone(),
+        token: opts.token.clone(),
+        connect_timeout: Duration::from_secs(120),
+        chunk_elems: DEFAULT_CHUNK_ELEMS,
+        wire: WireDtype::F32,
+        transport: Transport::Quic,
+    })
+    .map_err(|e| Error::Sync {
+        step: a.resume_from.0,
+        message: format!("joining the ring as rank {} of {world}: {e}", a.rank.0),
+    })?;
+    Ok(Joined::Sync(Box::new(CollectiveSync {
+        sync: ring,
+        timeout: opts.collective_timeout,
+        comm,
+    })))
 }
 
 enum Incoming {
@@ -497,42 +648,36 @@ fn serve(
                 }
             }
         };
-        let (left, right) = match a.collective {
-            CollectiveSetup::Ring { left, right } => (left, right),
-            CollectiveSetup::Nccl { .. } => {
-                return Err(Error::Invalid(
-                    "the coordinator chose NCCL, which this node driver does not run yet".into(),
-                ))
+        let comm = Rc::new(Cell::new(Duration::ZERO));
+        let joined = match a.collective {
+            CollectiveSetup::Ring { left, right } => join_ring(
+                opts,
+                &a,
+                (left, right),
+                data_addr,
+                &ring_identity,
+                Rc::clone(&comm),
+            ),
+            CollectiveSetup::Nccl { create_unique_id } => join_nccl(
+                ctl,
+                cfg,
+                opts.identity.local_rank,
+                &a,
+                create_unique_id,
+                opts.collective_timeout,
+                Rc::clone(&comm),
+            ),
+        };
+        let sync = match joined.map_err(|e| setup_failed(ctl, &a, e))? {
+            Joined::Sync(sync) => sync,
+            Joined::Restart => continue 'generation,
+            Joined::Stop(reason) => {
+                ctl.send(NodeMsg::StopAck)?;
+                return stop_result(reason);
             }
         };
-        let world = a.world_size.0 as usize;
-        let mut peers = vec![data_addr; world];
-        peers[left.rank.0 as usize % world] = left.addr;
-        peers[right.rank.0 as usize % world] = right.addr;
-        let ring = net::connect(NetConfig {
-            rank: ringtune_collectives::Rank(a.rank.0),
-            world: ringtune_collectives::WorldSize(a.world_size.0),
-            listen: data_addr,
-            peers,
-            identity: ring_identity.clone(),
-            token: opts.token.clone(),
-            connect_timeout: Duration::from_secs(120),
-            chunk_elems: DEFAULT_CHUNK_ELEMS,
-            wire: WireDtype::F32,
-            transport: Transport::Quic,
-        })
-        .map_err(|e| Error::Sync {
-            step: a.resume_from.0,
-            message: format!("joining the ring as rank {} of {world}: {e}", a.rank.0),
-        })?;
-        let comm = Rc::new(Cell::new(Duration::ZERO));
-        let sync = RingSync {
-            ring,
-            timeout: opts.collective_timeout,
-            comm: Rc::clone(&comm),
-        };
-        let mut trainer =
-            Trainer::for_node(cfg.clone(), a.resume_from.0, a.rank.0 == 0, Box::new(sync))?;
+        let mut trainer = Trainer::for_node(cfg.clone(), a.resume_from.0, a.rank.0 == 0, sync)
+            .map_err(|e| setup_failed(ctl, &a, e))?;
         ctl.send(NodeMsg::Ready {
             generation: a.generation,
         })?;

@@ -17,7 +17,8 @@ use ringtune_collectives::tls::ClusterIdentity;
 use ringtune_config::RunConfig;
 use ringtune_coordinator::driver::{self, DriverConfig};
 use ringtune_coordinator::{
-    Coordinator, CoordinatorConfig, Event, Outcome, Refusal, Step, StepRecord, Timeouts, WorldSize,
+    Coordinator, CoordinatorConfig, Event, Outcome, Refusal, Step, StepRecord, Timeouts, Transport,
+    WorldSize,
 };
 use ringtune_node::distributed::{config_hash_of, data_plan, resume_point};
 use ringtune_node::{MetricsLog, RunDir};
@@ -62,6 +63,10 @@ pub struct Policy {
     /// Compare every rank's adapter hash every this many steps (always at checkpoints).
     #[arg(long, value_name = "STEPS", default_value_t = 1)]
     pub hash_every: u64,
+    /// How ranks sum gradients: `quic` (a ring between the node processes, any machines) or
+    /// `nccl` (GPU ranks; the nodes need a build with the `nccl` feature and a CUDA device).
+    #[arg(long, value_name = "quic|nccl", default_value = "quic", value_parser = ["quic", "nccl"])]
+    pub collective: String,
 }
 
 /// The cluster token: `--token-file`, else `RINGTUNE_TOKEN`.
@@ -120,6 +125,10 @@ pub fn serve_run(
     ccfg.save_every = Some(cfg.train.save_every).filter(|&s| s > 0);
     ccfg.hash_every = Some(policy.hash_every).filter(|&s| s > 0);
     ccfg.max_steps = cfg.train.max_steps;
+    ccfg.transport = match policy.collective.as_str() {
+        "nccl" => Transport::Nccl,
+        _ => Transport::Quic,
+    };
     ccfg.resume_from = Step(start.step);
     ccfg.elapsed_before = Duration::from_secs_f64(start.elapsed_s.max(0.0));
     if !(policy.heartbeat_timeout > 0.0 && policy.heartbeat_timeout.is_finite()) {
