@@ -10,9 +10,11 @@
 //!   No sockets, no threads, no clock.
 //! - [`mem`]: an in-memory transport (threads and channels) for tests and single-process
 //!   simulations.
-//! - [`net`]: the network driver shared by the QUIC and TCP+TLS transports: one
-//!   authenticated, ordered byte stream to the right neighbour and one from the left,
-//!   a reader and a writer task per link, the ring core in between.
+//! - [`net`]: the network ring (QUIC, TCP+TLS, and plain TCP for trusted networks): one
+//!   authenticated, ordered byte stream to the right neighbour and one from the left, a
+//!   reader and a writer per link, the ring core in between. `stream` is the TCP data
+//!   path: a thread per direction, one AES-128-GCM seal per frame under keys exported from
+//!   the link's TLS session.
 //! - [`tls`] and [`auth`]: the cluster certificate (generated per run or loaded from PEM)
 //!   that both ends pin, and the cluster-token proof exchanged after the TLS handshake.
 //! - `nccl` (feature `nccl`): NCCL through cudarc for GPU ranks.
@@ -23,6 +25,7 @@ pub mod mem;
 pub mod net;
 mod quic;
 pub mod ring;
+mod stream;
 pub mod sync;
 mod tcp;
 pub mod tls;

@@ -1,16 +1,19 @@
-//! The network ring: settings, link handshake, and the driver shared by the QUIC and
-//! TCP+TLS transports.
+//! The network ring: settings, link handshake, and the drivers of the QUIC and TCP
+//! transports.
 //!
 //! Each rank keeps two links: it *connects* to its right neighbour and only ever writes
 //! frames there, and it *accepts* a connection from its left neighbour and only ever reads
 //! frames from it. A link is usable only after (1) TLS with the pinned cluster certificate
-//! succeeded in both directions and (2) both ends proved the cluster token over it
-//! ([`crate::auth`]) and agreed on version, world size, ranks and frame size. Anything else
-//! is refused with a logged reason, and a refused peer is sent no gradient data.
+//! succeeded in both directions (for `tcp-plain`: a fresh nonce from each end) and (2) both
+//! ends proved the cluster token over it ([`crate::auth`]) and agreed on version, world
+//! size, ranks and frame size. Anything else is refused with a logged reason, and a refused
+//! peer is sent no gradient data.
 //!
-//! Per link a reader task turns bytes into frames (refusing, before allocating, any frame
-//! longer than the agreed chunk) and a writer task turns frames into bytes. The ring core
-//! ([`crate::ring`]) runs on the calling thread's `block_on`, between the two.
+//! QUIC links run as tokio tasks: per link a reader task turns bytes into frames (refusing,
+//! before allocating, any frame longer than the agreed chunk) and a writer task turns
+//! frames into bytes; the ring core ([`crate::ring`]) runs on the calling thread's
+//! `block_on`, between the two. TCP links leave tokio after the handshake and run on two
+//! plain threads ([`crate::stream`]), which is cheaper per byte.
 
 use std::any::Any;
 use std::net::SocketAddr;
@@ -26,6 +29,7 @@ use tokio::sync::mpsc;
 use crate::auth::{self, ClusterToken, Role};
 use crate::error::{Error, Result};
 use crate::ring::{Collective, RingConfig};
+use crate::stream::StreamDriver;
 use crate::sync::{Driver, Ring};
 use crate::tls::ClusterIdentity;
 use crate::types::{Rank, WorldSize};
@@ -36,9 +40,16 @@ pub enum Transport {
     /// QUIC (quinn) over UDP, TLS 1.3 built in.
     #[default]
     Quic,
-    /// TCP with TLS 1.3 (rustls) on top: the kernel does segmentation, acks and
-    /// retransmission, which on one host is much cheaper than QUIC's user-space stack.
+    /// TCP, authenticated with mutual TLS 1.3 (rustls) and the token proof; frames are then
+    /// sealed with AES-128-GCM under keys exported from that TLS session
+    /// ([`crate::stream`]). The kernel does segmentation, acks and retransmission, which on
+    /// one host is much cheaper than QUIC's user-space stack.
     TcpTls,
+    /// TCP without encryption, **for trusted networks only**: the cluster token is still
+    /// proven at connect (HMAC challenge–response over fresh nonces from both ends,
+    /// compared in constant time), but gradients travel in the clear and unauthenticated.
+    /// Never the default.
+    TcpPlain,
 }
 
 impl std::str::FromStr for Transport {
@@ -47,8 +58,9 @@ impl std::str::FromStr for Transport {
         match s {
             "quic" => Ok(Self::Quic),
             "tcp-tls" | "tcp" => Ok(Self::TcpTls),
+            "tcp-plain" => Ok(Self::TcpPlain),
             _ => Err(Error::InvalidArgument(format!(
-                "unknown transport {s:?} (quic, tcp-tls)"
+                "unknown transport {s:?} (quic, tcp-tls, tcp-plain)"
             ))),
         }
     }
@@ -75,7 +87,7 @@ pub struct NetConfig {
     pub chunk_elems: usize,
     /// Gradient element type on the wire.
     pub wire: WireDtype,
-    /// QUIC or TCP+TLS.
+    /// QUIC, TCP+TLS, or (trusted networks only) plain TCP.
     pub transport: Transport,
 }
 
@@ -125,16 +137,17 @@ pub fn connect(cfg: NetConfig) -> Result<NetSync> {
         writer: None,
         reader: None,
         keep: Vec::new(),
+        stream: None,
     };
     if cfg.world.0 == 1 {
         return Ok(Ring::new(driver));
     }
-    let est = driver.rt.block_on(async {
-        match cfg.transport {
-            Transport::Quic => crate::quic::establish(&cfg, &ring).await,
-            Transport::TcpTls => crate::tcp::establish(&cfg, &ring).await,
-        }
-    })?;
+    if cfg.transport != Transport::Quic {
+        let links = driver.rt.block_on(crate::tcp::establish(&cfg, &ring))?;
+        driver.stream = Some(StreamDriver::start(ring, links)?);
+        return Ok(Ring::new(driver));
+    }
+    let est = driver.rt.block_on(crate::quic::establish(&cfg, &ring))?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
     let right = ring.right();
     let left = ring.left();
@@ -200,20 +213,15 @@ pub(crate) struct Established {
     pub keep: Vec<Box<dyn Any + Send>>,
 }
 
-/// The write half of the link to the right neighbour.
+/// The write half of the QUIC link to the right neighbour.
 pub(crate) enum Sink {
     Quic(quinn::SendStream),
-    Stream(Box<dyn AsyncWrite + Send + Unpin>),
 }
 
 impl Sink {
     async fn send(&mut self, b: &[u8]) -> std::io::Result<()> {
         match self {
             Sink::Quic(s) => s.write_all(b).await.map_err(std::io::Error::other),
-            Sink::Stream(w) => {
-                w.write_all(b).await?;
-                w.flush().await
-            }
         }
     }
 
@@ -225,7 +233,6 @@ impl Sink {
                 s.stopped().await.map_err(std::io::Error::other)?;
                 Ok(())
             }
-            Sink::Stream(w) => w.shutdown().await,
         }
     }
 }
@@ -342,12 +349,17 @@ pub struct NetDriver {
     writer: Option<tokio::task::JoinHandle<()>>,
     reader: Option<tokio::task::JoinHandle<()>>,
     keep: Vec<Box<dyn Any + Send>>,
+    /// The TCP transports' threaded links (then the tokio fields above are unused).
+    stream: Option<StreamDriver>,
 }
 
 impl NetDriver {
     /// Flushes what was sent and closes the links, waiting at most `grace` for the right
     /// neighbour to acknowledge our last frames. Called on drop with a short grace.
     pub fn close(&mut self, grace: Duration) {
+        if let Some(s) = &mut self.stream {
+            s.close(grace);
+        }
         self.tx = None;
         if let Some(w) = self.writer.take() {
             let _ = self
@@ -379,6 +391,9 @@ impl NetDriver {
     /// core, to check that peers refuse malformed and oversized frames. Not for real use.
     #[doc(hidden)]
     pub fn inject_raw(&mut self, bytes: Vec<u8>) -> Result<()> {
+        if let Some(s) = &mut self.stream {
+            return s.inject(bytes);
+        }
         let tx = self
             .tx
             .clone()
@@ -403,6 +418,9 @@ impl Driver for NetDriver {
     fn drive(&mut self, core: &mut dyn Collective, data: &mut [f32]) -> Result<()> {
         if core.is_done() {
             return Ok(());
+        }
+        if let Some(s) = &mut self.stream {
+            return s.drive(core, data);
         }
         let (rank, seq, step) = core.ids();
         let cfg = self.cfg;

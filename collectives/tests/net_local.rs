@@ -65,8 +65,7 @@ fn on_cluster<T: Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-fn check_collectives(transport: Transport) {
-    let world = 3;
+fn check_collectives(transport: Transport, world: u32) {
     let results = on_cluster(world, transport, move |mut s: NetSync| {
         let r = s.rank().0 as f32;
         let call = Call::new(1, Duration::from_secs(10));
@@ -76,7 +75,8 @@ fn check_collectives(transport: Transport) {
         let mut empty: Vec<f32> = Vec::new();
         s.all_reduce_sum(&mut empty, call).unwrap();
         let mut b = vec![r; 2_500];
-        s.broadcast(&mut b, Rank(2), call).unwrap();
+        s.broadcast(&mut b, Rank(2 % s.world_size().0), call)
+            .unwrap();
         s.barrier(call).unwrap();
         let mut x = vec![1.0f32; 10];
         let mut y = vec![r; 3_000];
@@ -85,17 +85,17 @@ fn check_collectives(transport: Transport) {
             .unwrap();
         (a, b, x, y, z, s.next_seq().0)
     });
-    let tri = 6.0; // 1 + 2 + 3
+    let tri = (world * (world + 1) / 2) as f32;
     for (a, b, x, y, z, seq) in results {
         assert!(a
             .iter()
             .enumerate()
             .all(|(i, &v)| v == (i % 13) as f32 * tri));
-        assert!(b.iter().all(|&v| v == 2.0));
+        assert!(b.iter().all(|&v| v == 2.0 % world as f32));
         assert!(
-            x.iter().all(|&v| v == 3.0)
-                && y.iter().all(|&v| v == 3.0)
-                && z.iter().all(|&v| v == 6.0)
+            x.iter().all(|&v| v == world as f32)
+                && y.iter().all(|&v| v == tri - world as f32)
+                && z.iter().all(|&v| v == 2.0 * world as f32)
         );
         // 2 all-reduces (the empty one counts too) + broadcast + barrier + 3 fused
         // collectives: [x], then y (over the bucket size) alone, then [z].
@@ -105,12 +105,19 @@ fn check_collectives(transport: Transport) {
 
 #[test]
 fn tcp_tls_collectives_are_correct() {
-    check_collectives(Transport::TcpTls);
+    check_collectives(Transport::TcpTls, 3);
+    check_collectives(Transport::TcpTls, 2);
+}
+
+#[test]
+fn tcp_plain_collectives_are_correct() {
+    check_collectives(Transport::TcpPlain, 2);
+    check_collectives(Transport::TcpPlain, 3);
 }
 
 #[test]
 fn quic_collectives_are_correct() {
-    check_collectives(Transport::Quic);
+    check_collectives(Transport::Quic, 3);
 }
 
 #[test]
@@ -149,7 +156,12 @@ fn a_wrong_token_or_a_foreign_certificate_is_refused() {
         (id.clone(), ClusterToken::generate().unwrap()),
         (ClusterIdentity::generate().unwrap(), token.clone()),
     ] {
-        for transport in [Transport::TcpTls, Transport::Quic] {
+        // tcp-plain has no certificates, so only the token case applies to it.
+        let plain = (bad_id.cert_chain == id.cert_chain).then_some(Transport::TcpPlain);
+        for transport in [Transport::TcpTls, Transport::Quic]
+            .into_iter()
+            .chain(plain)
+        {
             let peers = free_ports(2);
             let mut good = config(0, &peers, &id, &token, transport);
             let mut bad = config(1, &peers, &bad_id, &bad_token, transport);

@@ -82,7 +82,7 @@ fn run(transport: Transport, frame: Vec<u8>, expect: &str) {
 
 #[test]
 fn oversized_and_malformed_frames_are_refused_without_allocating() {
-    for transport in [Transport::TcpTls, Transport::Quic] {
+    for transport in [Transport::TcpTls, Transport::TcpPlain, Transport::Quic] {
         // A 1 GiB announcement on a link agreed at 4 KiB chunks.
         run(
             transport,

@@ -40,7 +40,7 @@ pub struct Args {
     /// One JSON object per size on stdout instead of a table.
     #[arg(long)]
     json: bool,
-    /// quic or tcp-tls.
+    /// quic, tcp-tls, or tcp-plain (no encryption; trusted networks only).
     #[arg(long, default_value = "quic")]
     transport: String,
     /// Elements per frame.
@@ -198,10 +198,11 @@ pub fn run(args: Args) -> Result<()> {
     let w = args.world as f64;
     if !args.json {
         println!(
-            "ringtune ring all-reduce, {} over 127.0.0.1, W={}, chunk {} elems, wire {}, TLS on",
+            "ringtune ring all-reduce, {} over 127.0.0.1, W={}, chunk {} elems, wire {}",
             match transport {
-                Transport::Quic => "QUIC",
-                Transport::TcpTls => "TCP+TLS",
+                Transport::Quic => "QUIC (TLS 1.3)",
+                Transport::TcpTls => "TCP+TLS (TLS 1.3 handshake, AES-128-GCM frames)",
+                Transport::TcpPlain => "plain TCP (token proof only, NO encryption)",
             },
             args.world,
             args.chunk_elems,
@@ -233,7 +234,7 @@ pub fn run(args: Args) -> Result<()> {
                 "world": args.world, "bytes": bytes, "size_mib": mib, "median_s": median,
                 "min_s": t.first(), "max_s": t.last(), "algbw_gbps": algbw, "busbw_gbps": busbw,
                 "iters": iters, "correct": correct, "transport": args.transport, "wire": if args.bf16 { "bf16" } else { "f32" },
-                "chunk_elems": args.chunk_elems, "tls": true, "loadavg1_before": load_before, "loadavg1_after": loadavg(),
+                "chunk_elems": args.chunk_elems, "tls": transport != Transport::TcpPlain, "loadavg1_before": load_before, "loadavg1_after": loadavg(),
             });
             println!("{o}");
         } else {
