@@ -26,7 +26,6 @@
 
 pub mod config;
 mod error;
-mod gemv;
 pub mod grads;
 mod head;
 pub mod hub;
