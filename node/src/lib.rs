@@ -6,6 +6,8 @@
 //!   hook, AdamW, evaluation, checkpoints, exact resume.
 //! - [`checkpoint`]: the run folder, atomic checkpoint writes, `checkpoints.jsonl`.
 //! - [`metrics`]: `metrics.jsonl`, one line per step.
+//! - [`dpo`]: DPO in the trainer (`train.method = "dpo"`): preference pairs, the cached
+//!   reference (adapter off), the per-step gradient through the `linear` loss.
 //! - [`distributed`]: one rank of a distributed run (`ringtune node`): the control
 //!   connection, the QUIC ring, step orders, reports.
 //! - [`rl`]: the RL loop ([`RlTrainer`]): sample groups from the policy, score them with
@@ -17,6 +19,7 @@
 
 pub mod checkpoint;
 pub mod distributed;
+pub mod dpo;
 pub mod error;
 pub mod init;
 pub mod metrics;

@@ -37,6 +37,10 @@ pub struct StepMetrics {
     /// Mean NLL per weighted token on the eval data, at the eval cadence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_nll: Option<f64>,
+    /// `train.method = "dpo"`: accuracy, rewards, margin (and held-out numbers at the eval
+    /// cadence), flattened into the line.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<crate::dpo::DpoMetrics>,
 }
 
 /// The open `metrics.jsonl`.
@@ -131,6 +135,7 @@ mod tests {
             tokens_per_s: 1.0,
             elapsed_s: 0.5,
             eval_nll: (step == 2).then_some(3.0),
+            dpo: None,
         }
     }
 

@@ -145,6 +145,8 @@ pub struct Trainer {
     /// This rank's (Σ −logp·w, Σw) of the last step, before the all-reduce.
     last_local: (f64, f64),
     sync: Box<dyn StepSync>,
+    /// `train.method = "dpo"`: the preference pairs (`train`/`eval` are then empty).
+    dpo: Option<crate::dpo::Dpo>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -395,7 +397,17 @@ impl Trainer {
 
         let model_dir = prepare_model_dir(&cfg)?;
         let tok = Tokenizer::from_dir(&model_dir)?;
-        let (train, eval, reports) = load_examples(&cfg, &tok)?;
+        let (train, eval, reports, dpo) = match cfg.train.method {
+            config::Method::Dpo => {
+                let d = crate::dpo::Dpo::load(&cfg, &tok)?;
+                (Vec::new(), Vec::new(), d.reports().to_vec(), Some(d))
+            }
+            _ => {
+                let (t, e, r) = load_examples(&cfg, &tok)?;
+                (t, e, r, None)
+            }
+        };
+        let n_train = dpo.as_ref().map_or(train.len(), crate::dpo::Dpo::train_len);
         let pad_id = tok.pad_id();
 
         let device = device_of(cfg.model.device)?;
@@ -416,7 +428,7 @@ impl Trainer {
         }
 
         let t = &cfg.train;
-        let mut sampler = BatchSampler::new(train.len(), t.batch_size, cfg.seed)?;
+        let mut sampler = BatchSampler::new(n_train, t.batch_size, cfg.seed)?;
         let total_steps = match t.max_steps {
             Some(s) => s,
             None => t.epochs * sampler.batches_per_epoch() as u64,
@@ -478,7 +490,7 @@ impl Trainer {
                         ),
                     });
                 }
-                sampler = BatchSampler::resume(train.len(), t.batch_size, cfg.seed, state.cursor)?;
+                sampler = BatchSampler::resume(n_train, t.batch_size, cfg.seed, state.cursor)?;
                 // Dropout masks come from (seed, pass number): restoring the counter makes
                 // the next pass draw what an uninterrupted run would have drawn.
                 model.set_passes(state.dropout_passes);
@@ -538,6 +550,7 @@ impl Trainer {
             last_loss: None,
             last_saved: Some(step).filter(|_| step > 0),
             last_local: (0.0, 0.0),
+            dpo,
             sync,
         })
     }
@@ -549,7 +562,10 @@ impl Trainer {
 
     /// Examples used for training and for evaluation.
     pub fn example_counts(&self) -> (usize, usize) {
-        (self.train.len(), self.eval.len())
+        match &self.dpo {
+            Some(d) => (d.train_len(), d.eval_len()),
+            None => (self.train.len(), self.eval.len()),
+        }
     }
 
     /// Steps taken so far.
@@ -589,9 +605,11 @@ impl Trainer {
             }
             let mut m = self.train_step()?;
             let last = self.step == self.total_steps;
-            let eval_due = !self.eval.is_empty()
+            let eval_due = self.example_counts().1 > 0
                 && (last || (t.eval_every > 0 && self.step.is_multiple_of(t.eval_every)));
-            if eval_due {
+            if eval_due && self.dpo.is_some() {
+                self.dpo_eval_into(&mut m)?;
+            } else if eval_due {
                 m.eval_nll = Some(self.eval()?);
             }
             if let Some(log) = &mut self.metrics {
@@ -634,7 +652,7 @@ impl Trainer {
                 self.step + 1
             )));
         }
-        if let Some(&bad) = shard.iter().find(|&&i| i >= self.train.len()) {
+        if let Some(&bad) = shard.iter().find(|&&i| i >= self.example_counts().0) {
             return Err(Error::Invalid(format!(
                 "step {step}: example index {bad} is out of range ({} training examples)",
                 self.train.len()
@@ -678,6 +696,23 @@ impl Trainer {
 
     fn step_on(&mut self, indices: &[usize], epoch: u64) -> Result<StepMetrics> {
         let started = Instant::now();
+        // DPO: the same buffer shape with the pair count as the normaliser, Σ pair loss, and
+        // its own sums after them (see crate::dpo).
+        let (mut buf, tokens) = match self.dpo.as_mut() {
+            Some(d) => {
+                let budget = self.cfg.train.micro_batch_tokens;
+                let r = d.accumulate(&self.model, indices, budget, self.pad_id)?;
+                self.dropout_passes = self.model.passes();
+                r
+            }
+            None => self.sft_accumulate(indices)?,
+        };
+        self.finish_step(&mut buf, tokens, indices.len(), epoch, started)
+    }
+
+    /// SFT's local part of a step: Σ of the micro-batches' cross-entropy gradients, then
+    /// Σw and Σ −logp·w; and the target tokens.
+    fn sft_accumulate(&mut self, indices: &[usize]) -> Result<(Vec<f32>, u64)> {
         let mbs = micro_batches(
             &self.train,
             indices,
@@ -700,9 +735,23 @@ impl Trainer {
             buf[n + 1] += out.loss_sum as f32;
             tokens += out.tokens as u64;
         }
+        Ok((buf, tokens))
+    }
+
+    /// The rest of a step, whatever the method: all-reduce the buffer, divide the
+    /// gradient by the global normaliser (`buf[n]`: Σw, or DPO's pair count), AdamW.
+    fn finish_step(
+        &mut self,
+        buf: &mut [f32],
+        tokens: u64,
+        examples: usize,
+        epoch: u64,
+        started: Instant,
+    ) -> Result<StepMetrics> {
+        let n = self.params.len();
         self.last_local = (buf[n + 1] as f64, buf[n] as f64);
         self.sync
-            .all_reduce_sum(self.step + 1, &mut buf)
+            .all_reduce_sum(self.step + 1, buf)
             .map_err(|message| Error::Sync {
                 step: self.step + 1,
                 message,
@@ -716,6 +765,10 @@ impl Trainer {
                 value: loss,
             });
         }
+        let dpo = self
+            .dpo
+            .is_some()
+            .then(|| crate::dpo::Dpo::metrics(&buf[n..]));
         let inv = (1.0 / weight) as f32;
         let grads = &mut buf[..n];
         grads.iter_mut().for_each(|g| *g *= inv);
@@ -733,11 +786,35 @@ impl Trainer {
             grad_norm: rep.grad_norm,
             tokens,
             weight,
-            examples: indices.len() as u64,
+            examples: examples as u64,
             tokens_per_s: if dt > 0.0 { tokens as f64 / dt } else { 0.0 },
             elapsed_s: self.elapsed(),
             eval_nll: None,
+            dpo,
         })
+    }
+
+    /// DPO's held-out loss and preference accuracy into `m` (and `eval_nll` stays unset:
+    /// DPO data has no SFT targets).
+    fn dpo_eval_into(&mut self, m: &mut StepMetrics) -> Result<()> {
+        let budget = self.cfg.train.micro_batch_tokens;
+        if let (Some(d), Some(dm)) = (self.dpo.as_mut(), m.dpo.as_mut()) {
+            if let Some(e) = d.evaluate(&self.model, budget, self.pad_id)? {
+                dm.eval_dpo_loss = Some(e.loss);
+                dm.eval_dpo_accuracy = Some(e.accuracy);
+            }
+        }
+        Ok(())
+    }
+
+    /// DPO only: loss, preference accuracy and margin of the current adapter on the
+    /// held-out pairs (`None` for other methods or without held-out pairs).
+    pub fn dpo_eval(&mut self) -> Result<Option<crate::dpo::DpoEval>> {
+        let budget = self.cfg.train.micro_batch_tokens;
+        match self.dpo.as_mut() {
+            Some(d) => d.evaluate(&self.model, budget, self.pad_id),
+            None => Ok(None),
+        }
     }
 
     fn elapsed(&self) -> f64 {
