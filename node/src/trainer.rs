@@ -339,6 +339,14 @@ impl Trainer {
     }
 
     fn build(cfg: RunConfig, mode: Mode, sync: Box<dyn StepSync>) -> Result<Self> {
+        if cfg.train.method == config::Method::Rl {
+            // RL samples its own data each step; its loop is crate::rl::RlTrainer.
+            return Err(Error::Invalid(
+                "train.method = \"rl\" runs with RlTrainer (`ringtune train` picks it), not \
+                 Trainer"
+                    .into(),
+            ));
+        }
         let hash = cfg.semantic_hash();
         let out_dir = cfg.output_dir.clone();
         // Refuse early, before any expensive work, when the folder's state contradicts the flag.
