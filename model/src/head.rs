@@ -136,7 +136,7 @@ pub(crate) fn run(
     while r0 < n {
         let rows = step.min(n - r0);
         let hc = h.narrow(0, r0, rows)?;
-        let mut logits = hc.matmul(&w.t()?)?;
+        let mut logits = ops::matmul_wt(&hc, w)?;
         let mut ha = None;
         if let Some(ad) = adapter {
             let hcf = hc.to_dtype(DType::F32)?;
@@ -195,9 +195,9 @@ pub(crate) fn run(
                         ha.as_ref().map(|p| p.1.index_select(&idx, 0)).transpose()?,
                     )
                 };
-                // In the weight's dtype: converting a bf16 lm_head to f32 per chunk would
-                // cost more than the matmul.
-                let mut gh = g.to_dtype(w.dtype())?.matmul(w)?.to_dtype(DType::F32)?;
+                // The weight stays in its dtype: converting a bf16 lm_head to f32 per
+                // chunk would cost more than the matmul (ops::matmul_w: f32 result).
+                let mut gh = ops::matmul_w(&g, w)?.to_dtype(DType::F32)?;
                 if let (Some(ad), Some(hs), Some(xs)) = (adapter, hsel, xsel) {
                     let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
                     // logits += s · (h Aᵀ) Bᵀ:

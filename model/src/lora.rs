@@ -300,9 +300,15 @@ impl LoraLinear {
                 return Ok(y);
             }
         }
-        let mut y = ops::frozen_linear(x, &self.weight)?;
+        // A half-precision base under f32 activations: the GEMM reads both in the base
+        // dtype and returns f32 (mixed precision, see `ops`).
+        let mut y = if x.dtype() == DType::F32 && self.weight.dtype() != DType::F32 {
+            ops::half_linear(x, &self.weight)?
+        } else {
+            ops::frozen_linear(x, &self.weight)?
+        };
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
         }
         if let (Some(ad), Adapters::On) = (&self.adapter, adapters) {
             let xin = match dropout_mask {

@@ -7,6 +7,10 @@
 //! backward that produces exactly the input gradient. Other devices and dtypes take a
 //! composition of plain candle ops with the same math (slower, but autograd-correct), so
 //! the `cuda` feature compiles and runs.
+//!
+//! Mixed precision (a bf16/f16 base): activations, norms, RoPE, attention and the loss stay
+//! f32; only the frozen GEMMs read their operands in the base dtype, and they return f32
+//! ([`half_linear`], cuBLAS `GemmEx` on the GPU).
 
 use std::sync::Arc;
 
@@ -247,6 +251,233 @@ pub(crate) fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return Ok(y.reshape(od)?);
     }
     Ok(x.apply_op1_arc(Arc::new(Box::new(FrozenLinear { w: w.clone() })))?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Mixed precision: a half-precision frozen weight applied to f32 activations.
+//
+// Under a bf16/f16 base the activations stay f32 and only the GEMM operands are rounded to
+// the weight's dtype; the product is accumulated *and returned* in f32. Measured on the
+// tiny preset (tests/mixed_precision.rs), rounding the GEMM outputs to bf16 as well — what
+// a plain bf16 matmul does — is what pushes the LoRA gradients past 1e-2 of the f32
+// computation; the roundings of the operands alone stay under it.
+
+/// `y = half(x) · Wᵀ` (forward) or `dx = half(g) · W` (its backward) for `x`/`g` f32
+/// `[m, ·]` and a frozen half-precision `W [out, in]`, f32 out.
+struct HalfGemm {
+    w: Tensor,
+    /// `false`: `x [m, in] · Wᵀ → [m, out]`; `true`: `g [m, out] · W → [m, in]`.
+    backward: bool,
+}
+
+impl HalfGemm {
+    /// (m, n, k) of the product and its output shape.
+    fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, Shape)> {
+        let (out, inp) = self.w.dims2()?;
+        let (n, k) = if self.backward {
+            (inp, out)
+        } else {
+            (out, inp)
+        };
+        let dims = l.dims();
+        if dims.last() != Some(&k) {
+            bail!(
+                "half-gemm: input {:?} does not fit the weight {:?}",
+                dims,
+                self.w.dims()
+            )
+        }
+        let m = l.shape().elem_count() / k.max(1);
+        let mut od = dims.to_vec();
+        *od.last_mut().expect("rank >= 1") = n;
+        Ok((m, n, k, Shape::from(od)))
+    }
+}
+
+/// The values of a half-precision CPU tensor widened to f32.
+fn widen_cpu(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let t = t.to_dtype(DType::F32)?.flatten_all()?;
+    t.to_vec1::<f32>()
+}
+
+impl CustomOp1 for HalfGemm {
+    fn name(&self) -> &'static str {
+        "half-gemm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let (m, n, k, shape) = self.dims(l)?;
+        // Round the activations to the weight's dtype, as the GPU GEMM reads them.
+        let xr: Vec<f32> = match self.w.dtype() {
+            DType::BF16 => x
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_f32())
+                .collect(),
+            DType::F16 => x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect(),
+            _ => x.to_vec(),
+        };
+        let w = widen_cpu(&self.w)?;
+        let mut y = vec![0f32; m * n];
+        // W is [out, in] row-major: forward reads it as Wᵀ (k = in), backward as W.
+        let wm = if self.backward {
+            (&w[..], n, 1)
+        } else {
+            (&w[..], 1, k)
+        };
+        sgemm((m, n, k), &mut y, false, (&xr, k, 1), wm, 1.0);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        cuda_half_gemm::fwd(self, s, l)
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        let op = HalfGemm {
+            w: self.w.clone(),
+            backward: !self.backward,
+        };
+        Ok(Some(g.apply_op1_no_bwd(&op)?))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_half_gemm {
+    //! cuBLAS `GemmEx` with half-precision operands, f32 accumulation and an f32 result
+    //! (candle's own bf16 matmul writes a bf16 result).
+    use super::HalfGemm;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys};
+    use candle_core::cuda::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::{bail, CudaStorage, DType, Layout, Shape, Storage};
+
+    pub(super) fn fwd(
+        op: &HalfGemm,
+        s: &CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        if !l.is_contiguous() {
+            bail!("half-gemm expects a contiguous input")
+        }
+        let (m, n, k, shape) = op.dims(l)?;
+        let wdt = op.w.dtype();
+        let dtype = match wdt {
+            DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+            DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+            d => bail!("half-gemm: weight dtype {d:?}"),
+        };
+        let dev = s.device().clone();
+        // The activations in the weight's dtype (candle's cast kernel), contiguous from 0.
+        let xh = s.to_dtype(l, wdt)?;
+        let (ws, wl) = op.w.storage_and_layout();
+        let Storage::Cuda(ws) = &*ws else {
+            bail!("half-gemm: weight is not on the GPU")
+        };
+        if !wl.is_contiguous() {
+            bail!("half-gemm: weight is not contiguous")
+        }
+        let mut y = dev.alloc_zeros::<f32>(m * n)?;
+        let stream = dev.cuda_stream();
+        let blas = dev.cublas_handle();
+        let (alpha, beta) = (1f32, 0f32);
+        // Row-major C[m, n] is column-major Cᵀ[n, m]; W row-major [out, in] is column-major
+        // Wᵀ with leading dimension `in`.
+        //   forward  C = X·Wᵀ: Cᵀ = W·Xᵀ → op(A) = Aᵀ on W's buffer (lda = k), B = X (ldb = k)
+        //   backward C = G·W : Cᵀ = Wᵀ·Gᵀ → op(A) = A on W's buffer (lda = n), B = G (ldb = k)
+        let (transa, lda) = if op.backward {
+            (sys::cublasOperation_t::CUBLAS_OP_N, n)
+        } else {
+            (sys::cublasOperation_t::CUBLAS_OP_T, k)
+        };
+        macro_rules! run {
+            ($t:ty) => {{
+                let x = xh.as_cuda_slice::<$t>()?;
+                let w = ws.as_cuda_slice::<$t>()?.slice(wl.start_offset()..);
+                let (xp, _gx) = x.device_ptr(&stream);
+                let (wp, _gw) = w.device_ptr(&stream);
+                let (yp, _gy) = y.device_ptr_mut(&stream);
+                // SAFETY: extents follow from the checked shapes (W [out, in] contiguous,
+                // X [m, k] contiguous, Y [m, n] freshly allocated); all on `stream`.
+                unsafe {
+                    gemm_ex(
+                        *blas.handle(),
+                        transa,
+                        sys::cublasOperation_t::CUBLAS_OP_N,
+                        n as i32,
+                        m as i32,
+                        k as i32,
+                        (&alpha) as *const f32 as *const _,
+                        wp as *const _,
+                        dtype,
+                        lda as i32,
+                        xp as *const _,
+                        dtype,
+                        k as i32,
+                        (&beta) as *const f32 as *const _,
+                        yp as *mut _,
+                        sys::cudaDataType_t::CUDA_R_32F,
+                        n as i32,
+                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                    .map_err(|e| candle_core::Error::Msg(format!("half-gemm: {e:?}")))?;
+                }
+            }};
+        }
+        match wdt {
+            DType::BF16 => run!(half::bf16),
+            _ => run!(half::f16),
+        }
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
+    }
+}
+
+/// `x [.., in] · Wᵀ` for f32 activations and a frozen half-precision `W [out, in]`: the
+/// GEMM reads both in the weight's dtype and accumulates and returns f32 (see
+/// [`HalfGemm`]); the backward gives the gradient of `x` only, the same way.
+pub(crate) fn half_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let op = HalfGemm {
+        w: w.clone(),
+        backward: false,
+    };
+    if !x.track_op() {
+        return Ok(x.apply_op1_no_bwd(&op)?);
+    }
+    Ok(x.apply_op1_arc(Arc::new(Box::new(op)))?)
+}
+
+/// `x · Wᵀ` without autograd for the head: a plain matmul when the dtypes agree, the
+/// half-precision GEMM with an f32 result when `x` is f32 and `W` is not.
+pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if x.dtype() == w.dtype() {
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    let op = HalfGemm {
+        w: w.clone(),
+        backward: false,
+    };
+    Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+}
+
+/// `g · W` without autograd for the head (the input gradient of [`matmul_wt`]).
+pub(crate) fn matmul_w(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if g.dtype() == w.dtype() {
+        return Ok(g.matmul(w)?);
+    }
+    let op = HalfGemm {
+        w: w.clone(),
+        backward: true,
+    };
+    Ok(g.contiguous()?.apply_op1_no_bwd(&op)?)
 }
 
 // ---------------------------------------------------------------------------------------
