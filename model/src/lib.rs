@@ -26,6 +26,7 @@
 
 pub mod config;
 mod error;
+mod gemv;
 pub mod grads;
 mod head;
 pub mod hub;

@@ -20,6 +20,7 @@ use rand::{Rng, SeedableRng};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::grads::{Gradients, ParamLayout};
+use crate::gemv;
 use crate::head;
 use crate::kv_cache::KvCache;
 use crate::lora::{fnv1a, Adapters, LoraAdapter, LoraConfig, LoraLinear, TargetModule};
@@ -81,9 +82,8 @@ fn linear(
     seed: u64,
 ) -> Result<LoraLinear> {
     let weight = vb.get(&[out_dim, in_dim], "weight")?;
-    // Biases and norm weights are tiny: held in f32, the activations' dtype.
     let bias = if bias {
-        Some(vb.get(&[out_dim], "bias")?.to_dtype(DType::F32)?)
+        Some(vb.get(&[out_dim], "bias")?)
     } else {
         None
     };
@@ -133,8 +133,8 @@ impl Attention {
         let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
         let (q_norm, k_norm) = if cfg.qk_norm {
             (
-                Some(vb.pp("q_norm").get(&[d], "weight")?.to_dtype(DType::F32)?),
-                Some(vb.pp("k_norm").get(&[d], "weight")?.to_dtype(DType::F32)?),
+                Some(vb.pp("q_norm").get(&[d], "weight")?),
+                Some(vb.pp("k_norm").get(&[d], "weight")?),
             )
         } else {
             (None, None)
@@ -244,9 +244,9 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, d) = (pass.batch, pass.seq, self.head_dim);
         let n = b * t;
-        let mut q = pass.linear(&self.q_proj, x)?;
-        let mut k = pass.linear(&self.k_proj, x)?;
-        let v = pass.linear(&self.v_proj, x)?;
+        let mut q = gemv::linear(&self.q_proj, x, pass.adapters)?;
+        let mut k = gemv::linear(&self.k_proj, x, pass.adapters)?;
+        let v = gemv::linear(&self.v_proj, x, pass.adapters)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = ops::rms_norm(&q.reshape((n * self.heads, d))?, qn, self.eps)?;
             k = ops::rms_norm(&k.reshape((n * self.kv_heads, d))?, kn, self.eps)?;
@@ -287,7 +287,7 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((n, self.heads * d))?;
-        pass.linear(&self.o_proj, &o)
+        gemv::linear(&self.o_proj, &o, pass.adapters)
     }
 }
 
@@ -337,6 +337,13 @@ impl Mlp {
         let u = pass.linear(&self.up_proj, x)?;
         pass.linear(&self.down_proj, &ops::swiglu(&g, &u)?)
     }
+
+    /// [`Mlp::forward`] for the few rows of a decoding step (see [`crate::gemv`]).
+    fn forward_few(&self, x: &Tensor, adapters: Adapters) -> Result<Tensor> {
+        let g = gemv::linear(&self.gate_proj, x, adapters)?;
+        let u = gemv::linear(&self.up_proj, x, adapters)?;
+        gemv::linear(&self.down_proj, &ops::swiglu(&g, &u)?, adapters)
+    }
 }
 
 #[derive(Debug)]
@@ -358,15 +365,9 @@ impl DecoderLayer {
     ) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(DecoderLayer {
-            input_layernorm: vb
-                .pp("input_layernorm")
-                .get(&[h], "weight")?
-                .to_dtype(DType::F32)?,
+            input_layernorm: vb.pp("input_layernorm").get(&[h], "weight")?,
             self_attn: Attention::load(&vb.pp("self_attn"), cfg, lora, seed, window)?,
-            post_attention_layernorm: vb
-                .pp("post_attention_layernorm")
-                .get(&[h], "weight")?
-                .to_dtype(DType::F32)?,
+            post_attention_layernorm: vb.pp("post_attention_layernorm").get(&[h], "weight")?,
             mlp: Mlp::load(&vb.pp("mlp"), cfg, lora, seed)?,
             eps: cfg.rms_norm_eps,
         })
@@ -392,7 +393,7 @@ impl DecoderLayer {
         let x = (x + self.self_attn.forward_cached(&h, pass, mask, kv, len)?)?;
         let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
         // Detached: sampling never differentiates, so no layer keeps the one before alive.
-        Ok((&x + self.mlp.forward(&h, pass)?)?.detach())
+        Ok((&x + self.mlp.forward_few(&h, pass.adapters)?)?.detach())
     }
 
     fn linears(&self) -> [&LoraLinear; 7] {
@@ -453,39 +454,18 @@ impl LoraModel {
         dtype: DType,
         seed: u64,
     ) -> Result<Self> {
-        if device.is_cpu() && dtype != DType::F32 {
-            return Err(Error::Unsupported(format!(
-                "compute dtype {dtype:?} on the CPU: candle's CPU matmul widens half-precision \
-                 operands to f32 and rounds back, slower and less exact than f32 (use f32)"
-            )));
+        match (device.is_cpu(), dtype) {
+            (_, DType::F32) => {}
+            (false, DType::BF16 | DType::F16) => {}
+            (true, d) => {
+                return Err(Error::Unsupported(format!(
+                    "compute dtype {d:?} on the CPU (candle's CPU matmul has no bf16; use f32)"
+                )))
+            }
+            (false, d) => return Err(Error::Unsupported(format!("compute dtype {d:?}"))),
         }
-        check_dtype(dtype)?;
         let files = WeightFiles::open(model_dir)?;
         Self::build(&files, model_dir, cfg, lora, device, dtype, seed)
-    }
-
-    /// A model on the given base tensors (HF names, any float dtype), converted to `dtype`
-    /// on `device`, with freshly initialised adapters: what the mixed-precision tests and
-    /// the GPU check use to run one set of weights in two compute dtypes without a file.
-    pub fn from_tensors(
-        tensors: Vec<(String, Tensor)>,
-        cfg: &ModelConfig,
-        lora: &LoraConfig,
-        device: &Device,
-        dtype: DType,
-        lora_seed: u64,
-    ) -> Result<Self> {
-        check_dtype(dtype)?;
-        let files = WeightFiles::from_tensors(tensors)?;
-        Self::build(
-            &files,
-            Path::new("<memory>"),
-            cfg.clone(),
-            lora,
-            device,
-            dtype,
-            lora_seed,
-        )
     }
 
     /// A model with random base weights (transformers' init, see [`crate::preset`]) built
@@ -538,10 +518,7 @@ impl LoraModel {
                 window,
             )?);
         }
-        let norm = root
-            .pp("model.norm")
-            .get(&[h], "weight")?
-            .to_dtype(DType::F32)?;
+        let norm = root.pp("model.norm").get(&[h], "weight")?;
         let lm_head = if cfg.tie_word_embeddings {
             // Some tied checkpoints also store lm_head.weight; the tie decides.
             files.skip("lm_head.weight");
@@ -747,11 +724,7 @@ impl LoraModel {
         dropout: Option<(f64, u64)>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        // The residual stream is f32 whatever the base dtype (mixed precision, see `ops`).
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(DType::F32)?;
+        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
         let (cos, sin) = self.rope_tables(t)?;
         let mask = AttnMask {
             t,
@@ -928,8 +901,7 @@ impl LoraModel {
             self.cfg.head_dim,
             start,
             capacity,
-            // Keys and values are activations: f32 whatever the base dtype.
-            DType::F32,
+            self.dtype,
             &self.device,
         )
     }
@@ -949,8 +921,7 @@ impl LoraModel {
         cache.check_room(b, t)?;
         let mut x = self
             .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .to_dtype(DType::F32)?;
+            .index_select(&input_ids.flatten_all()?, 0)?;
         let (cos, sin) =
             crate::kv_cache::rope_tables_at(&self.inv_freq, &cache.positions(t), &self.device)?;
         let dummy = AttnMask {
@@ -991,21 +962,8 @@ impl LoraModel {
             x
         };
         let h = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
-        let logits = self.lm_head.forward(&h, adapters, None)?.detach();
+        let logits = gemv::linear(&self.lm_head, &h, adapters)?.detach();
         Ok(logits.reshape((b, if last_only { 1 } else { t }, self.cfg.vocab_size))?)
-    }
-}
-
-/// The compute dtypes a base may be held in. [`LoraModel::from_tensors`] takes bf16/f16 on
-/// the CPU too: there candle widens half-precision matmul operands to f32 and rounds the
-/// product back, as a GPU's half-precision GEMM with f32 accumulation does, so the CPU can
-/// check the mixed-precision numerics the GPU will run.
-fn check_dtype(dtype: DType) -> Result<()> {
-    match dtype {
-        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
-        d => Err(Error::Unsupported(format!(
-            "compute dtype {d:?} (f32, bf16 or f16)"
-        ))),
     }
 }
 

@@ -42,7 +42,8 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Token ids that end a row; the stop token is included in the sample (as tinker does).
     pub stop_token_ids: Vec<u32>,
-    /// Seed of every row's random stream (row `i` uses `(seed, i)`).
+    /// Seed of every row's random stream: row `i` of a call uses `(seed, i)` (see
+    /// [`LoraModel::sample_rows`] for batches split across calls).
     pub seed: u64,
 }
 
@@ -266,6 +267,21 @@ impl LoraModel {
         adapters: Adapters,
         stop: &mut dyn FnMut(usize, &[u32]) -> bool,
     ) -> Result<Vec<Sample>> {
+        self.sample_rows(prompts, 0, params, adapters, stop)
+    }
+
+    /// [`LoraModel::sample`] for rows `first_row..first_row + prompts.len()` of a larger
+    /// batch: row `i` here draws from stream `(seed, first_row + i)`, so a batch split
+    /// across calls (or nodes) samples exactly what one call would. The hook still gets
+    /// indices into `prompts`.
+    pub fn sample_rows(
+        &self,
+        prompts: &[Vec<u32>],
+        first_row: usize,
+        params: &SamplingParams,
+        adapters: Adapters,
+        stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ) -> Result<Vec<Sample>> {
         params.validate()?;
         for (i, p) in prompts.iter().enumerate() {
             self.check_prompt("prompt", i, p)?;
@@ -294,11 +310,14 @@ impl LoraModel {
         let ids = Tensor::from_vec(ids, (prompts.len(), lmax), self.device())?;
         let mut logits = self.cached_logits(&ids, &mut cache, adapters)?;
         let mut rngs: Vec<SplitMix64> = (0..prompts.len())
-            .map(|i| SplitMix64::for_row(params.seed, i))
+            .map(|i| SplitMix64::for_row(params.seed, first_row + i))
             .collect();
         // Original row index of each cache row.
         let mut active: Vec<usize> = (0..prompts.len()).collect();
+        let prof = std::env::var_os("RINGTUNE_PROFILE").is_some();
+        let (mut t_draw, mut t_fwd) = (0f64, 0f64);
         loop {
+            let td = std::time::Instant::now();
             let mut keep = Vec::with_capacity(active.len());
             let mut next = Vec::with_capacity(active.len());
             for (ci, &row) in active.iter().enumerate() {
@@ -327,13 +346,19 @@ impl LoraModel {
                     }
                 }
             }
+            t_draw += td.elapsed().as_secs_f64();
             if keep.is_empty() {
                 break;
             }
+            let tf = std::time::Instant::now();
             cache.retain(&keep)?;
             active = keep.iter().map(|&ci| active[ci]).collect();
             let ids = Tensor::from_vec(next, (active.len(), 1), self.device())?;
             logits = self.cached_logits(&ids, &mut cache, adapters)?;
+            t_fwd += tf.elapsed().as_secs_f64();
+        }
+        if prof {
+            eprintln!("profile: sample draw {t_draw:.3}s decode forward {t_fwd:.3}s");
         }
         Ok(out)
     }

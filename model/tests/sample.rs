@@ -265,6 +265,16 @@ fn seeds_reproduce_and_rows_get_their_own_streams() {
         Adapters::On,
     );
     assert_eq!(alone[0].tokens, a[0].tokens);
+    // A batch split in two calls with sample_rows draws what the one call drew.
+    let tail = model
+        .sample_rows(&group[2..], 2, &params, Adapters::On, &mut no_stop())
+        .unwrap();
+    for (x, y) in tail.iter().zip(&a[2..]) {
+        assert_eq!(x.tokens, y.tokens);
+        for (p, q) in x.logprobs.iter().zip(&y.logprobs) {
+            assert!((p - q).abs() < 1e-5);
+        }
+    }
     assert_eq!(mixed[0].tokens, a[0].tokens);
     for (x, y) in mixed[0].logprobs.iter().zip(&a[0].logprobs) {
         assert!((x - y).abs() < 1e-5);
