@@ -82,8 +82,9 @@ fn linear(
     seed: u64,
 ) -> Result<LoraLinear> {
     let weight = vb.get(&[out_dim, in_dim], "weight")?;
+    // Biases and norm weights are tiny: held in f32, the activations' dtype.
     let bias = if bias {
-        Some(vb.get(&[out_dim], "bias")?)
+        Some(vb.get(&[out_dim], "bias")?.to_dtype(DType::F32)?)
     } else {
         None
     };
@@ -133,8 +134,8 @@ impl Attention {
         let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
         let (q_norm, k_norm) = if cfg.qk_norm {
             (
-                Some(vb.pp("q_norm").get(&[d], "weight")?),
-                Some(vb.pp("k_norm").get(&[d], "weight")?),
+                Some(vb.pp("q_norm").get(&[d], "weight")?.to_dtype(DType::F32)?),
+                Some(vb.pp("k_norm").get(&[d], "weight")?.to_dtype(DType::F32)?),
             )
         } else {
             (None, None)
@@ -365,9 +366,15 @@ impl DecoderLayer {
     ) -> Result<Self> {
         let h = cfg.hidden_size;
         Ok(DecoderLayer {
-            input_layernorm: vb.pp("input_layernorm").get(&[h], "weight")?,
+            input_layernorm: vb
+                .pp("input_layernorm")
+                .get(&[h], "weight")?
+                .to_dtype(DType::F32)?,
             self_attn: Attention::load(&vb.pp("self_attn"), cfg, lora, seed, window)?,
-            post_attention_layernorm: vb.pp("post_attention_layernorm").get(&[h], "weight")?,
+            post_attention_layernorm: vb
+                .pp("post_attention_layernorm")
+                .get(&[h], "weight")?
+                .to_dtype(DType::F32)?,
             mlp: Mlp::load(&vb.pp("mlp"), cfg, lora, seed)?,
             eps: cfg.rms_norm_eps,
         })
@@ -454,18 +461,39 @@ impl LoraModel {
         dtype: DType,
         seed: u64,
     ) -> Result<Self> {
-        match (device.is_cpu(), dtype) {
-            (_, DType::F32) => {}
-            (false, DType::BF16 | DType::F16) => {}
-            (true, d) => {
-                return Err(Error::Unsupported(format!(
-                    "compute dtype {d:?} on the CPU (candle's CPU matmul has no bf16; use f32)"
-                )))
-            }
-            (false, d) => return Err(Error::Unsupported(format!("compute dtype {d:?}"))),
+        if device.is_cpu() && dtype != DType::F32 {
+            return Err(Error::Unsupported(format!(
+                "compute dtype {dtype:?} on the CPU: candle's CPU matmul widens half-precision \
+                 operands to f32 and rounds back, slower and less exact than f32 (use f32)"
+            )));
         }
+        check_dtype(dtype)?;
         let files = WeightFiles::open(model_dir)?;
         Self::build(&files, model_dir, cfg, lora, device, dtype, seed)
+    }
+
+    /// A model on the given base tensors (HF names, any float dtype), converted to `dtype`
+    /// on `device`, with freshly initialised adapters: what the mixed-precision tests and
+    /// the GPU check use to run one set of weights in two compute dtypes without a file.
+    pub fn from_tensors(
+        tensors: Vec<(String, Tensor)>,
+        cfg: &ModelConfig,
+        lora: &LoraConfig,
+        device: &Device,
+        dtype: DType,
+        lora_seed: u64,
+    ) -> Result<Self> {
+        check_dtype(dtype)?;
+        let files = WeightFiles::from_tensors(tensors)?;
+        Self::build(
+            &files,
+            Path::new("<memory>"),
+            cfg.clone(),
+            lora,
+            device,
+            dtype,
+            lora_seed,
+        )
     }
 
     /// A model with random base weights (transformers' init, see [`crate::preset`]) built
@@ -518,7 +546,10 @@ impl LoraModel {
                 window,
             )?);
         }
-        let norm = root.pp("model.norm").get(&[h], "weight")?;
+        let norm = root
+            .pp("model.norm")
+            .get(&[h], "weight")?
+            .to_dtype(DType::F32)?;
         let lm_head = if cfg.tie_word_embeddings {
             // Some tied checkpoints also store lm_head.weight; the tie decides.
             files.skip("lm_head.weight");
@@ -724,7 +755,11 @@ impl LoraModel {
         dropout: Option<(f64, u64)>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
+        // The residual stream is f32 whatever the base dtype (mixed precision, see `ops`).
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(DType::F32)?;
         let (cos, sin) = self.rope_tables(t)?;
         let mask = AttnMask {
             t,
@@ -901,7 +936,8 @@ impl LoraModel {
             self.cfg.head_dim,
             start,
             capacity,
-            self.dtype,
+            // Keys and values are activations: f32 whatever the base dtype.
+            DType::F32,
             &self.device,
         )
     }
@@ -921,7 +957,8 @@ impl LoraModel {
         cache.check_room(b, t)?;
         let mut x = self
             .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?;
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .to_dtype(DType::F32)?;
         let (cos, sin) =
             crate::kv_cache::rope_tables_at(&self.inv_freq, &cache.positions(t), &self.device)?;
         let dummy = AttnMask {
@@ -964,6 +1001,19 @@ impl LoraModel {
         let h = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?;
         let logits = gemv::linear(&self.lm_head, &h, adapters)?.detach();
         Ok(logits.reshape((b, if last_only { 1 } else { t }, self.cfg.vocab_size))?)
+    }
+}
+
+/// The compute dtypes a base may be held in. [`LoraModel::from_tensors`] takes bf16/f16 on
+/// the CPU too: there candle widens half-precision matmul operands to f32 and rounds the
+/// product back, as a GPU's half-precision GEMM with f32 accumulation does, so the CPU can
+/// check the mixed-precision numerics the GPU will run.
+fn check_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
+        d => Err(Error::Unsupported(format!(
+            "compute dtype {d:?} (f32, bf16 or f16)"
+        ))),
     }
 }
 
