@@ -1,8 +1,9 @@
 //! `ringtune train` with `train.method = "dpo"` through the real binary: a short run of
 //! configs/dpo.toml raises the training margin and the held-out preference accuracy above
 //! chance (a fresh adapter is the reference itself, so every margin starts at 0 and the
-//! accuracy at ½), writes the DPO fields to metrics.jsonl and a checkpoint; nodes > 1 is
-//! refused naming the reason.
+//! accuracy at ½), writes the DPO fields to metrics.jsonl and a checkpoint; `kill -9` and
+//! `--resume` end bit-identical to an uninterrupted run; nodes > 1 is refused naming the
+//! reason.
 
 mod train_common;
 
@@ -91,4 +92,73 @@ fn dpo_refuses_several_nodes_naming_why() {
         &["--set", "data.train=\"datasets/quickstart_chat.jsonl\""],
     ));
     assert!(err.contains("quickstart_chat.jsonl:1"), "{err}");
+}
+
+/// Arguments of a 6-step DPO run into `run` that needs no working folder.
+fn resume_args(run: &Path) -> Vec<String> {
+    let root = repo_root();
+    let q = |p: &Path| serde_json::to_string(p.to_str().unwrap()).unwrap();
+    let mut a: Vec<String> = vec![
+        "train".into(),
+        root.join("configs/dpo.toml").to_str().unwrap().into(),
+        "--plain".into(),
+        "--max-steps".into(),
+        "6".into(),
+        "--output-dir".into(),
+        run.to_str().unwrap().into(),
+    ];
+    for s in [
+        format!("model.path={}", q(shared_model())),
+        format!(
+            "data.train={}",
+            q(&root.join("datasets/quickstart_pref.jsonl"))
+        ),
+        format!(
+            "data.eval={}",
+            q(&root.join("datasets/quickstart_pref_eval.jsonl"))
+        ),
+        "train.batch_size=8".into(),
+        "train.save_every=3".into(),
+        "train.eval_every=0".into(),
+        "lora.dropout=0.1".into(),
+    ] {
+        a.push("--set".into());
+        a.push(s);
+    }
+    a
+}
+
+#[test]
+fn kill_9_then_resume_is_bit_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (straight, cut) = (tmp.path().join("straight"), tmp.path().join("cut"));
+    let args = resume_args(&straight);
+    assert_ok(&ringtune(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let args = resume_args(&cut);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut p = spawn(&argv, &[]);
+    p.wait_for("checkpoint: step 3");
+    p.kill_9();
+    let mut again = argv.clone();
+    again.push("--resume");
+    assert_ok(&ringtune(&again));
+    assert_same_checkpoint(
+        &straight.join("checkpoints/step-6"),
+        &cut.join("checkpoints/step-6"),
+    );
+    let lines = |r: &Path| std::fs::read_to_string(r.join("metrics.jsonl")).unwrap();
+    let strip = |t: String| -> Vec<serde_json::Value> {
+        t.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                for k in ["elapsed_s", "tokens_per_s"] {
+                    v.as_object_mut().unwrap().remove(k);
+                }
+                v
+            })
+            .collect()
+    };
+    assert_eq!(strip(lines(&straight)), strip(lines(&cut)));
 }
