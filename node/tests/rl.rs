@@ -25,8 +25,8 @@ fn model() -> &'static Path {
 /// A small RL config in `dir` (output `dir/run`), with `extra` TOML lines under `[rl]`.
 fn config(dir: &Path, steps: u64, extra: &str) -> RunConfig {
     let text = format!(
-        "output_dir = {:?}\n[model]\npath = {:?}\n[data]\ntrain = \"unused.jsonl\"\n\
-         [lora]\nrank = 4\n[optimizer]\nlr = 1e-2\n[train]\nmax_steps = {steps}\nsave_every = 0\n\
+        "output_dir = {:?}\n[model]\npath = {:?}\n\
+         [lora]\nrank = 4\n[optimizer]\nlr = 1e-2\n[train]\nmethod = \"rl\"\nmax_steps = {steps}\nsave_every = 0\n\
          [rl]\ngroups_per_step = 2\ngroup_size = 4\nmax_tokens = 4\n{extra}\n",
         dir.join("run").display().to_string(),
         model().display().to_string(),
@@ -173,16 +173,25 @@ fn external_env_scores_through_a_script_and_its_errors_stop_the_run() {
 }
 
 #[test]
-fn nodes_above_one_are_refused_with_a_reason() {
+fn nodes_above_one_and_the_sft_trainer_are_refused_with_a_reason() {
     let d = tempfile::tempdir().unwrap();
     let mut cfg = config(d.path(), 1, "");
     cfg.nodes = 2;
-    let e = RlTrainer::new(cfg, false, Box::new(LocalSync))
+    let e = RlTrainer::new(cfg.clone(), false, Box::new(LocalSync))
         .unwrap_err()
         .to_string();
     assert!(
         e.contains("nodes = 2") && e.contains("RL runs on one node"),
         "{e}"
+    );
+    cfg.nodes = 1;
+    let e = ringtune_node::Trainer::new(cfg, false, Box::new(LocalSync))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("RlTrainer"), "{e}");
+    assert!(
+        !d.path().join("run").exists(),
+        "a refused start wrote the run folder"
     );
 }
 
