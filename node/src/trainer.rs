@@ -829,8 +829,14 @@ impl Trainer {
         self.elapsed_before + self.segment_start.elapsed().as_secs_f64()
     }
 
-    /// Mean NLL on the eval data with the current adapters.
+    /// Mean NLL on the eval data with the current adapters (SFT; a DPO run has no SFT
+    /// targets: see [`Trainer::dpo_eval`]).
     pub fn eval(&self) -> Result<f64> {
+        if self.dpo.is_some() {
+            return Err(Error::Invalid(
+                "a DPO run's held-out numbers come from Trainer::dpo_eval, not eval".into(),
+            ));
+        }
         Ok(evaluate(
             &self.model,
             &self.eval,
