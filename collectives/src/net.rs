@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::auth::{self, ClusterToken, Role};
 use crate::error::{Error, Result};
 use crate::ring::{Collective, RingConfig};
-use crate::stream::StreamDriver;
+use crate::stream::TcpIo;
 use crate::sync::{Driver, Ring};
 use crate::tls::ClusterIdentity;
 use crate::types::{Rank, WorldSize};
@@ -144,7 +144,7 @@ pub fn connect(cfg: NetConfig) -> Result<NetSync> {
     }
     if cfg.transport != Transport::Quic {
         let links = driver.rt.block_on(crate::tcp::establish(&cfg, &ring))?;
-        driver.stream = Some(StreamDriver::start(ring, links)?);
+        driver.stream = Some(TcpIo::start(ring, links)?);
         return Ok(Ring::new(driver));
     }
     let est = driver.rt.block_on(crate::quic::establish(&cfg, &ring))?;
@@ -350,7 +350,7 @@ pub struct NetDriver {
     reader: Option<tokio::task::JoinHandle<()>>,
     keep: Vec<Box<dyn Any + Send>>,
     /// The TCP transports' threaded links (then the tokio fields above are unused).
-    stream: Option<StreamDriver>,
+    stream: Option<TcpIo>,
 }
 
 impl NetDriver {

@@ -461,6 +461,351 @@ fn reader_loop(mut sock: TcpStream, mut open: Option<FrameKey>, limit: usize, sh
     }
 }
 
+/// How the TCP links are driven once authenticated.
+pub(crate) enum TcpIo {
+    /// Everything on the caller's thread: non-blocking sockets and `poll(2)`.
+    Inline(InlineDriver),
+    /// A reader and a writer thread per rank ([`StreamDriver`]).
+    Threads(StreamDriver),
+}
+
+impl TcpIo {
+    /// `RINGTUNE_TCP_IO=threads` picks the threaded links; the default is inline, which
+    /// measured faster on the 2-core host (README, all-reduce speed): with every core busy,
+    /// handing each frame between threads costs wake-ups and gains no parallelism.
+    pub(crate) fn start(cfg: RingConfig, links: StreamLinks) -> Result<Self> {
+        match std::env::var("RINGTUNE_TCP_IO").as_deref() {
+            Ok("threads") => Ok(Self::Threads(StreamDriver::start(cfg, links)?)),
+            _ => Ok(Self::Inline(InlineDriver::start(cfg, links)?)),
+        }
+    }
+
+    pub(crate) fn drive(&mut self, core: &mut dyn Collective, data: &mut [f32]) -> Result<()> {
+        match self {
+            Self::Inline(d) => d.drive(core, data),
+            Self::Threads(d) => d.drive(core, data),
+        }
+    }
+
+    pub(crate) fn inject(&mut self, bytes: Vec<u8>) -> Result<()> {
+        match self {
+            Self::Inline(d) => d.inject(bytes),
+            Self::Threads(d) => d.inject(bytes),
+        }
+    }
+
+    pub(crate) fn close(&mut self, grace: Duration) {
+        match self {
+            Self::Inline(d) => d.close(grace),
+            Self::Threads(d) => d.close(grace),
+        }
+    }
+}
+
+/// What one non-blocking read step produced.
+enum ReadStep {
+    /// Nothing available now.
+    Idle,
+    /// Some bytes of the current frame.
+    Partial,
+    /// A whole frame: its header; the payload is `rx[CHUNK_HEADER_LEN..len]`.
+    Frame(ChunkHeader, usize),
+}
+
+/// The single-threaded TCP links: the caller's thread encodes, seals and writes its frames
+/// and reads, opens and reduces its neighbour's, waiting in `poll(2)` only when neither
+/// socket can move. No handoffs, no locks, one buffer per direction.
+pub(crate) struct InlineDriver {
+    cfg: RingConfig,
+    out: TcpStream,
+    inp: TcpStream,
+    seal: Option<FrameKey>,
+    open: Option<FrameKey>,
+    /// The frame being written (sealed), and how much of it is out.
+    tx: Vec<u8>,
+    tx_off: usize,
+    /// The frame being read: its prefix, then its body (+ tag).
+    prefix: [u8; FRAME_PREFIX_LEN],
+    prefix_got: usize,
+    rx: Vec<u8>,
+    rx_got: usize,
+    closed: bool,
+}
+
+impl InlineDriver {
+    fn start(cfg: RingConfig, links: StreamLinks) -> Result<Self> {
+        let nb = |s: &TcpStream| {
+            s.set_nonblocking(true).map_err(|source| Error::Io {
+                context: "making ring sockets non-blocking".into(),
+                source,
+            })
+        };
+        nb(&links.out)?;
+        nb(&links.inp)?;
+        let (seal, open) = match links.keys {
+            Some((s, o)) => (Some(s), Some(o)),
+            None => (None, None),
+        };
+        Ok(Self {
+            cfg,
+            out: links.out,
+            inp: links.inp,
+            seal,
+            open,
+            tx: Vec::new(),
+            tx_off: 0,
+            prefix: [0; FRAME_PREFIX_LEN],
+            prefix_got: 0,
+            rx: Vec::new(),
+            rx_got: 0,
+            closed: false,
+        })
+    }
+
+    fn tx_pending(&self) -> bool {
+        self.tx_off < self.tx.len()
+    }
+
+    /// Writes as much of the pending frame as the socket takes. `Ok(true)` if anything moved.
+    fn write_some(&mut self) -> std::io::Result<bool> {
+        let mut moved = false;
+        while self.tx_pending() {
+            match self.out.write(&self.tx[self.tx_off..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.tx_off += n;
+                    moved = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(moved)
+    }
+
+    /// One read toward the current frame. Never reads past it: the bytes after a
+    /// collective's last frame belong to the next collective.
+    fn read_step(&mut self) -> std::result::Result<ReadStep, (bool, String)> {
+        let tag = if self.open.is_some() { TAG_LEN } else { 0 };
+        let (buf, got) = if self.prefix_got < FRAME_PREFIX_LEN {
+            (&mut self.prefix[self.prefix_got..], true)
+        } else {
+            (&mut self.rx[self.rx_got..], false)
+        };
+        let n = match self.inp.read(buf) {
+            Ok(0) => {
+                let mid = self.prefix_got > 0;
+                return Err((
+                    false,
+                    if mid {
+                        "connection closed by peer in the middle of a frame".into()
+                    } else {
+                        "connection closed by peer".into()
+                    },
+                ));
+            }
+            Ok(n) => n,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::Interrupted =>
+            {
+                return Ok(ReadStep::Idle)
+            }
+            Err(e) => return Err((false, format!("read failed: {e}"))),
+        };
+        if got {
+            self.prefix_got += n;
+            if self.prefix_got == FRAME_PREFIX_LEN {
+                // The limit is checked before anything is allocated for the body.
+                let len = match check_frame_len(self.prefix, self.cfg.max_frame_body()) {
+                    Ok(len) if len >= CHUNK_HEADER_LEN => len,
+                    Ok(len) => {
+                        return Err((
+                            true,
+                            format!("frame of {len} bytes is shorter than a chunk header"),
+                        ))
+                    }
+                    Err(e) => return Err((true, e.to_string())),
+                };
+                // Same size as the last frame (the common case): no zeroing.
+                self.rx.resize(len + tag, 0);
+                self.rx_got = 0;
+            }
+            return Ok(ReadStep::Partial);
+        }
+        self.rx_got += n;
+        if self.rx_got < self.rx.len() {
+            return Ok(ReadStep::Partial);
+        }
+        self.prefix_got = 0;
+        if let Some(k) = &mut self.open {
+            if k.open(&self.prefix, &mut self.rx).is_err() {
+                return Err((
+                    true,
+                    "frame failed authentication (AES-GCM tag): altered, replayed or reordered"
+                        .into(),
+                ));
+            }
+        }
+        let len = self.rx.len() - tag;
+        match ChunkHeader::decode(&self.rx[..CHUNK_HEADER_LEN]) {
+            Ok(h) => Ok(ReadStep::Frame(h, len)),
+            Err(e) => Err((true, format!("reading frame: {e}"))),
+        }
+    }
+
+    /// Waits until a socket we care about is ready or `deadline` passes.
+    fn wait(&self, want_read: bool, deadline: Instant) {
+        use std::os::fd::AsRawFd;
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        let ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as i32;
+        let mut fds = [
+            libc::pollfd {
+                fd: if self.tx_pending() {
+                    self.out.as_raw_fd()
+                } else {
+                    -1
+                },
+                events: libc::POLLOUT,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if want_read { self.inp.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), 2, ms);
+        }
+    }
+
+    fn drive(&mut self, core: &mut dyn Collective, data: &mut [f32]) -> Result<()> {
+        let (rank, seq, step) = core.ids();
+        let cfg = self.cfg;
+        let lost = |peer: Rank, reason: String| Error::PeerLost {
+            rank,
+            peer,
+            seq,
+            step,
+            reason,
+        };
+        if self.closed {
+            return Err(lost(cfg.right(), "links closed".into()));
+        }
+        let Some(deadline) = core.poll_timeout() else {
+            return Ok(());
+        };
+        loop {
+            let mut moved = false;
+            // Send: finish the frame on the wire, then encode the next straight from `data`.
+            loop {
+                if !self.tx_pending() {
+                    if !core.has_transmit() {
+                        break;
+                    }
+                    self.tx.clear();
+                    self.tx_off = 0;
+                    core.poll_transmit(data, &mut self.tx);
+                    if let Some(k) = &mut self.seal {
+                        k.seal(&mut self.tx);
+                    }
+                }
+                match self.write_some() {
+                    Ok(true) => moved = true,
+                    Ok(false) => break,
+                    Err(e) => return Err(lost(cfg.right(), format!("write failed: {e}"))),
+                }
+            }
+            // Receive: reduce each frame straight out of the receive buffer.
+            while core.wants_frames() {
+                match self.read_step() {
+                    Ok(ReadStep::Idle) => break,
+                    Ok(ReadStep::Partial) => moved = true,
+                    Ok(ReadStep::Frame(h, len)) => {
+                        moved = true;
+                        core.handle_chunk(data, &h, &self.rx[CHUNK_HEADER_LEN..len])?;
+                    }
+                    Err((true, reason)) => {
+                        return Err(Error::Malformed {
+                            rank,
+                            seq,
+                            peer: cfg.left(),
+                            reason,
+                        })
+                    }
+                    Err((false, reason)) => return Err(lost(cfg.left(), reason)),
+                }
+            }
+            if core.is_done() && !self.tx_pending() {
+                return Ok(());
+            }
+            if moved {
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                core.handle_timeout(now)?;
+                // Everything arrived but our last frame is still not taken.
+                return Err(lost(
+                    cfg.right(),
+                    "could not hand over the last frame before the deadline".into(),
+                ));
+            }
+            self.wait(core.wants_frames(), deadline);
+        }
+    }
+
+    /// Pushes out the pending frame, waiting at most until `end`.
+    fn flush(&mut self, end: Instant) -> std::io::Result<()> {
+        while self.tx_pending() {
+            if !self.write_some()? {
+                if Instant::now() >= end {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                self.wait(false, end);
+            }
+        }
+        Ok(())
+    }
+
+    fn inject(&mut self, mut bytes: Vec<u8>) -> Result<()> {
+        let end = Instant::now() + Duration::from_secs(5);
+        let io = |source| Error::Io {
+            context: "injecting a raw frame".into(),
+            source,
+        };
+        self.flush(end).map_err(io)?;
+        if let Some(k) = &mut self.seal {
+            k.seal(&mut bytes);
+        }
+        self.tx = bytes;
+        self.tx_off = 0;
+        self.flush(end).map_err(io)
+    }
+
+    fn close(&mut self, grace: Duration) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let _ = self.flush(Instant::now() + grace);
+        let _ = self.out.shutdown(Shutdown::Write);
+        let _ = self.inp.shutdown(Shutdown::Both);
+    }
+}
+
+impl Drop for InlineDriver {
+    fn drop(&mut self) {
+        self.close(Duration::from_secs(2));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
