@@ -36,6 +36,8 @@ enum Command {
     /// Forward + backward of one batch (tinker's forward_backward): prints the loss, writes
     /// the gradient of every LoRA tensor under its PEFT key name.
     ForwardBackward(cmd::forward_backward::Args),
+    /// Sample completions (a prompt or a JSONL of chats) from a base model or base + adapter.
+    Sample(cmd::sample::Args),
     /// Benchmarks: `bench train` (LoRA training step), `bench allreduce` (ring all-reduce).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -54,6 +56,8 @@ fn main() -> anyhow::Result<()> {
         Command::Merge(args) => cmd::merge::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::ForwardBackward(args) => cmd::forward_backward::run(args),
+        Command::Sample(args) => cmd::sample::run(args),
+        Command::Bench(cmd::bench::BenchCommand::Sample(args)) => cmd::sample::run_bench(args),
         Command::Bench(cmd::bench::BenchCommand::Train(args)) => cmd::bench_train::run(args),
         Command::Bench(cmd::bench::BenchCommand::Allreduce(args)) => {
             cmd::bench_allreduce::run(args)

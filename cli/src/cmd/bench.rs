@@ -8,4 +8,6 @@ pub enum BenchCommand {
     Train(super::bench_train::Args),
     /// Time the ring all-reduce between W local processes over QUIC on 127.0.0.1.
     Allreduce(super::bench_allreduce::Args),
+    /// Time sampling with the kv cache (decode tokens/s) on a random-init preset model.
+    Sample(super::sample::BenchArgs),
 }

@@ -9,4 +9,5 @@ pub mod forward_backward;
 pub mod init_model;
 pub mod merge;
 pub mod node;
+pub mod sample;
 pub mod train;
