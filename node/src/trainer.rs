@@ -177,13 +177,87 @@ pub fn prepare_model_dir(cfg: &RunConfig) -> Result<PathBuf> {
 /// Target vocabulary of the tokenizer written for `model.init_preset`.
 pub const DEFAULT_VOCAB: usize = 2048;
 
-/// The compute device named by the config.
+/// The compute device named by the config. `auto` is the GPU of this process's slot on
+/// its host ([`local_gpu_index`]: LOCAL_RANK, else SLURM_LOCALID, else 0) when the binary
+/// was built with CUDA and a GPU is there, else the CPU.
 pub fn device_of(d: config::Device) -> Result<Device> {
-    Ok(match d {
-        config::Device::Cpu => Device::Cpu,
-        config::Device::Cuda(i) => Device::new_cuda(i as usize)?,
-        config::Device::Auto => Device::cuda_if_available(0)?,
+    let local = local_gpu_index(|k| std::env::var(k).ok())?;
+    device_for(d, local)
+}
+
+/// [`device_of`] for a process whose slot on its host is `local` (the node knows it).
+pub fn device_for(d: config::Device, local: usize) -> Result<Device> {
+    Ok(match resolve_device(d, local)? {
+        config::Device::Cuda(i) => Device::new_cuda(i as usize).map_err(|e| {
+            Error::Invalid(format!(
+                "model.device = \"cuda:{i}\": cannot open the GPU: {e}"
+            ))
+        })?,
+        _ => Device::Cpu,
     })
+}
+
+/// `d` made concrete for a process in slot `local`: `cpu` or `cuda:N`. `auto` probes the
+/// GPU (a binary without CUDA, or a machine without a GPU, gives the CPU); an explicit
+/// `cuda:N` in a binary built without CUDA is an error that names the cargo feature.
+pub fn resolve_device(d: config::Device, local: usize) -> Result<config::Device> {
+    match choose_device(d, candle_core::utils::cuda_is_available(), local)? {
+        config::Device::Auto => unreachable!("choose_device never returns auto"),
+        c @ config::Device::Cuda(i) if d == config::Device::Auto => {
+            if Device::new_cuda(i as usize).is_ok() {
+                Ok(c)
+            } else if i != 0 && Device::new_cuda(0).is_ok() {
+                // A GPU exists, but not this slot's: more processes than GPUs.
+                Err(Error::Invalid(format!(
+                    "model.device = \"auto\": this process's slot is {i} (LOCAL_RANK / \
+                     SLURM_LOCALID) but there is no cuda:{i}; start one process per GPU or \
+                     name the device (--device cuda:N)"
+                )))
+            } else {
+                Ok(config::Device::Cpu)
+            }
+        }
+        c => Ok(c),
+    }
+}
+
+/// The pure part of [`resolve_device`]: what `d` asks for in a binary built with or
+/// without CUDA (`cuda_built`), for the process in slot `local`. `auto` → `cuda:local`
+/// when built with CUDA (whether the GPU exists is the caller's probe), else `cpu`.
+pub fn choose_device(d: config::Device, cuda_built: bool, local: usize) -> Result<config::Device> {
+    match d {
+        config::Device::Cpu => Ok(config::Device::Cpu),
+        config::Device::Cuda(i) if !cuda_built => Err(Error::Invalid(format!(
+            "model.device = \"cuda:{i}\", but this ringtune was built without CUDA: build it \
+             with `cargo build --release --features cuda` (`--features cuda,nccl` for NCCL \
+             between GPUs), or use device = \"cpu\""
+        ))),
+        c @ config::Device::Cuda(_) => Ok(c),
+        config::Device::Auto if cuda_built => Ok(config::Device::Cuda(local as u32)),
+        config::Device::Auto => Ok(config::Device::Cpu),
+    }
+}
+
+/// This process's GPU slot on its host, from the launcher's environment (`get` reads a
+/// variable): LOCAL_RANK (torchrun), else SLURM_LOCALID (srun), else 0. When the launcher
+/// gives each process exactly one GPU (CUDA_VISIBLE_DEVICES names one device) the slot is
+/// 0 whatever the rank: that one GPU is cuda:0 inside the process.
+pub fn local_gpu_index(get: impl Fn(&str) -> Option<String>) -> Result<usize> {
+    let visible_one =
+        get("CUDA_VISIBLE_DEVICES").is_some_and(|v| !v.trim().is_empty() && !v.contains(','));
+    if visible_one {
+        return Ok(0);
+    }
+    for var in ["LOCAL_RANK", "SLURM_LOCALID"] {
+        if let Some(v) = get(var) {
+            return v.trim().parse::<usize>().map_err(|_| {
+                Error::Invalid(format!(
+                    "{var}={v:?} is not a process slot number (a non-negative integer)"
+                ))
+            });
+        }
+    }
+    Ok(0)
 }
 
 /// The base-weight dtype named by the config.

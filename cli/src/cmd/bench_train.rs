@@ -43,6 +43,10 @@ pub struct Args {
     /// Seed of the weights and tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where to run: cpu, cuda[:N], or auto (this process's GPU when built with CUDA and
+    /// one is there, else cpu). The model is f32 (bf16 on the GPU: the gpu_check example).
+    #[arg(long, default_value = "cpu", value_parser = super::node::parse_device)]
+    device: ringtune_config::Device,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     json: bool,
@@ -111,7 +115,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("--batch and --seq must be at least 1");
     }
     let lora = LoraConfig::from_tinker(args.rank, true, true, false);
-    let model = LoraModel::random(&cfg, &lora, &Device::Cpu, args.seed, args.seed)
+    let device = ringtune_node::trainer::device_of(args.device)
+        .with_context(|| format!("--device {}", args.device))?;
+    let model = LoraModel::random(&cfg, &lora, &device, args.seed, args.seed)
         .with_context(|| format!("building the {} model", preset.name()))?;
     let rss_after_init = peak_rss_bytes();
     let mut opt = AdamW::new(AdamWConfig::default(), model.param_layout().clone());

@@ -40,6 +40,10 @@ pub struct Args {
     /// Seed of fresh adapters' A (only without --adapter).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where to run: cpu, cuda[:N], or auto (this process's GPU when built with CUDA and
+    /// one is there, else cpu).
+    #[arg(long, default_value = "cpu", value_parser = super::node::parse_device)]
+    device: ringtune_config::Device,
 }
 
 /// Reads and checks the batch file; errors name the file and tensor.
@@ -96,7 +100,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let kind = LossKind::from_name(&args.loss)
         .with_context(|| format!("unknown --loss {:?} (supported: cross_entropy)", args.loss))?;
     let model_dir = resolve_model_dir(&args.model)?;
-    let device = Device::Cpu;
+    let device = ringtune_node::trainer::device_of(args.device)
+        .with_context(|| format!("--device {}", args.device))?;
     let model = match &args.adapter {
         Some(a) => {
             LoraModel::load_with_adapter(&model_dir, a, &device, DType::F32).with_context(|| {
@@ -121,7 +126,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.reduction == "mean" && out.weight_sum > 0.0 {
         grads.scale(1.0 / out.weight_sum)?;
     }
-    write_safetensors_atomic(&args.grads_out, grads.tensors(), None)
+    let on_host = grads
+        .tensors()
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    write_safetensors_atomic(&args.grads_out, &on_host, None)
         .with_context(|| format!("writing {}", args.grads_out.display()))?;
     let line = serde_json::json!({
         "loss": out.mean(),
@@ -161,6 +171,7 @@ mod tests {
             reduction: "mean".into(),
             rank: 32,
             seed: 0,
+            device: ringtune_config::Device::Auto,
         })
         .unwrap();
         let (got, _) = read_safetensors(&out).unwrap();

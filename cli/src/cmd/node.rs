@@ -23,9 +23,10 @@ pub struct Args {
     /// File holding the cluster token (else the RINGTUNE_TOKEN environment variable).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// The compute device for this node (cpu, cuda:N); overrides the config's.
-    #[arg(long, value_name = "DEVICE")]
-    pub device: Option<String>,
+    /// The compute device for this node, overriding the config's: cpu, cuda[:N], or auto
+    /// (this slot's GPU, see --local-rank, when built with CUDA and one is there; else cpu).
+    #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
+    pub device: Option<Device>,
     /// Register with this config's hash: the coordinator refuses the node if the run's
     /// config differs (a node of another run).
     #[arg(long, value_name = "CONFIG")]
@@ -68,14 +69,6 @@ pub fn run(args: Args) -> Result<()> {
         ),
     };
     let token = super::coordinator::token_from(args.token_file.as_ref())?;
-    let device = args
-        .device
-        .as_deref()
-        .map(|d| {
-            d.parse::<Device>()
-                .map_err(|e| anyhow::anyhow!("--device {d}: {e}"))
-        })
-        .transpose()?;
     let own_config = args
         .config
         .as_ref()
@@ -88,6 +81,15 @@ pub fn run(args: Args) -> Result<()> {
             .or(launch.as_ref().map(|l| l.local_rank))
             .unwrap_or(0),
         launch_rank: launch.as_ref().map(|l| l.rank),
+    };
+    // `auto` is made concrete here, with this node's slot, so the model and NCCL agree on
+    // the GPU even when the slot came from --local-rank rather than the environment.
+    let device = match args.device {
+        Some(Device::Auto) => Some(
+            ringtune_node::trainer::resolve_device(Device::Auto, identity.local_rank as usize)
+                .context("--device auto")?,
+        ),
+        d => d,
     };
     let exit = run_node(NodeOptions {
         coordinator: coordinator.clone(),
@@ -102,4 +104,9 @@ pub fn run(args: Args) -> Result<()> {
     match exit {
         NodeExit::Finished | NodeExit::Interrupted => Ok(()),
     }
+}
+
+/// `--device` values: `cpu`, `cuda`, `cuda:N`, `auto` (as `model.device` in a config).
+pub(crate) fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    s.parse()
 }

@@ -26,6 +26,10 @@ pub struct Args {
     /// Override `output_dir`.
     #[arg(long, value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
+    /// Override `model.device`: cpu, cuda[:N], or auto (the GPU of this process's slot,
+    /// LOCAL_RANK / SLURM_LOCALID, when built with CUDA and one is there; else cpu).
+    #[arg(long, value_name = "DEVICE", value_parser = super::node::parse_device)]
+    pub device: Option<ringtune_config::Device>,
     /// Override any config key, e.g. `--set lora.rank=8` (repeatable; TOML values).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -47,6 +51,9 @@ fn overrides(args: &Args) -> Result<Vec<String>> {
         let s = d.to_str().context("--output-dir must be valid UTF-8")?;
         // A JSON string literal is a valid TOML basic string.
         out.push(format!("output_dir={}", serde_json::to_string(s)?));
+    }
+    if let Some(d) = args.device {
+        out.push(format!("model.device=\"{d}\""));
     }
     out.extend(args.set.iter().cloned());
     Ok(out)
