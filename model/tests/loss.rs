@@ -397,3 +397,44 @@ fn cispo_gradient_is_the_linear_gradient_with_the_clipped_ratio_frozen() {
         .sqrt();
     assert!(n > 0.0 && d / n < 1e-5, "relative difference {:.2e}", d / n);
 }
+
+/// The device-independent head (what CUDA and bf16 run) computes the same policy-gradient
+/// losses and gradients as the CPU kernel.
+#[test]
+fn generic_head_matches_the_cpu_kernel_for_the_rl_losses() {
+    let model = trained_tiny();
+    let batch = rl_batch(&model);
+    for kind in [
+        LossKind::ImportanceSampling,
+        LossKind::PPO,
+        LossKind::CISPO,
+        LossKind::Linear,
+    ] {
+        let (fast, gf) = model.forward_backward(&batch, kind).unwrap();
+        ringtune_model::set_force_generic(true);
+        let slow = model.forward_backward(&batch, kind);
+        ringtune_model::set_force_generic(false);
+        let (slow, gs) = slow.unwrap();
+        assert!(
+            close(fast.loss_sum, slow.loss_sum, 1e-5),
+            "{}: {} vs {}",
+            kind.name(),
+            fast.loss_sum,
+            slow.loss_sum
+        );
+        let (x, y) = (gf.to_flat().unwrap(), gs.to_flat().unwrap());
+        let n: f64 = y.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        let d: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            n > 0.0 && d / n < 1e-4,
+            "{}: relative {:.2e}",
+            kind.name(),
+            d / n
+        );
+    }
+}
