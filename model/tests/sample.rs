@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use ringtune_model::{
-    Adapters, DType, Device, LoraConfig, LoraModel, ModelConfig, RopeScaling, Sample,
-    SamplingParams, StopReason, Tensor,
+    set_force_generic, Adapters, DType, Device, LoraConfig, LoraModel, ModelConfig, RopeScaling,
+    Sample, SamplingParams, StopReason, Tensor,
 };
 
 fn arch_dir(name: &str) -> PathBuf {
@@ -152,6 +152,15 @@ fn cached_logits_equal_the_full_forward_at_every_position() {
         check_cache_matches_full(&load_arch(name), &[4, 12, 7], 3, name);
     }
     check_cache_matches_full(&llama3_scaled(), &[20, 9], 6, "llama3 rope scaling");
+}
+
+#[test]
+fn the_generic_path_gives_the_same_cached_logits() {
+    // With the CPU kernels switched off (what other devices run), the decode path's
+    // few-row linear layers fall back to LoraLinear::forward: same numbers.
+    set_force_generic(true);
+    check_cache_matches_full(&load_arch("qwen2"), &[3, 8], 3, "qwen2 generic");
+    set_force_generic(false);
 }
 
 #[test]
