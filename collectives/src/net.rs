@@ -94,6 +94,11 @@ pub struct NetConfig {
 /// Default elements per frame: 1 MiB of f32.
 pub const DEFAULT_CHUNK_ELEMS: usize = 1 << 18;
 
+/// Elements per frame that suit the TCP transports: 256 KiB of f32, so a frame being
+/// sealed, written, read, opened and reduced stays in the core's L2 cache (on the 2-core
+/// host it used ~12 % less CPU per all-reduce than 1 MiB frames; README, all-reduce speed).
+pub const TCP_CHUNK_ELEMS: usize = 1 << 16;
+
 /// [`crate::GradSync`] over the network. It owns a small tokio runtime and blocks the
 /// calling thread during a collective, so call it (and drop it) from ordinary threads, not
 /// from inside another async runtime. Dropping it flushes the last frames (up to 2 s).

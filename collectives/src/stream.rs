@@ -464,7 +464,7 @@ fn reader_loop(mut sock: TcpStream, mut open: Option<FrameKey>, limit: usize, sh
 /// How the TCP links are driven once authenticated.
 pub(crate) enum TcpIo {
     /// Everything on the caller's thread: non-blocking sockets and `poll(2)`.
-    Inline(InlineDriver),
+    Inline(Box<InlineDriver>),
     /// A reader and a writer thread per rank ([`StreamDriver`]).
     Threads(StreamDriver),
 }
@@ -476,7 +476,7 @@ impl TcpIo {
     pub(crate) fn start(cfg: RingConfig, links: StreamLinks) -> Result<Self> {
         match std::env::var("RINGTUNE_TCP_IO").as_deref() {
             Ok("threads") => Ok(Self::Threads(StreamDriver::start(cfg, links)?)),
-            _ => Ok(Self::Inline(InlineDriver::start(cfg, links)?)),
+            _ => Ok(Self::Inline(Box::new(InlineDriver::start(cfg, links)?))),
         }
     }
 
@@ -530,6 +530,30 @@ pub(crate) struct InlineDriver {
     rx: Vec<u8>,
     rx_got: usize,
     closed: bool,
+    /// Where the time went (`RINGTUNE_NET_PROFILE=1` prints it on close).
+    prof: Option<Profile>,
+}
+
+/// Seconds spent per activity on the caller's thread, for the README's speed notes.
+#[derive(Debug, Default)]
+struct Profile {
+    encode: f64,
+    seal: f64,
+    write: f64,
+    read: f64,
+    open: f64,
+    reduce: f64,
+    wait: f64,
+    frames_out: u64,
+    frames_in: u64,
+    bytes_out: u64,
+}
+
+fn lap(t: &mut Instant) -> f64 {
+    let now = Instant::now();
+    let d = (now - *t).as_secs_f64();
+    *t = now;
+    d
 }
 
 impl InlineDriver {
@@ -559,6 +583,7 @@ impl InlineDriver {
             rx: Vec::new(),
             rx_got: 0,
             closed: false,
+            prof: std::env::var_os("RINGTUNE_NET_PROFILE").map(|_| Profile::default()),
         })
     }
 
@@ -640,7 +665,15 @@ impl InlineDriver {
         }
         self.prefix_got = 0;
         if let Some(k) = &mut self.open {
-            if k.open(&self.prefix, &mut self.rx).is_err() {
+            let t = Instant::now();
+            let r = k.open(&self.prefix, &mut self.rx);
+            if let Some(p) = &mut self.prof {
+                // Counted under `open`, and taken back out of `read` by the caller's lap.
+                let d = t.elapsed().as_secs_f64();
+                p.open += d;
+                p.read -= d;
+            }
+            if r.is_err() {
                 return Err((
                     true,
                     "frame failed authentication (AES-GCM tag): altered, replayed or reordered"
@@ -709,14 +742,27 @@ impl InlineDriver {
                     if !core.has_transmit() {
                         break;
                     }
+                    let mut t = Instant::now();
                     self.tx.clear();
                     self.tx_off = 0;
                     core.poll_transmit(data, &mut self.tx);
+                    let enc = lap(&mut t);
                     if let Some(k) = &mut self.seal {
                         k.seal(&mut self.tx);
                     }
+                    if let Some(p) = &mut self.prof {
+                        p.encode += enc;
+                        p.seal += lap(&mut t);
+                        p.frames_out += 1;
+                        p.bytes_out += self.tx.len() as u64;
+                    }
                 }
-                match self.write_some() {
+                let mut t = Instant::now();
+                let w = self.write_some();
+                if let Some(p) = &mut self.prof {
+                    p.write += lap(&mut t);
+                }
+                match w {
                     Ok(true) => moved = true,
                     Ok(false) => break,
                     Err(e) => return Err(lost(cfg.right(), format!("write failed: {e}"))),
@@ -724,12 +770,22 @@ impl InlineDriver {
             }
             // Receive: reduce each frame straight out of the receive buffer.
             while core.wants_frames() {
-                match self.read_step() {
+                let mut t = Instant::now();
+                let r = self.read_step();
+                if let Some(p) = &mut self.prof {
+                    p.read += lap(&mut t);
+                }
+                match r {
                     Ok(ReadStep::Idle) => break,
                     Ok(ReadStep::Partial) => moved = true,
                     Ok(ReadStep::Frame(h, len)) => {
                         moved = true;
-                        core.handle_chunk(data, &h, &self.rx[CHUNK_HEADER_LEN..len])?;
+                        let r = core.handle_chunk(data, &h, &self.rx[CHUNK_HEADER_LEN..len]);
+                        if let Some(p) = &mut self.prof {
+                            p.reduce += lap(&mut t);
+                            p.frames_in += 1;
+                        }
+                        r?;
                     }
                     Err((true, reason)) => {
                         return Err(Error::Malformed {
@@ -757,7 +813,11 @@ impl InlineDriver {
                     "could not hand over the last frame before the deadline".into(),
                 ));
             }
+            let mut t = Instant::now();
             self.wait(core.wants_frames(), deadline);
+            if let Some(p) = &mut self.prof {
+                p.wait += lap(&mut t);
+            }
         }
     }
 
@@ -794,6 +854,9 @@ impl InlineDriver {
             return;
         }
         self.closed = true;
+        if let Some(p) = &self.prof {
+            eprintln!("rank {} TCP link profile (s): {p:?}", self.cfg.rank);
+        }
         let _ = self.flush(Instant::now() + grace);
         let _ = self.out.shutdown(Shutdown::Write);
         let _ = self.inp.shutdown(Shutdown::Both);

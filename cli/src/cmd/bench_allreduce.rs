@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ringtune_collectives::auth::ClusterToken;
-use ringtune_collectives::net::{self, NetConfig, Transport, DEFAULT_CHUNK_ELEMS};
+use ringtune_collectives::net::{self, NetConfig, Transport, DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS};
 use ringtune_collectives::tls::ClusterIdentity;
 use ringtune_collectives::{Call, GradSync, Rank, WireDtype, WorldSize};
 
@@ -43,9 +43,9 @@ pub struct Args {
     /// quic, tcp-tls, or tcp-plain (no encryption; trusted networks only).
     #[arg(long, default_value = "quic")]
     transport: String,
-    /// Elements per frame.
-    #[arg(long, default_value_t = DEFAULT_CHUNK_ELEMS)]
-    chunk_elems: usize,
+    /// Elements per frame [default: 262144 for quic, 65536 for the TCP transports].
+    #[arg(long)]
+    chunk_elems: Option<usize>,
     /// Send gradients as bf16 (summed in f32).
     #[arg(long)]
     bf16: bool,
@@ -108,6 +108,10 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--world must be at least 1");
     }
     let transport: Transport = args.transport.parse()?;
+    let chunk_elems = args.chunk_elems.unwrap_or(match transport {
+        Transport::Quic => DEFAULT_CHUNK_ELEMS,
+        Transport::TcpTls | Transport::TcpPlain => TCP_CHUNK_ELEMS,
+    });
     let dir = std::env::temp_dir().join(format!("ringtune-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let identity = ClusterIdentity::generate()?;
@@ -147,7 +151,7 @@ pub fn run(args: Args) -> Result<()> {
                 "--transport",
                 &args.transport,
                 "--chunk-elems",
-                &args.chunk_elems.to_string(),
+                &chunk_elems.to_string(),
             ])
             .args([
                 "--timeout-ms",
@@ -205,7 +209,7 @@ pub fn run(args: Args) -> Result<()> {
                 Transport::TcpPlain => "plain TCP (token proof only, NO encryption)",
             },
             args.world,
-            args.chunk_elems,
+            chunk_elems,
             if args.bf16 { "bf16" } else { "f32" }
         );
         println!("| W | size | median ms | min ms | max ms | algbw GB/s | busbw GB/s | correct |");
@@ -234,7 +238,7 @@ pub fn run(args: Args) -> Result<()> {
                 "world": args.world, "bytes": bytes, "size_mib": mib, "median_s": median,
                 "min_s": t.first(), "max_s": t.last(), "algbw_gbps": algbw, "busbw_gbps": busbw,
                 "iters": iters, "correct": correct, "transport": args.transport, "wire": if args.bf16 { "bf16" } else { "f32" },
-                "chunk_elems": args.chunk_elems, "tls": transport != Transport::TcpPlain, "loadavg1_before": load_before, "loadavg1_after": loadavg(),
+                "chunk_elems": chunk_elems, "tls": transport != Transport::TcpPlain, "loadavg1_before": load_before, "loadavg1_after": loadavg(),
             });
             println!("{o}");
         } else {
