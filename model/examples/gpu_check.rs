@@ -15,15 +15,14 @@
 //! allocator cache included: an upper bound next to torch's `max_memory_allocated`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ringtune_model::preset::write_random_model;
+use ringtune_model::preset::random_tensors;
 use ringtune_model::{
     AdamW, AdamWConfig, Architecture, Batch, DType, Device, LoraConfig, LoraModel, LossKind,
-    ModelConfig, ModelPreset, RopeScaling,
+    ModelConfig, ModelPreset, RopeScaling, Tensor,
 };
 
 /// H200 (and H100 SXM) dense bf16 peak, FLOP/s.
@@ -235,30 +234,8 @@ fn preset_config(name: &str, quick: bool) -> Option<ModelConfig> {
     }
 }
 
-/// A scratch folder for a random model file: /dev/shm when it has room (RAM-backed, so the
-/// bf16 load is not a disk round trip), else the temp dir.
-fn scratch_dir(tag: &str, bytes_needed: u64) -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    let pid = std::process::id();
-    if shm.is_dir() && free_bytes(shm).is_some_and(|f| f > bytes_needed + (1 << 30)) {
-        return shm.join(format!("ringtune-gpu-check-{pid}-{tag}"));
-    }
-    std::env::temp_dir().join(format!("ringtune-gpu-check-{pid}-{tag}"))
-}
-
-fn free_bytes(p: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes only into the zeroed struct we own; `c` is NUL-terminated.
-    unsafe {
-        let mut s: libc::statvfs = std::mem::zeroed();
-        (libc::statvfs(c.as_ptr(), &mut s) == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
-    }
-}
-
-/// Builds the model in `dtype` on `device`: f32 in memory ([`LoraModel::random`]); other
-/// dtypes through a random-model folder loaded with that compute dtype (the public API has
-/// no in-memory constructor with a dtype).
+/// Builds the model with random base weights (transformers' init, seed 0) held in `dtype`
+/// on `device`, in memory ([`LoraModel::from_tensors`]).
 fn build_model(
     cfg: &ModelConfig,
     lora: &LoraConfig,
@@ -266,20 +243,13 @@ fn build_model(
     dtype: DType,
     tag: &str,
 ) -> ringtune_model::Result<LoraModel> {
-    if dtype == DType::F32 {
-        return LoraModel::random(cfg, lora, device, 0, 0);
-    }
-    let dir = scratch_dir(tag, cfg.num_parameters() as u64 * 4);
     let t0 = Instant::now();
-    let res = write_random_model(&dir, cfg, 0)
-        .and_then(|()| LoraModel::load_with_config(&dir, cfg.clone(), lora, device, dtype, 0));
-    let _ = std::fs::remove_dir_all(&dir);
+    let m = LoraModel::from_tensors(random_tensors(cfg, 0)?, cfg, lora, device, dtype, 0)?;
     println!(
-        "  ({tag}: wrote+loaded random {dtype:?} model via {} in {:.1}s)",
-        dir.display(),
+        "  ({tag}: random {dtype:?} model built in {:.1}s)",
         t0.elapsed().as_secs_f64()
     );
-    res
+    Ok(m)
 }
 
 /// Normwise relative error ‖a − b‖ / ‖b‖ (b the reference).
@@ -309,39 +279,45 @@ struct ParityRow {
     target: f64,
 }
 
-/// Runs forward_backward on `device`/`dtype` with the shared adapter values and compares
-/// the loss and every gradient tensor with the CPU f32 reference.
-#[allow(clippy::too_many_arguments)]
-fn parity_one(
+/// Loss and gradients (key, flat f32) of one forward_backward.
+type Run = (f64, Vec<(String, Vec<f32>)>);
+
+/// forward_backward of the model on `weights` held in `dtype` on `device`, with the shared
+/// adapter values.
+fn run_one(
+    weights: &[(String, Tensor)],
     cfg: &ModelConfig,
     lora: &LoraConfig,
     device: &Device,
     dtype: DType,
     params: &[f32],
     batch: &Batch,
-    reference: &(f64, Vec<(String, Vec<f32>)>),
-    target: f64,
-) -> ringtune_model::Result<ParityRow> {
-    let t0 = Instant::now();
-    let model = build_model(cfg, lora, device, dtype, "tiny")?;
+) -> ringtune_model::Result<Run> {
+    let model = LoraModel::from_tensors(weights.to_vec(), cfg, lora, device, dtype, 0)?;
     model.set_params_flat(params)?;
     let (out, grads) = model.forward_backward(batch, LossKind::CrossEntropy)?;
-    let (ref_loss, ref_grads) = reference;
+    let g = grads
+        .tensors()
+        .iter()
+        .map(|(k, g)| Ok((k.clone(), g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)))
+        .collect::<ringtune_model::Result<Vec<_>>>()?;
+    Ok((out.mean(), g))
+}
+
+/// Compares a run with its reference: loss and the worst per-tensor gradient error.
+fn compare(what: String, got: &Run, reference: &Run, target: f64, secs: f64) -> ParityRow {
     let mut worst = (0f64, String::new());
-    for ((k, g), (rk, rg)) in grads.tensors().iter().zip(ref_grads) {
-        assert_eq!(k, rk, "gradient order differs between devices");
-        let g: Vec<f32> = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-        let e = rel_err(&g, rg);
+    for ((k, g), (rk, rg)) in got.1.iter().zip(&reference.1) {
+        assert_eq!(k, rk, "gradient order differs between runs");
+        let e = rel_err(g, rg);
         if e >= worst.0 || worst.1.is_empty() {
             worst = (e, k.clone());
         }
     }
     let row = ParityRow {
-        what: format!("{device:?} {dtype:?}")
-            .replace("Cuda(CudaDevice(DeviceId(", "cuda(")
-            .replace(")))", ")"),
-        loss: out.mean(),
-        loss_rel: (out.mean() - ref_loss).abs() / ref_loss.abs().max(1e-30),
+        what,
+        loss: got.0,
+        loss_rel: (got.0 - reference.0).abs() / reference.0.abs().max(1e-30),
         grad_rel: worst.0,
         worst: worst.1,
         target,
@@ -355,14 +331,22 @@ fn parity_one(
         row.worst,
         target,
         if row.grad_rel <= target && row.loss_rel <= target { "PASS" } else { "FAIL" },
-        t0.elapsed().as_secs_f64()
+        secs
     );
-    Ok(row)
+    row
+}
+
+fn device_name(device: &Device) -> String {
+    format!("{device:?}")
+        .replace("Cuda(CudaDevice(DeviceId(", "cuda(")
+        .replace(")))", ")")
+        .to_lowercase()
 }
 
 fn parity(device: &Device, quick: bool) -> Vec<Result<ParityRow, String>> {
     println!(
-        "## parity: tiny preset, LoRA r=32 on q/k/v/o/gate/up/down + lm_head, CPU f32 reference"
+        "## parity: tiny preset, LoRA r=32 on q/k/v/o/gate/up/down + lm_head, CPU f32 reference \
+         on the same base weights (bf16 rows: the weights rounded to bf16 once, for both sides)"
     );
     let mut cfg = ModelPreset::Tiny.config();
     let (rows, t) = if quick { (2, 32) } else { (4, 128) };
@@ -370,51 +354,76 @@ fn parity(device: &Device, quick: bool) -> Vec<Result<ParityRow, String>> {
         cfg.vocab_size = 2000;
     }
     let lora = LoraConfig::from_tinker(32, true, true, true);
-    let batch = match make_batch(rows, t, cfg.vocab_size, 7) {
-        Ok(b) => b,
-        Err(e) => return vec![Err(format!("batch: {e}"))],
-    };
-    // Reference on the CPU; adapters get nonzero values (PEFT's init has B = 0, which would
-    // make every A-gradient zero and the comparison empty).
-    let reference = (|| -> ringtune_model::Result<_> {
-        let m = LoraModel::random(&cfg, &lora, &Device::Cpu, 0, 0)?;
+    let setup = (|| -> ringtune_model::Result<_> {
+        let batch = make_batch(rows, t, cfg.vocab_size, 7)?;
+        let w32 = random_tensors(&cfg, 0)?;
+        let w16 = w32
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::BF16)?)))
+            .collect::<ringtune_model::Result<Vec<_>>>()?;
+        // Adapters get nonzero values (PEFT's init has B = 0, which would make every
+        // A-gradient zero and the comparison empty).
+        let probe = LoraModel::from_tensors(w16.clone(), &cfg, &lora, &Device::Cpu, DType::F32, 0)?;
         let mut rng = Lcg(11);
-        let params: Vec<f32> = (0..m.param_layout().numel())
+        let params: Vec<f32> = (0..probe.param_layout().numel())
             .map(|_| 0.02 * rng.unit())
             .collect();
-        m.set_params_flat(&params)?;
-        let (out, grads) = m.forward_backward(&batch, LossKind::CrossEntropy)?;
-        let g = grads
-            .tensors()
-            .iter()
-            .map(|(k, g)| Ok((k.clone(), g.flatten_all()?.to_vec1::<f32>()?)))
-            .collect::<ringtune_model::Result<Vec<_>>>()?;
-        println!(
-            "  cpu f32 reference: loss {:.6}, {} gradient tensors, {} params, batch {rows}x{t}",
-            out.mean(),
-            g.len(),
-            params.len()
-        );
-        Ok((params, (out.mean(), g)))
+        Ok((batch, w32, w16, params))
     })();
-    let (params, reference) = match reference {
-        Ok(r) => r,
-        Err(e) => return vec![Err(format!("cpu reference: {e}"))],
+    let (batch, w32, w16, params) = match setup {
+        Ok(s) => s,
+        Err(e) => return vec![Err(format!("setup: {e}"))],
     };
+    let cpu_ref =
+        |w: &[(String, Tensor)]| run_one(w, &cfg, &lora, &Device::Cpu, DType::F32, &params, &batch);
+    let (ref32, ref16) = match (cpu_ref(&w32), cpu_ref(&w16)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return vec![Err(format!("cpu reference: {e}"))],
+    };
+    println!(
+        "  cpu f32 references: loss {:.6} (f32 weights), {:.6} (bf16-rounded weights), {} \
+         gradient tensors, {} params, batch {rows}x{t}",
+        ref32.0,
+        ref16.0,
+        ref32.1.len(),
+        params.len()
+    );
+    // For scale, not a check: what rounding the weights to bf16 alone does (f32 compute).
+    compare(
+        "(info) cpu f32, bf16-rounded vs f32 weights".into(),
+        &ref16,
+        &ref32,
+        f64::INFINITY,
+        0.0,
+    );
+    let mut cases = vec![
+        (device.clone(), DType::F32, &w32, &ref32, 1e-4),
+        (device.clone(), DType::BF16, &w16, &ref16, 1e-2),
+    ];
+    if !device.is_cpu() {
+        // The same mixed-precision numerics emulated on the CPU, next to the GPU's.
+        cases.push((Device::Cpu, DType::BF16, &w16, &ref16, 1e-2));
+    }
     let mut rows_out = Vec::new();
-    for (dtype, target) in [(DType::F32, 1e-4), (DType::BF16, 1e-2)] {
+    for (dev, dtype, w, reference, target) in cases {
+        let t0 = Instant::now();
+        let what = format!("{} {dtype:?}", device_name(&dev));
         let r = catch_unwind(AssertUnwindSafe(|| {
-            parity_one(
-                &cfg, &lora, device, dtype, &params, &batch, &reference, target,
-            )
+            run_one(w, &cfg, &lora, &dev, dtype, &params, &batch)
         }));
         let r = match r {
-            Ok(Ok(row)) => Ok(row),
-            Ok(Err(e)) => Err(format!("{dtype:?}: {e}")),
-            Err(_) => Err(format!("{dtype:?}: panicked (see stderr)")),
+            Ok(Ok(run)) => Ok(compare(
+                what,
+                &run,
+                reference,
+                target,
+                t0.elapsed().as_secs_f64(),
+            )),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Err(_) => Err(format!("{what}: panicked (see stderr)")),
         };
         if let Err(e) = &r {
-            println!("  {device:?} {e}");
+            println!("  {e}");
         }
         rows_out.push(r);
     }
