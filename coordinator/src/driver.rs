@@ -19,12 +19,11 @@ use std::time::Duration;
 
 use ringtune_collectives::auth::ClusterToken;
 use ringtune_collectives::tls::ClusterIdentity;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant as TokioInstant;
 
 use crate::core::{Auth, Coordinator, Event, Outcome};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ids::NodeId;
 use crate::msg::{Command, NodeMsg, Refusal};
 use crate::wire::{self, CoordHello, NodeHello, Side, Welcome};
@@ -56,27 +55,24 @@ enum Input {
     Closed(NodeId),
 }
 
-/// Binds the control-plane listener (separate from [`serve`] so a caller can learn the
-/// port before nodes are started, e.g. with port 0).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| Error::Net {
-        context: format!("binding the coordinator's control address {addr}"),
-        message: e.to_string(),
-    })
+/// Binds the control-plane endpoint (UDP; separate from [`serve`] so a caller can learn
+/// the port before nodes are started, e.g. with port 0).
+pub fn bind(addr: SocketAddr) -> Result<quinn::Endpoint> {
+    wire::bind_endpoint(addr)
 }
 
 /// Runs `core` to its end: accepts nodes on `listener`, forwards events to `events`, turns
 /// a `true` on `interrupt` into the core's interrupt. Returns the run's outcome.
 pub async fn serve(
     mut core: Coordinator,
-    listener: TcpListener,
+    endpoint: quinn::Endpoint,
     cfg: DriverConfig,
     events: mpsc::UnboundedSender<Event>,
     mut interrupt: watch::Receiver<bool>,
 ) -> Result<Outcome> {
     let chain = cfg.identity.cert_chain.clone();
     let key = cfg.identity.key.clone_key();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(wire::server_config(chain, key)?));
+    wire::serve_quic(&endpoint, chain, key)?;
     let welcome = Arc::new(Welcome {
         proof: Vec::new(),
         run_config_json: cfg.run_config_json,
@@ -87,22 +83,14 @@ pub async fn serve(
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Input>();
 
     let accept_tx = in_tx.clone();
+    let accept_ep = endpoint.clone();
     let accept = tokio::spawn(async move {
         let mut next = 0u64;
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                // Transient accept errors (out of descriptors) should not end the run.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
+        while let Some(incoming) = accept_ep.accept().await {
             next += 1;
-            let id = NodeId(next);
-            let _ = stream.set_nodelay(true);
             tokio::spawn(connection(
-                stream,
-                peer,
-                id,
-                acceptor.clone(),
+                incoming,
+                NodeId(next),
                 token.clone(),
                 Arc::clone(&welcome),
                 accept_tx.clone(),
@@ -187,49 +175,49 @@ pub async fn serve(
     Ok(outcome)
 }
 
-/// One node's connection: TLS, token proof, welcome, then a reader loop and a writer task.
+/// One node's connection: QUIC handshake, the node's stream, token proof, welcome, then a
+/// reader loop and a writer task.
 async fn connection(
-    stream: TcpStream,
-    _peer: SocketAddr,
+    incoming: quinn::Incoming,
     id: NodeId,
-    acceptor: tokio_rustls::TlsAcceptor,
     token: ClusterToken,
     welcome: Arc<Welcome>,
     inputs: mpsc::UnboundedSender<Input>,
 ) {
     let handshake = async {
-        let mut tls = acceptor.accept(stream).await.map_err(|e| e.to_string())?;
-        let exporter = wire::exporter(tls.get_ref().1).map_err(|e| e.to_string())?;
-        let hello: NodeHello = wire::read_msg(&mut tls).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>((tls, exporter, hello))
+        let conn = incoming.await.map_err(|e| e.to_string())?;
+        let exporter = wire::exporter(&conn).map_err(|e| e.to_string())?;
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let hello: NodeHello = wire::read_msg(&mut recv).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((conn, send, recv, exporter, hello))
     };
-    let (mut tls, exporter, hello) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await
-    {
-        Ok(Ok(x)) => x,
-        // Not a node that got as far as a hello: nothing for the core to hear about.
-        Ok(Err(_)) | Err(_) => return,
-    };
+    let (conn, mut wr, mut rd, exporter, hello) =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(x)) => x,
+            // Not a node that got as far as a hello: nothing for the core to hear about.
+            Ok(Err(_)) | Err(_) => return,
+        };
     if hello.version != wire::CONTROL_VERSION
         || !wire::verify(&token, Side::Node, &exporter, &hello.proof)
     {
-        let _ = wire::write_msg(&mut tls, &CoordHello::Refused(Refusal::BadToken)).await;
+        let _ = wire::write_msg(&mut wr, &CoordHello::Refused(Refusal::BadToken)).await;
         let _ = inputs.send(Input::Connected {
             id,
             auth: Auth::TokenRejected,
             tx: None,
         });
         let _ = inputs.send(Input::Closed(id));
+        close_after_flush(conn, wr).await;
         return;
     }
     let mut w = (*welcome).clone();
     w.proof = wire::proof(&token, Side::Coordinator, &exporter);
-    if wire::write_msg(&mut tls, &CoordHello::Welcome(w))
+    if wire::write_msg(&mut wr, &CoordHello::Welcome(w))
         .await
         .is_err()
     {
         return;
     }
-    let (mut rd, mut wr) = tokio::io::split(tls);
     let (tx, mut rx) = mpsc::unbounded_channel::<Command>();
     if inputs
         .send(Input::Connected {
@@ -241,6 +229,7 @@ async fn connection(
     {
         return;
     }
+    let writer_conn = conn.clone();
     let writer = tokio::spawn(async move {
         while let Some(cmd) = rx.recv().await {
             if wire::write_msg(&mut wr, &cmd).await.is_err() {
@@ -248,8 +237,7 @@ async fn connection(
             }
         }
         // The core closed this connection (refusal, disconnect, end of run).
-        use tokio::io::AsyncWriteExt;
-        let _ = wr.shutdown().await;
+        close_after_flush(writer_conn, wr).await;
     });
     while let Ok(msg) = wire::read_msg::<_, NodeMsg>(&mut rd).await {
         if inputs.send(Input::Msg(id, msg)).is_err() {
@@ -258,4 +246,13 @@ async fn connection(
     }
     let _ = inputs.send(Input::Closed(id));
     let _ = writer.await;
+}
+
+/// Finishes the stream and closes the connection once the node has it all (or after
+/// [`FLUSH_GRACE`]): closing a QUIC connection at once would drop what is still in flight,
+/// such as the final `Stop`.
+async fn close_after_flush(conn: quinn::Connection, mut wr: quinn::SendStream) {
+    let _ = wr.finish();
+    let _ = tokio::time::timeout(FLUSH_GRACE, wr.stopped()).await;
+    conn.close(0u32.into(), b"done");
 }

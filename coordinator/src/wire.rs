@@ -1,6 +1,8 @@
-//! The control plane's wire: TLS 1.3 over TCP between the coordinator and each node,
-//! a mutual cluster-token proof bound to the TLS session, then length-prefixed bincode
-//! frames carrying [`NodeMsg`] up and [`Command`] down.
+//! The control plane's wire: QUIC (TLS 1.3 inside) between the coordinator and each node,
+//! one bidirectional stream per node, a mutual cluster-token proof bound to the TLS
+//! session, then length-prefixed bincode frames carrying [`NodeMsg`] up and [`Command`]
+//! down. QUIC's keep-alives and idle timeout ([`CONTROL_IDLE_TIMEOUT`]) let a node notice a
+//! coordinator that vanished without closing anything (a killed process, a dead host).
 //!
 //! Trust: the coordinator's certificate is generated per run, so a node cannot pin it in
 //! advance. Instead both ends prove they hold the cluster token with an HMAC over the TLS
@@ -122,15 +124,79 @@ pub fn verify(token: &ClusterToken, side: Side, exporter: &[u8], got: &[u8]) -> 
     hmac::verify(&key, &msg, got).is_ok()
 }
 
-/// 32 bytes of the TLS session's exported keying material.
-pub fn exporter<C>(conn: &rustls::ConnectionCommon<C>) -> Result<Vec<u8>> {
+/// 32 bytes of the QUIC connection's exported TLS keying material.
+pub fn exporter(conn: &quinn::Connection) -> Result<Vec<u8>> {
     let mut out = vec![0u8; 32];
-    conn.export_keying_material(&mut out, EXPORTER_LABEL, None)
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
         .map_err(|e| Error::Wire {
-            peer: "tls".into(),
-            reason: format!("exporting keying material: {e}"),
+            peer: conn.remote_address().to_string(),
+            reason: format!("exporting keying material: {e:?}"),
         })?;
     Ok(out)
+}
+
+/// A peer that sends nothing for this long (QUIC keeps idle connections alive every
+/// [`CONTROL_KEEP_ALIVE`]) is gone: the connection fails on both ends.
+pub const CONTROL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often an idle control connection proves it is alive.
+pub const CONTROL_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        CONTROL_IDLE_TIMEOUT
+            .try_into()
+            .expect("10 s is a valid idle timeout"),
+    ));
+    t.keep_alive_interval(Some(CONTROL_KEEP_ALIVE));
+    // One stream per node, opened by the node.
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    Arc::new(t)
+}
+
+fn quic_err(context: &str) -> impl Fn(String) -> Error + '_ {
+    move |message| Error::Net {
+        context: context.to_string(),
+        message,
+    }
+}
+
+/// The coordinator's QUIC endpoint on `addr`, not yet accepting: [`serve_quic`] installs
+/// the per-run certificate once the driver has it.
+pub fn bind_endpoint(addr: std::net::SocketAddr) -> Result<quinn::Endpoint> {
+    quinn::Endpoint::client(addr).map_err(|e| Error::Net {
+        context: format!("binding the coordinator's control address {addr} (UDP)"),
+        message: e.to_string(),
+    })
+}
+
+/// Makes `endpoint` accept nodes with the per-run certificate.
+pub fn serve_quic(
+    endpoint: &quinn::Endpoint,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<()> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_config(chain, key)?)
+        .map_err(|e| quic_err("control-plane QUIC config")(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport());
+    endpoint.set_server_config(Some(cfg));
+    Ok(())
+}
+
+/// A node's QUIC client endpoint, bound to `local` (the address facing the coordinator).
+pub fn client_endpoint(local: std::net::SocketAddr) -> Result<quinn::Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_config()?)
+        .map_err(|e| quic_err("control-plane QUIC config")(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport());
+    let mut ep = quinn::Endpoint::client(local).map_err(|e| Error::Net {
+        context: format!("binding the node's control endpoint on {local}"),
+        message: e.to_string(),
+    })?;
+    ep.set_default_client_config(cfg);
+    Ok(ep)
 }
 
 fn bincode_opts() -> impl bincode::Options {

@@ -399,43 +399,62 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
             };
             rt.block_on(async move {
                 let start = Instant::now();
-                let stream = loop {
-                    match tokio::net::TcpStream::connect(&addr2).await {
-                        Ok(s) => break s,
-                        Err(e) if start.elapsed() < connect_timeout => {
-                            let _ = e;
-                            tokio::time::sleep(Duration::from_millis(250)).await;
-                        }
-                        Err(e) => {
+                // The address facing the coordinator (the ring listens on the same IP).
+                let (coord, local_ip) = match resolve_control(&addr2) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = init_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let endpoint = match wire::client_endpoint(SocketAddr::new(local_ip, 0)) {
+                    Ok(ep) => ep,
+                    Err(e) => {
+                        let _ = init_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                // A UDP "connect" to a port nobody serves yet fails only by timing out, so
+                // each try is short and the whole wait is `connect_timeout`.
+                let conn = loop {
+                    let attempt = async {
+                        endpoint
+                            .connect(coord, wire::CONTROL_SERVER_NAME)
+                            .map_err(|e| e.to_string())?
+                            .await
+                            .map_err(|e| e.to_string())
+                    };
+                    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+                        Ok(Ok(c)) => break c,
+                        Ok(Err(e)) if start.elapsed() >= connect_timeout => {
                             let _ = init_tx.send(Err(format!(
-                                "cannot connect to the coordinator at {addr2} (tried for {:?}): {e}",
-                                connect_timeout
+                                "cannot connect to the coordinator at {addr2} (tried for {connect_timeout:?}): {e}"
                             )));
                             return;
                         }
+                        Err(_) if start.elapsed() >= connect_timeout => {
+                            let _ = init_tx.send(Err(format!(
+                                "cannot connect to the coordinator at {addr2} (tried for {connect_timeout:?}): no answer"
+                            )));
+                            return;
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(250)).await,
                     }
                 };
-                let _ = stream.set_nodelay(true);
-                let local_ip = stream
-                    .local_addr()
-                    .map(|a| a.ip())
-                    .unwrap_or(IpAddr::from([127, 0, 0, 1]));
                 let handshake = async {
-                    let cfg = wire::client_config().map_err(|e| e.to_string())?;
-                    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-                    let mut tls = connector
-                        .connect(wire::server_name(), stream)
+                    let exporter = wire::exporter(&conn).map_err(|e| e.to_string())?;
+                    let (mut wr, mut rd) = conn
+                        .open_bi()
                         .await
-                        .map_err(|e| format!("TLS with the coordinator at {addr2}: {e}"))?;
-                    let exporter = wire::exporter(tls.get_ref().1).map_err(|e| e.to_string())?;
+                        .map_err(|e| format!("opening the control stream to {addr2}: {e}"))?;
                     let hello = NodeHello {
                         version: wire::CONTROL_VERSION,
                         proof: wire::proof(&token, Side::Node, &exporter),
                     };
-                    wire::write_msg(&mut tls, &hello)
+                    wire::write_msg(&mut wr, &hello)
                         .await
                         .map_err(|e| format!("sending the hello to {addr2}: {e}"))?;
-                    let answer: CoordHello = wire::read_msg(&mut tls)
+                    let answer: CoordHello = wire::read_msg(&mut rd)
                         .await
                         .map_err(|e| format!("reading the coordinator's answer from {addr2}: {e}"))?;
                     match answer {
@@ -449,11 +468,11 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                                      coordinator, or a different RINGTUNE_TOKEN"
                                 ));
                             }
-                            Ok((tls, w))
+                            Ok((wr, rd, w))
                         }
                     }
                 };
-                let (tls, welcome) =
+                let (mut wr, mut rd, welcome) =
                     match tokio::time::timeout(Duration::from_secs(30), handshake).await {
                         Ok(Ok(x)) => x,
                         Ok(Err(e)) => {
@@ -468,15 +487,15 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                         }
                     };
                 let _ = init_tx.send(Ok((welcome, local_ip)));
-                let (mut rd, mut wr) = tokio::io::split(tls);
                 let writer = async move {
                     while let Some(msg) = out_rx.recv().await {
                         if wire::write_msg(&mut wr, &msg).await.is_err() {
                             break;
                         }
                     }
-                    use tokio::io::AsyncWriteExt;
-                    let _ = wr.shutdown().await;
+                    // Let the coordinator have the last message (the StopAck) before closing.
+                    let _ = wr.finish();
+                    let _ = tokio::time::timeout(Duration::from_millis(300), wr.stopped()).await;
                 };
                 let reader = async move {
                     let mut heartbeat: Option<tokio::task::JoinHandle<()>> = None;
@@ -532,6 +551,8 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                     _ = writer => {}
                     _ = reader => {}
                 }
+                conn.close(0u32.into(), b"node done");
+                let _ = tokio::time::timeout(Duration::from_millis(300), endpoint.wait_idle()).await;
                 let _ = done_tx.send(());
             });
         })
@@ -551,6 +572,27 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
         welcome,
         ip,
     ))
+}
+
+/// The coordinator's address (`HOST:PORT`, first resolved address) and this host's IP on
+/// the route to it (a connected UDP socket learns it without sending anything).
+fn resolve_control(addr: &str) -> std::result::Result<(SocketAddr, IpAddr), String> {
+    use std::net::ToSocketAddrs;
+    let coord = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("resolving the coordinator address {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("the coordinator address {addr} resolves to nothing"))?;
+    let any: SocketAddr = if coord.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let probe = std::net::UdpSocket::bind(any)
+        .and_then(|s| s.connect(coord).map(|()| s))
+        .and_then(|s| s.local_addr())
+        .map_err(|e| format!("finding the local address that reaches {coord}: {e}"))?;
+    Ok((coord, probe.ip()))
 }
 
 /// Ends the process if the main thread has not taken the `nth` command (a stop, a restart,
@@ -580,7 +622,27 @@ fn pick_data_addr(ip: IpAddr) -> Result<SocketAddr> {
 /// Runs this node until the coordinator stops it. Errors name the coordinator, the step or
 /// the ring peer involved.
 pub fn run_node(opts: NodeOptions) -> Result<NodeExit> {
-    let (ctl, welcome, local_ip) = connect_control(&opts)?;
+    // A refusal that clears up by itself — typically a replacement process whose dead
+    // predecessor on the same GPU slot the coordinator has not yet declared dead (a killed
+    // process closes nothing over QUIC; the heartbeat timeout finds it) — is retried.
+    let retry_until = Instant::now() + opts.connect_timeout.max(Duration::from_secs(30));
+    loop {
+        match run_node_once(&opts) {
+            Err(Error::Refused {
+                retryable: true,
+                reason,
+                ..
+            }) if Instant::now() < retry_until => {
+                eprintln!("ringtune node: refused for now ({reason}); trying again in 1 s");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn run_node_once(opts: &NodeOptions) -> Result<NodeExit> {
+    let (ctl, welcome, local_ip) = connect_control(opts)?;
     let mut cfg: RunConfig = serde_json::from_str(&welcome.run_config_json)
         .map_err(|e| Error::Invalid(format!("the run config from {}: {e}", opts.coordinator)))?;
     if let Some(d) = opts.device {
@@ -590,7 +652,7 @@ pub fn run_node(opts: NodeOptions) -> Result<NodeExit> {
     let ring_identity = welcome
         .ring_identity()
         .map_err(|e| Error::Invalid(e.to_string()))?;
-    let result = serve(&ctl, &opts, &cfg, config_hash, ring_identity, local_ip);
+    let result = serve(&ctl, opts, &cfg, config_hash, ring_identity, local_ip);
     ctl.close();
     result
 }
@@ -625,10 +687,11 @@ fn serve(
                 Command::Accepted { .. } | Command::NcclUniqueId { .. } => {}
                 Command::Assign(a) => break a,
                 Command::Refused(r) => {
-                    return Err(Error::Invalid(format!(
-                        "the coordinator at {} refused this node: {r}",
-                        opts.coordinator
-                    )))
+                    return Err(Error::Refused {
+                        coordinator: opts.coordinator.clone(),
+                        reason: r.to_string(),
+                        retryable: r.is_retryable(),
+                    })
                 }
                 Command::Stop(reason) => {
                     ctl.send(NodeMsg::StopAck)?;

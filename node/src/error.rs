@@ -24,6 +24,18 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The coordinator refused this node's registration; `retryable` refusals (a dead
+    /// predecessor on the same GPU slot not yet declared dead, a full run) clear up by
+    /// themselves, so the node tries again for a while.
+    #[error("the coordinator at {coordinator} refused this node: {reason}")]
+    Refused {
+        /// The coordinator's address.
+        coordinator: String,
+        /// The refusal, as the coordinator gave it.
+        reason: String,
+        /// Whether trying again later can succeed.
+        retryable: bool,
+    },
     /// The run config is invalid for training (beyond what the config crate checks).
     #[error("{0}")]
     Invalid(String),

@@ -151,7 +151,7 @@ pub fn serve_run(
         .context("starting the coordinator's runtime")?;
     let out_dir = cfg.output_dir.clone();
     rt.block_on(async move {
-        let listener = driver::bind(listen).await?;
+        let listener = driver::bind(listen)?;
         let addr = listener.local_addr().context("reading the bound control address")?;
         eprintln!(
             "coordinator: listening on {addr}, waiting for {world} node(s); {total} steps; run folder {}",

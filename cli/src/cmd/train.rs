@@ -271,11 +271,16 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
     };
     let children: Arc<Mutex<Vec<Child>>> = Arc::new(Mutex::new(Vec::new()));
     let over = Arc::new(AtomicBool::new(false));
+    // PR_SET_PDEATHSIG fires when the *thread* that started a child ends, so the thread
+    // that starts replacements must outlive them: it waits for this, set once every node
+    // has been reaped.
+    let reaped = Arc::new(AtomicBool::new(false));
     let plain = args.plain || !std::io::stderr().is_terminal();
     let max_restarts = args.policy.max_restarts;
     let result = {
         let children = Arc::clone(&children);
         let over = Arc::clone(&over);
+        let reaped = Arc::clone(&reaped);
         super::coordinator::serve_run(
             cfg,
             "127.0.0.1:0".parse()?,
@@ -295,8 +300,11 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
                     // restart budget times the world size.
                     let mut budget = u64::from(max_restarts) * u64::from(n);
                     std::thread::spawn(move || {
-                        while !over.load(Ordering::SeqCst) && budget > 0 {
+                        while !reaped.load(Ordering::SeqCst) {
                             std::thread::sleep(Duration::from_millis(100));
+                            if over.load(Ordering::SeqCst) || budget == 0 {
+                                continue;
+                            }
                             let mut c = children.lock().expect("children lock");
                             for (i, child) in c.iter_mut().enumerate() {
                                 if over.load(Ordering::SeqCst) || budget == 0 {
@@ -348,6 +356,7 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
             None => failed.push(format!("node {i} did not exit and was killed")),
         }
     }
+    reaped.store(true, Ordering::SeqCst);
     match result {
         Err(e) if !failed.is_empty() => Err(e.context(failed.join("; "))),
         Err(e) => Err(e),
