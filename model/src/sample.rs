@@ -22,6 +22,7 @@
 //! not know; callers implement them with the stop hook), chat rendering, and I/O.
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -320,12 +321,19 @@ impl LoraModel {
             let td = std::time::Instant::now();
             let mut keep = Vec::with_capacity(active.len());
             let mut next = Vec::with_capacity(active.len());
-            for (ci, &row) in active.iter().enumerate() {
-                let (tok, lp) = draw(
-                    &logits[ci * vocab..(ci + 1) * vocab],
-                    params,
-                    &mut rngs[row],
-                );
+            // Rows draw in parallel (each from its own stream, so the result is the same);
+            // the stop checks and the caller's hook then run in row order on this thread.
+            let draws: Vec<((u32, f32), SplitMix64)> = active
+                .par_iter()
+                .enumerate()
+                .map(|(ci, &row)| {
+                    let mut rng = rngs[row].clone();
+                    let d = draw(&logits[ci * vocab..(ci + 1) * vocab], params, &mut rng);
+                    (d, rng)
+                })
+                .collect();
+            for ((ci, &row), ((tok, lp), rng)) in active.iter().enumerate().zip(draws) {
+                rngs[row] = rng;
                 let s = &mut out[row];
                 s.tokens.push(tok);
                 s.logprobs.push(lp);
