@@ -158,6 +158,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.json {
         let v = serde_json::json!({
             "impl": "ringtune",
+            "device": format!("{:?}", device.location()),
             "preset": preset.name(),
             "batch": b,
             "seq": t,
@@ -181,8 +182,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{v}");
     } else {
         println!(
-            "{}: B={b} T={t} base={:.2}M lora={:.3}M threads={}  step median {med:.3}s (min {min:.3} max {max:.3})  tokens/s median {tokens_per_s:.0}  peak RSS {} MiB  loss {:.4}->{:.4}",
+            "{} on {:?}: B={b} T={t} base={:.2}M lora={:.3}M threads={}  step median {med:.3}s (min {min:.3} max {max:.3})  tokens/s median {tokens_per_s:.0}  peak RSS {} MiB  loss {:.4}->{:.4}",
             preset.name(),
+            device.location(),
             cfg.num_parameters() as f64 / 1e6,
             lora_params as f64 / 1e6,
             args.threads,
