@@ -2,10 +2,12 @@
 # One-command GPU check (issue 6), run on the GPU machine from binaries built elsewhere:
 #   bash deploy/gpu/check.sh            (device tool: carry [".gpu"])
 # 1. ringtune gpu_check: CUDA-vs-CPU parity (tiny preset) + LoRA throughput (qwen05b, llama1b)
+# 1b. ringtune bench train --device auto: device selection picks the GPU, a CUDA step runs
+#     (if .gpu/ringtune exists)
 # 2. NCCL world-size-1 smoke test through ringtune-collectives (if .gpu/nccl_smoke exists)
 # 3. PyTorch + PEFT reference (gpu_peft_bench.py), last, so ringtune's numbers come first
 # Everything is also written to $OUT/ (or ./gpu-check-out when $OUT is unset).
-# Budgets (seconds) can be overridden: GPU_CHECK_S, NCCL_S, TORCH_S.
+# Budgets (seconds) can be overridden: GPU_CHECK_S, DEVICE_S, NCCL_S, TORCH_S.
 set -u
 cd "$(dirname "$0")/../.."
 OUTDIR="${OUT:-./gpu-check-out}"
@@ -13,6 +15,7 @@ mkdir -p "$OUTDIR"
 LOG="$OUTDIR/check.log"
 GPU_CHECK_S="${GPU_CHECK_S:-180}"
 NCCL_S="${NCCL_S:-40}"
+DEVICE_S="${DEVICE_S:-40}"
 TORCH_S="${TORCH_S:-130}"
 t0=$(date +%s)
 {
@@ -25,6 +28,16 @@ echo
 echo "== 1. ringtune gpu_check (timeout ${GPU_CHECK_S}s; its own throughput guard is 50s less)"
 timeout -k 5 "$GPU_CHECK_S" .gpu/gpu_check --device cuda:0 --budget-s $((GPU_CHECK_S - 50)) 2>&1
 echo "gpu_check exit: $?  (elapsed $(( $(date +%s) - t0 ))s)"
+echo
+
+if [ -x .gpu/ringtune ]; then
+  echo "== 1b. ringtune bench train --device auto (LOCAL_RANK=0; timeout ${DEVICE_S}s)"
+  LOCAL_RANK=0 timeout -k 5 "$DEVICE_S" .gpu/ringtune bench train --device auto --preset tiny \
+    --steps 3 --warmup 1 2>&1 | tail -3
+  echo "bench train exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
+else
+  echo "== 1b. device-selection smoke skipped: .gpu/ringtune not built"
+fi
 echo
 
 if [ -x .gpu/nccl_smoke ]; then
