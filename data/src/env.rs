@@ -109,8 +109,9 @@ pub fn extract_final_int(text: &str) -> Option<i64> {
 /// The built-in verifiable environment: `a + b` with `a, b` uniform in `0..=max_operand`.
 ///
 /// - `correct`: the last integer of the reply equals `a + b` (tinker's arithmetic check);
-/// - `format`: the reply ended cleanly (stop token or stop sequence) — tinker's parse
-///   success; its arithmetic env checks nothing else;
+/// - `format`: the reply ended cleanly (stop token or stop sequence: tinker's parse
+///   success) and is not empty (`check_format` of tinker-cookbook's `ProblemEnv` example:
+///   `response.strip() != ""`), so stopping at once is not a well-formed answer;
 /// - reward = `correct + format_coef · (format − 1)`.
 #[derive(Clone, Debug)]
 pub struct ArithmeticEnv {
@@ -143,8 +144,9 @@ impl ArithmeticEnv {
 
     /// The reward of one reply to `a + b`.
     pub fn score_reply(&self, a: i64, b: i64, text: &str, stopped: bool) -> Score {
-        let correct = extract_final_int(text) == Some(a + b);
-        let format = stopped;
+        let answer = extract_final_int(text);
+        let correct = answer == Some(a + b);
+        let format = stopped && !text.trim().is_empty();
         let (c, f) = (f64::from(u8::from(correct)), f64::from(u8::from(format)));
         Score {
             reward: c + self.format_coef * (f - 1.0),
@@ -561,9 +563,11 @@ mod tests {
         // Wrong but ended cleanly: 0.
         check("81", true, (0.0, 0.0, 1.0));
         check("-82", true, (0.0, 0.0, 1.0));
-        // Malformed: no number, empty, too long to be a number.
+        // No number: wrong but well-formed; empty: malformed; too long to be a number.
         check("eighty-two", true, (0.0, 0.0, 1.0));
-        check("", true, (0.0, 0.0, 1.0));
+        check("", true, (-0.5, 0.0, 0.0));
+        check(" \n", true, (-0.5, 0.0, 0.0));
+        check("99999999999999999999999", true, (0.0, 0.0, 1.0));
         check("eighty-two", false, (-0.5, 0.0, 0.0));
         check("99999999999999999999999", false, (-0.5, 0.0, 0.0));
     }

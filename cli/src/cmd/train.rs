@@ -73,6 +73,9 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let config_path = args.config.display().to_string();
+    if cfg.train.method == ringtune_config::Method::Rl {
+        return run_rl(cfg, &args, &stop);
+    }
     let mut trainer = Trainer::new(cfg, args.resume, Box::new(LocalSync))
         .with_context(|| format!("cannot start training from {config_path}"))?;
     for r in trainer.data_reports() {
@@ -120,6 +123,79 @@ pub fn run(args: Args) -> Result<()> {
                  ringtune train {config_path} --resume"
             );
         }
+    }
+    Ok(())
+}
+
+/// `train.method = "rl"` on this process: the RL loop with a log line per step (at most
+/// every few seconds, and the last one).
+fn run_rl(cfg: RunConfig, args: &Args, stop: &AtomicBool) -> Result<()> {
+    use ringtune_node::{RlEvent, RlOutcome, RlTrainer};
+    let config_path = args.config.display().to_string();
+    let r = cfg.rl.clone();
+    let mut trainer = RlTrainer::new(cfg, args.resume, Box::new(LocalSync))
+        .with_context(|| format!("cannot start RL training from {config_path}"))?;
+    let m = trainer.model();
+    eprintln!(
+        "model: {} ({} layers, hidden {}, vocab {}), {} LoRA parameters; env {}: {} groups x {} \
+         samples per step, max_tokens {}",
+        m.model_dir().display(),
+        m.config().num_hidden_layers,
+        m.config().hidden_size,
+        m.config().vocab_size,
+        m.param_layout().numel(),
+        trainer.env_name(),
+        r.groups_per_step,
+        r.group_size,
+        r.max_tokens,
+    );
+    if trainer.start_step() > 0 {
+        eprintln!("resuming at step {}", trainer.start_step());
+    }
+    let run_dir = trainer.run_dir().root().to_owned();
+    eprintln!("run folder: {}", run_dir.display());
+    let total = trainer.total_steps();
+    let mut last_line: Option<Instant> = None;
+    let outcome = trainer.run(stop, &mut |ev| match ev {
+        RlEvent::Step(m) => {
+            let due = last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+            if due || m.step == total {
+                last_line = Some(Instant::now());
+                let env: Vec<String> = m
+                    .env
+                    .iter()
+                    .map(|(k, v)| format!("{} {v:.3}", k.trim_start_matches("env/")))
+                    .collect();
+                eprintln!(
+                    "step {}/{} | reward {:.3} | {} | dropped {:.2} | len {:.1} | loss {:.3} | \
+                     sample {:.1}s train {:.1}s",
+                    m.step,
+                    total,
+                    m.reward_mean,
+                    env.join(" "),
+                    m.frac_groups_dropped,
+                    m.completion_len_mean,
+                    m.loss,
+                    m.sample_s,
+                    m.train_s
+                );
+            }
+        }
+        RlEvent::Checkpoint(r) => eprintln!("checkpoint: step {} → {}", r.step, r.path),
+    });
+    let outcome = outcome
+        .with_context(|| format!("RL training failed (run folder {})", run_dir.display()))?;
+    let last = trainer
+        .run_dir()
+        .latest_checkpoint()?
+        .map(|r| run_dir.join(r.adapter).display().to_string())
+        .unwrap_or_default();
+    match outcome {
+        RlOutcome::Finished { step } => eprintln!("done: {step} steps; adapter: {last}"),
+        RlOutcome::Interrupted { step } => eprintln!(
+            "interrupted at step {step}; checkpoint saved ({last}); continue with: \
+             ringtune train {config_path} --resume"
+        ),
     }
     Ok(())
 }
