@@ -156,8 +156,9 @@ pub enum Dtype {
     F16,
 }
 
-/// The compute device: `cpu`, `cuda:N`, or `auto` (the first CUDA device if the binary
-/// was built with CUDA and one is present, else the CPU).
+/// The compute device: `cpu`, `cuda:N` (`cuda` is `cuda:0`), or `auto`: the GPU of the
+/// process's slot on its host (LOCAL_RANK, else SLURM_LOCALID, else 0) if the binary was
+/// built with CUDA and that GPU is present, else the CPU (ringtune-node's `device_of`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
     Cpu,
