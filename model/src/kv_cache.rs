@@ -78,20 +78,31 @@ impl KvCache {
         self.capacity
     }
 
-    /// Checks that `t` more slots fit.
-    pub(crate) fn check_room(&self, rows: usize, t: usize) -> Result<()> {
+    /// Makes room for `t` more slots of `rows` rows: the capacity at least doubles when it
+    /// runs out (amortised O(1) copies per slot), so a caller may start small.
+    pub(crate) fn ensure_room(&mut self, rows: usize, t: usize) -> Result<()> {
         if rows != self.rows() {
             return Err(Error::InvalidBatch(format!(
                 "kv cache holds {} rows, got {rows}",
                 self.rows()
             )));
         }
-        if self.len + t > self.capacity {
-            return Err(Error::InvalidBatch(format!(
-                "kv cache full: {} of {} slots used, {t} more requested",
-                self.len, self.capacity
-            )));
+        let need = self.len + t;
+        if need <= self.capacity {
+            return Ok(());
         }
+        let cap = need.max(self.capacity * 2);
+        for (k, v) in &mut self.layers {
+            for x in [k, v] {
+                let (b, h, _, d) = x.dims4()?;
+                let grown = Tensor::zeros((b, h, cap, d), x.dtype(), x.device())?;
+                if self.len > 0 {
+                    grown.slice_set(&x.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+                *x = grown;
+            }
+        }
+        self.capacity = cap;
         Ok(())
     }
 

@@ -928,7 +928,7 @@ impl LoraModel {
 /// Incremental decoding (see [`crate::kv_cache`] and [`crate::sample`]).
 impl LoraModel {
     /// An empty kv cache for rows whose real tokens start at slot `start[b]` (left
-    /// padding), with room for `capacity` slots.
+    /// padding), with room for `capacity` slots (it grows when a call needs more).
     pub fn new_kv_cache(&self, start: Vec<usize>, capacity: usize) -> Result<KvCache> {
         KvCache::new(
             self.cfg.num_hidden_layers,
@@ -954,7 +954,7 @@ impl LoraModel {
         last_only: bool,
     ) -> Result<Tensor> {
         let (b, t) = self.check_ids(input_ids)?;
-        cache.check_room(b, t)?;
+        cache.ensure_room(b, t)?;
         let mut x = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?

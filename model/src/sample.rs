@@ -306,8 +306,9 @@ impl LoraModel {
             ids.extend(std::iter::repeat_n(0u32, s));
             ids.extend_from_slice(p);
         }
-        // The last generated token is never fed back, hence − 1.
-        let mut cache = self.new_kv_cache(start, lmax + params.max_tokens - 1)?;
+        // The last generated token is never fed back, hence − 1. A huge max_tokens does not
+        // preallocate: the cache starts with room for 256 new slots and grows by doubling.
+        let mut cache = self.new_kv_cache(start, lmax + (params.max_tokens - 1).min(256))?;
         let ids = Tensor::from_vec(ids, (prompts.len(), lmax), self.device())?;
         let mut logits = self.cached_logits(&ids, &mut cache, adapters)?;
         let mut rngs: Vec<SplitMix64> = (0..prompts.len())

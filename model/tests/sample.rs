@@ -95,7 +95,8 @@ fn check_cache_matches_full(model: &LoraModel, lens: &[usize], decode: usize, wh
         let pre: Vec<usize> = lens.iter().map(|l| l - decode).collect();
         let pmax = *pre.iter().max().unwrap();
         let start: Vec<usize> = pre.iter().map(|p| pmax - p).collect();
-        let mut cache = model.new_kv_cache(start.clone(), pmax + decode).unwrap();
+        // Capacity 1: the cache has to grow on the prefill and on decode steps.
+        let mut cache = model.new_kv_cache(start.clone(), 1).unwrap();
         let mut ids = Vec::new();
         for (p, &s) in prompts.iter().zip(&start) {
             ids.extend(std::iter::repeat_n(0u32, s));
@@ -460,4 +461,29 @@ fn bad_requests_are_named_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("top_p"), "{e}");
+}
+
+#[test]
+fn long_samples_grow_the_cache_and_stay_exact() {
+    // 300 new tokens: past the 256 slots sample() reserves up front.
+    let model = load_arch("qwen3");
+    let vocab = model.config().vocab_size;
+    let p = prompt(5, 1, vocab);
+    let params = SamplingParams {
+        max_tokens: 300,
+        seed: 9,
+        ..Default::default()
+    };
+    let s = &sample(&model, std::slice::from_ref(&p), &params, Adapters::On)[0];
+    assert_eq!(s.tokens.len(), 300);
+    assert_eq!(s.stop_reason, StopReason::MaxTokens);
+    let all: Vec<u32> = p.iter().chain(&s.tokens).copied().collect();
+    let lp = &model.prompt_logprobs(&[all], Adapters::On).unwrap()[0];
+    for (i, &x) in s.logprobs.iter().enumerate() {
+        let y = lp[p.len() + i].unwrap();
+        assert!(
+            (x - y).abs() < 1e-4,
+            "step {i}: sampler {x} vs recomputed {y}"
+        );
+    }
 }
