@@ -100,7 +100,23 @@ pub struct WorkerArgs {
 struct WorkerResult {
     bytes: u64,
     times: Vec<f64>,
+    /// CPU seconds this worker process (all its threads) spent inside each all-reduce.
+    cpu: Vec<f64>,
     correct: bool,
+}
+
+/// CPU time of this process, all threads, in seconds.
+fn process_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -212,8 +228,8 @@ pub fn run(args: Args) -> Result<()> {
             chunk_elems,
             if args.bf16 { "bf16" } else { "f32" }
         );
-        println!("| W | size | median ms | min ms | max ms | algbw GB/s | busbw GB/s | correct |");
-        println!("|---|------|-----------|--------|--------|------------|------------|---------|");
+        println!("| W | size | median ms | min ms | max ms | algbw GB/s | busbw GB/s | CPU ms (all ranks) | correct |");
+        println!("|---|------|-----------|--------|--------|------------|------------|--------------------|---------|");
     }
     for (i, &mib) in args.sizes_mib.iter().enumerate() {
         let bytes = per_rank[0][i].bytes;
@@ -223,6 +239,12 @@ pub fn run(args: Args) -> Result<()> {
             .map(|k| per_rank.iter().map(|p| p[i].times[k]).fold(0.0, f64::max))
             .collect();
         let correct = per_rank.iter().all(|p| p[i].correct);
+        // Per iteration: CPU seconds of all ranks together (what a core-starved host pays).
+        let mut cpu: Vec<f64> = (0..iters)
+            .map(|k| per_rank.iter().filter_map(|p| p[i].cpu.get(k)).sum())
+            .collect();
+        cpu.sort_by(f64::total_cmp);
+        let cpu_median = cpu.get(iters / 2).copied().unwrap_or(f64::NAN);
         t.sort_by(f64::total_cmp);
         let median = if iters == 0 {
             f64::NAN
@@ -237,17 +259,18 @@ pub fn run(args: Args) -> Result<()> {
             let o = serde_json::json!({
                 "world": args.world, "bytes": bytes, "size_mib": mib, "median_s": median,
                 "min_s": t.first(), "max_s": t.last(), "algbw_gbps": algbw, "busbw_gbps": busbw,
-                "iters": iters, "correct": correct, "transport": args.transport, "wire": if args.bf16 { "bf16" } else { "f32" },
+                "iters": iters, "correct": correct, "cpu_s_all_ranks": cpu_median, "transport": args.transport, "wire": if args.bf16 { "bf16" } else { "f32" },
                 "chunk_elems": chunk_elems, "tls": transport != Transport::TcpPlain, "loadavg1_before": load_before, "loadavg1_after": loadavg(),
             });
             println!("{o}");
         } else {
             println!(
-                "| {} | {mib} MiB | {:.2} | {:.2} | {:.2} | {algbw:.3} | {busbw:.3} | {correct} |",
+                "| {} | {mib} MiB | {:.2} | {:.2} | {:.2} | {algbw:.3} | {busbw:.3} | {:.0} | {correct} |",
                 args.world,
                 median * 1e3,
                 t.first().unwrap_or(&f64::NAN) * 1e3,
-                t.last().unwrap_or(&f64::NAN) * 1e3
+                t.last().unwrap_or(&f64::NAN) * 1e3,
+                cpu_median * 1e3
             );
         }
         if !correct {
@@ -292,6 +315,10 @@ fn parse_worker(lines: &[String]) -> Result<Vec<WorkerResult>> {
                 .iter()
                 .filter_map(|t| t.as_f64())
                 .collect(),
+            cpu: v["cpu_s"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|t| t.as_f64()).collect())
+                .unwrap_or_default(),
             correct: v["correct"].as_bool().context("correct")?,
         });
     }
@@ -364,15 +391,18 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         let tri = (args.world * (args.world + 1) / 2) as f32;
         let mut buf = vec![0.0f32; n];
         let mut times = Vec::with_capacity(args.iters);
+        let mut cpu = Vec::with_capacity(args.iters);
         let mut correct = true;
         for it in 0..args.warmup + args.iters {
             buf.copy_from_slice(&src);
             sync.barrier(Call::new(step, timeout))
                 .with_context(|| format!("rank {rank}: barrier"))?;
+            let c0 = process_cpu_s();
             let t0 = Instant::now();
             sync.all_reduce_sum(&mut buf, Call::new(step, timeout))
                 .with_context(|| format!("rank {rank}: all-reduce of {size} units"))?;
             let dt = t0.elapsed().as_secs_f64();
+            let dc = process_cpu_s() - c0;
             step += 1;
             if args.bf16 {
                 // bf16 carries 8 significant bits: check closeness, not equality.
@@ -385,11 +415,12 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
             }
             if it >= args.warmup {
                 times.push(dt);
+                cpu.push(dc);
             }
         }
         println!(
             "{}",
-            serde_json::json!({"rank": rank, "bytes": size * unit, "times_s": times, "correct": correct})
+            serde_json::json!({"rank": rank, "bytes": size * unit, "times_s": times, "cpu_s": cpu, "correct": correct})
         );
     }
     sync.barrier(Call::new(step, timeout))
