@@ -45,6 +45,10 @@ pub struct StepRecord {
     pub comm_s_max: f64,
     /// The eval NLL after this step, when a rank evaluated (the lowest rank's).
     pub eval_nll: Option<f64>,
+    /// Method-specific global numbers (RL rewards, DPO accuracies), as rank 0 reported
+    /// them. (Not `#[serde(flatten)]`: the record must survive bincode; the CLI lifts these
+    /// to top-level keys of the metrics.jsonl line.)
+    pub extra: std::collections::BTreeMap<String, f64>,
 }
 
 impl StepRecord {
@@ -77,6 +81,7 @@ impl StepRecord {
             comm_s_mean: 0.0,
             comm_s_max: 0.0,
             eval_nll: None,
+            extra: first.map(|f| f.extra.clone()).unwrap_or_default(),
         };
         for rep in reports {
             r.loss_sum += rep.loss_sum;
@@ -127,6 +132,7 @@ mod tests {
             comm: Duration::from_millis(comm_ms),
             adapter_hash: None,
             eval_nll: None,
+            extra: [("reward_mean".to_string(), 0.25)].into_iter().collect(),
         }
     }
 
@@ -161,6 +167,7 @@ mod tests {
             "{json}"
         );
         assert!(json.contains("\"world_size\":2"), "{json}");
+        assert_eq!(r.extra.get("reward_mean"), Some(&0.25));
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct StepReport {
     /// Mean NLL on the eval data after this step, from the rank that evaluated (rank 0, at
     /// the config's eval cadence).
     pub eval_nll: Option<f64>,
+    /// Method-specific numbers that are already global (summed through the all-reduce, so
+    /// every rank has the same): RL rewards, DPO accuracies. The record takes rank 0's.
+    pub extra: std::collections::BTreeMap<String, f64>,
 }
 
 /// A message from a node to the coordinator. Any message counts as a sign of

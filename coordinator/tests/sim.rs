@@ -196,6 +196,7 @@ impl Sim {
                     epoch: 0,
                     lr: 1e-4,
                     grad_norm: 1.0,
+                    extra: Default::default(),
                     compute,
                     comm,
                     adapter_hash,

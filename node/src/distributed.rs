@@ -776,6 +776,7 @@ fn serve(
                                 grad_norm: m.grad_norm,
                                 compute: total.saturating_sub(comm_t),
                                 comm: comm_t,
+                                extra: Default::default(),
                                 adapter_hash: o
                                     .report_hash
                                     .then(|| AdapterHash(trainer.adapter_sha256())),

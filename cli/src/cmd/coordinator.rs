@@ -186,7 +186,7 @@ pub fn serve_run(
         let mut progress = Progress::new(total, plain);
         while let Some(ev) = ev_rx.recv().await {
             if let Event::StepCompleted(rec) = &ev {
-                let line = serde_json::to_string(rec)?;
+                let line = metrics_line(rec)?;
                 writeln!(metrics, "{line}").with_context(|| format!("writing {}", metrics_path.display()))?;
             }
             progress.event(&ev);
@@ -218,6 +218,58 @@ pub fn serve_run(
             Outcome::Failed(e) => bail!("distributed run failed: {e}"),
         }
     })
+}
+
+/// One metrics.jsonl line: the record with its method-specific numbers (`extra`) as
+/// top-level keys, as the one-process trainers write them.
+fn metrics_line(rec: &StepRecord) -> Result<String> {
+    let mut rec = rec.clone();
+    let extra = std::mem::take(&mut rec.extra);
+    let mut line = serde_json::to_string(&rec)?;
+    // `…,"extra":{}}` → `…` + `,"key":value` per entry + `}` (field order kept).
+    let tail = ",\"extra\":{}}";
+    anyhow::ensure!(
+        line.ends_with(tail),
+        "unexpected metrics record layout: {line}"
+    );
+    line.truncate(line.len() - tail.len());
+    for (k, v) in extra {
+        if !v.is_finite() {
+            continue;
+        }
+        line.push(',');
+        line.push_str(&serde_json::to_string(&k)?);
+        line.push(':');
+        line.push_str(&serde_json::to_string(&v)?);
+    }
+    line.push('}');
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_lines_lift_the_extra_numbers_to_top_level_keys() {
+        let json = r#"{"step":3,"epoch":0,"loss":1.0,"lr":0.0001,"grad_norm":0.5,"tokens":10,
+            "weight":8.0,"examples":5,"tokens_per_s":200.0,"elapsed_s":1.0,"generation":0,
+            "world_size":2,"loss_sum":8.0,"wall_s":0.05,"compute_s_mean":0.1,"compute_s_max":0.1,
+            "comm_s_mean":0.0,"comm_s_max":0.0,"eval_nll":null,
+            "extra":{"reward_mean":0.25,"env/correct":0.5}}"#;
+        let rec: StepRecord = serde_json::from_str(json).unwrap();
+        let line = metrics_line(&rec).unwrap();
+        assert!(
+            line.starts_with(r#"{"step":3,"epoch":0,"loss":1.0,"#),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(r#","env/correct":0.5,"reward_mean":0.25}"#),
+            "{line}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(v.get("extra").is_none());
+    }
 }
 
 fn run_adapter(out: &std::path::Path, step: u64) -> String {

@@ -179,6 +179,7 @@ impl Harness {
                     epoch: 0,
                     lr: 1e-4,
                     grad_norm: 1.0,
+                    extra: Default::default(),
                     compute: Duration::from_millis(num("compute").unwrap_or(300)),
                     comm: Duration::from_millis(num("comm").unwrap_or(100)),
                     adapter_hash,
