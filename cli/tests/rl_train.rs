@@ -98,6 +98,43 @@ fn rl_config_runs_and_writes_reward_metrics() {
         ],
     ));
     assert!(again.contains("--resume"), "{again}");
+    let resumed = train_rl(
+        tmp.path(),
+        &[
+            "--resume",
+            "--max-steps",
+            "3",
+            "--set",
+            "rl.groups_per_step=4",
+            "--set",
+            "rl.group_size=4",
+        ],
+    );
+    assert_ok(&resumed);
+    assert!(
+        stderr(&resumed).contains("done: 3 steps"),
+        "{}",
+        stderr(&resumed)
+    );
+    assert_eq!(
+        metrics(tmp.path()),
+        m,
+        "a finished run's metrics changed on --resume"
+    );
+    // A changed semantic key is named on resume.
+    let changed = assert_fails(&train_rl(
+        tmp.path(),
+        &[
+            "--resume",
+            "--max-steps",
+            "3",
+            "--set",
+            "rl.groups_per_step=5",
+            "--set",
+            "rl.group_size=4",
+        ],
+    ));
+    assert!(changed.contains("rl.groups_per_step: 4 → 5"), "{changed}");
 }
 
 #[test]
