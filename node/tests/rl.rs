@@ -194,26 +194,3 @@ fn nodes_above_one_and_the_sft_trainer_are_refused_with_a_reason() {
         "a refused start wrote the run folder"
     );
 }
-
-/// Tuning aid: `RINGTUNE_RL_EXPERIMENT=path/to/config.toml cargo test -p ringtune-node
-/// --test rl --release experiment -- --nocapture` prints the reward curve.
-#[test]
-fn experiment() {
-    let Ok(p) = std::env::var("RINGTUNE_RL_EXPERIMENT") else {
-        return;
-    };
-    let cfg = RunConfig::load(Path::new(&p)).unwrap();
-    let mut t = RlTrainer::new(cfg, false, Box::new(LocalSync)).unwrap();
-    t.run(&AtomicBool::new(false), &mut |ev| {
-        if let ringtune_node::RlEvent::Step(m) = ev {
-            eprintln!(
-                "step {} reward {:.3} [{:.2},{:.2}] correct {:.3} format {:.3} stopped {:.2} len {:.1} dropped {:.2} loss {:.3} gn {:.3} t {:.1}s (s {:.2} tr {:.2})",
-                m.step, m.reward_mean, m.reward_min, m.reward_max,
-                m.env.get("env/correct").unwrap_or(&0.0), m.env.get("env/format").unwrap_or(&0.0),
-                m.frac_stopped, m.completion_len_mean, m.frac_groups_dropped, m.loss, m.grad_norm,
-                m.elapsed_s, m.sample_s, m.train_s
-            );
-        }
-    })
-    .unwrap();
-}
