@@ -167,11 +167,116 @@ fn a_failing_reward_command_stops_the_run_and_names_it() {
     );
 }
 
+/// Every f32 of a PEFT adapter folder, tensors in name order.
+fn adapter_values(dir: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
+    names.sort();
+    names
+        .iter()
+        .flat_map(|n| {
+            st.tensor(n)
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Two node processes sample their share of the groups each (the rows at their global
+/// positions in the step's seeded stream), score them with their own copy of the reward
+/// command, and sum gradients, the KL penalty's mean and the metrics over the QUIC ring:
+/// they end where one process does (and the coordinator checks every step that both
+/// ranks hold the same adapter bits).
 #[test]
-fn rl_refuses_several_nodes_with_a_reason() {
+fn rl_on_two_nodes_matches_one_process() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = assert_fails(&train_rl(tmp.path(), &["--set", "nodes=2"]));
-    assert!(err.contains("nodes") && err.contains("rl"), "{err}");
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"Name a colour.\"}\n{\"prompt\": \"Count to three.\"}\n",
+    )
+    .unwrap();
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    let prompts_key = format!("rl.prompts={}", q(prompts.to_str().unwrap()));
+    // A reward that varies within every group: the length of the JSON line (which holds
+    // the completion) modulo 5.
+    let args = |nodes: &'static str| -> Vec<String> {
+        [
+            "--max-steps",
+            "3",
+            "--set",
+            "rl.env=\"external\"",
+            "--set",
+            &prompts_key,
+            "--set",
+            "rl.command=[\"awk\", \"{ print length($0) % 5 }\"]",
+            "--set",
+            "rl.groups_per_step=4",
+            "--set",
+            "rl.group_size=4",
+            "--set",
+            "rl.kl_penalty_coef=0.1",
+            "--set",
+            nodes,
+            "--plain",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let one = tempfile::tempdir().unwrap();
+    let a1 = args("nodes=1");
+    assert_ok(&train_rl(
+        one.path(),
+        &a1.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let two = tempfile::tempdir().unwrap();
+    let a2 = args("nodes=2");
+    let out = train_rl(
+        two.path(),
+        &a2.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert_ok(&out);
+    let (a, b) = (metrics(one.path()), metrics(two.path()));
+    assert_eq!(b.len(), 3, "{}", stderr(&out));
+    let mut trained_on_both = false;
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(y["world_size"], 2);
+        for key in [
+            "reward_mean",
+            "samples",
+            "frac_groups_dropped",
+            "kl_policy_base",
+            "loss",
+        ] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(
+                (p - q).abs() <= 1e-5 * p.abs().max(1.0),
+                "step {}: {key} {p} vs {q}",
+                x["step"]
+            );
+        }
+        trained_on_both |= y["frac_groups_dropped"].as_f64().unwrap() < 0.5;
+    }
+    assert!(
+        trained_on_both,
+        "no step trained on both ranks' groups: {b:?}"
+    );
+    let last = "run/checkpoints/step-3/adapter";
+    let (p, q) = (
+        adapter_values(&one.path().join(last)),
+        adapter_values(&two.path().join(last)),
+    );
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in p.iter().zip(&q) {
+        num += (*x as f64 - *y as f64).powi(2);
+        den += (*x as f64).powi(2);
+    }
+    let rel = (num / den).sqrt();
+    assert!(rel < 1e-5, "W=2 vs W=1 adapters differ by {rel} (relative)");
 }
 
 /// The shipped config as it is (RINGTUNE_SLOW_TESTS=1; about two minutes on 2 cores):

@@ -771,20 +771,11 @@ impl RunConfig {
             );
         }
         self.rl.validate(path)?;
-        if self.train.method == Method::Rl {
-            if self.train.max_steps.is_none() {
-                return err(
-                    "train.max_steps",
-                    "train.method = \"rl\" needs the number of steps",
-                );
-            }
-            if self.nodes > 1 {
-                return err(
-                    "nodes",
-                    "train.method = \"rl\" runs in one process for now: set nodes = 1 \
-                     (distributed sampling is not implemented)",
-                );
-            }
+        if self.train.method == Method::Rl && self.train.max_steps.is_none() {
+            return err(
+                "train.max_steps",
+                "train.method = \"rl\" needs the number of steps",
+            );
         }
         if !finite_pos(self.dpo.beta) {
             return err("dpo.beta", "must be a positive number");
@@ -1015,13 +1006,13 @@ mod tests {
         }
         let e = err(&format!("{MIN}[rl]\nloss = \"reinforce\"\n"));
         assert!(e.contains("rl.loss") && e.contains("`cispo`"), "{e}");
-        // RL needs no data file but a step count, and one node.
+        // RL needs no data file but a step count; it runs on any number of nodes.
         let rl = "[model]\npath = \"m\"\n[train]\nmethod = \"rl\"\n";
         assert!(err(rl).contains("train.max_steps"));
         let c = parse(&format!("{rl}max_steps = 3\n")).unwrap();
         assert_eq!(c.train.method, Method::Rl);
-        let e = err(&format!("nodes = 2\n{rl}max_steps = 3\n"));
-        assert!(e.contains("nodes") && e.contains("rl"), "{e}");
+        let c = parse(&format!("nodes = 2\n{rl}max_steps = 3\n")).unwrap();
+        assert_eq!(c.nodes, 2);
         // The command's timeout does not change what is computed.
         let a = parse(MIN).unwrap();
         let b = parse(&format!("{MIN}[rl]\ntimeout_s = 5.0\n")).unwrap();

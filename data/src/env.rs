@@ -77,6 +77,13 @@ pub trait Env: Send {
 
     /// One score per completion, in order.
     fn score(&mut self, completions: &[Completion<'_>]) -> Result<Vec<Score>>;
+
+    /// The metric names every score carries. A distributed run sums these over the ranks
+    /// (a fixed list, so every rank's buffer has the same layout); other metrics a score
+    /// may carry are averaged over each rank's own samples only.
+    fn metric_names(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// tinker-cookbook's answer extraction: the last integer in the text (commas removed).
@@ -162,6 +169,10 @@ fn parse_operands(id: &str) -> Option<(i64, i64)> {
 }
 
 impl Env for ArithmeticEnv {
+    fn metric_names(&self) -> Vec<String> {
+        vec!["correct".into(), "format".into()]
+    }
+
     fn name(&self) -> &str {
         "arithmetic"
     }

@@ -42,6 +42,7 @@ use ringtune_data::{BatchSampler, Tokenizer};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
+use crate::rl::RlTrainer;
 use crate::trainer::{load_examples, prepare_model_dir, StepSync, Trainer};
 
 /// How long a node told to stop (or cut off from the coordinator) may stay stuck in a
@@ -78,6 +79,22 @@ pub enum NodeExit {
 /// balancing the shards.
 pub fn data_plan(cfg: &RunConfig) -> Result<DataPlan> {
     let model_dir = prepare_model_dir(cfg)?;
+    if cfg.train.method == ringtune_config::Method::Rl {
+        // RL: each step's "examples" are its groups; the environment makes the problems
+        // (a pure function of seed and step) on every rank. Equal weights: the ranks get
+        // equal numbers of groups.
+        let total = cfg.train.max_steps.ok_or_else(|| {
+            Error::Invalid("train.max_steps: an RL run needs its number of steps".into())
+        })?;
+        let step: Vec<PlannedExample> = (0..cfg.rl.groups_per_step)
+            .map(|g| PlannedExample {
+                index: ExampleIndex(g as u64),
+                tokens: 1,
+            })
+            .collect();
+        let batches = (0..total).map(|_| step.clone()).collect();
+        return DataPlan::from_batches(batches).map_err(|e| Error::Invalid(e.to_string()));
+    }
     let tok = Tokenizer::from_dir(&model_dir)?;
     let (train, _eval, _reports) = load_examples(cfg, &tok)?;
     let t = &cfg.train;
@@ -274,6 +291,122 @@ fn join_nccl(
          feature (rebuild with --features nccl, or run the coordinator with --collective quic)"
             .into(),
     ))
+}
+
+/// What this rank trains: supervised (and DPO) steps, or the RL loop.
+enum Work {
+    Sft(Box<Trainer>),
+    Rl(Box<RlTrainer>),
+}
+
+/// A finished step, as the report needs it.
+struct StepDone {
+    loss_sum: f64,
+    weight_sum: f64,
+    tokens: u64,
+    epoch: u64,
+    lr: f64,
+    grad_norm: f64,
+    eval_nll: Option<f64>,
+    extra: std::collections::BTreeMap<String, f64>,
+}
+
+impl Work {
+    /// Runs `step` over this rank's `shard` (example indices, or RL group indices).
+    fn step(
+        &mut self,
+        cfg: &RunConfig,
+        rank0: bool,
+        step: u64,
+        last: bool,
+        shard: &[usize],
+    ) -> Result<StepDone> {
+        match self {
+            Work::Sft(t) => {
+                let m = t.train_shard(step, shard)?;
+                // Every rank holds the same adapter, so rank 0 alone evaluates, at the
+                // one-process trainer's cadence (eval_every, and the last step).
+                let e = cfg.train.eval_every;
+                let due = rank0
+                    && t.example_counts().1 > 0
+                    && (last || (e > 0 && step.is_multiple_of(e)));
+                let eval_nll = if due { Some(t.eval()?) } else { None };
+                let (loss_sum, weight_sum) = t.last_local_sums();
+                Ok(StepDone {
+                    loss_sum,
+                    weight_sum,
+                    tokens: m.tokens,
+                    epoch: m.epoch,
+                    lr: m.lr,
+                    grad_norm: m.grad_norm,
+                    eval_nll,
+                    extra: Default::default(),
+                })
+            }
+            Work::Rl(t) => {
+                let m = t.train_shard(step, shard)?;
+                // The RL numbers are already the whole step's (summed in the all-reduce):
+                // rank 0 reports them, the others report nothing, so the coordinator's sums
+                // are the step's. The RL loss is a sum, not a mean: weight 1.
+                if !rank0 {
+                    return Ok(StepDone {
+                        loss_sum: 0.0,
+                        weight_sum: 0.0,
+                        tokens: 0,
+                        epoch: 0,
+                        lr: m.lr,
+                        grad_norm: m.grad_norm,
+                        eval_nll: None,
+                        extra: Default::default(),
+                    });
+                }
+                let mut extra: std::collections::BTreeMap<String, f64> = [
+                    ("reward_mean", m.reward_mean),
+                    ("frac_groups_constant", m.frac_groups_constant),
+                    ("frac_groups_dropped", m.frac_groups_dropped),
+                    ("samples", m.samples as f64),
+                    ("sampled_tokens", m.sampled_tokens as f64),
+                    ("completion_len_mean", m.completion_len_mean),
+                    ("frac_stopped", m.frac_stopped),
+                    ("kl_sample_train", m.kl_sample_train),
+                    ("sample_s", m.sample_s),
+                    ("score_s", m.score_s),
+                    ("train_s", m.train_s),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+                if let Some(kl) = m.kl_policy_base {
+                    extra.insert("kl_policy_base".into(), kl);
+                }
+                extra.extend(m.env.iter().map(|(k, v)| (k.clone(), *v)));
+                Ok(StepDone {
+                    loss_sum: m.loss,
+                    weight_sum: 1.0,
+                    tokens: m.train_tokens,
+                    epoch: 0,
+                    lr: m.lr,
+                    grad_norm: m.grad_norm,
+                    eval_nll: None,
+                    extra,
+                })
+            }
+        }
+    }
+
+    fn adapter_sha256(&self) -> [u8; 32] {
+        match self {
+            Work::Sft(t) => t.adapter_sha256(),
+            Work::Rl(t) => t.adapter_sha256(),
+        }
+    }
+
+    fn save(&mut self) -> Result<()> {
+        match self {
+            Work::Sft(t) => t.save().map(drop),
+            Work::Rl(t) => t.save().map(drop),
+        }
+    }
 }
 
 /// Tells the coordinator why this node cannot take part (so the run's error names the
@@ -739,8 +872,15 @@ fn serve(
                 return stop_result(reason);
             }
         };
-        let mut trainer = Trainer::for_node(cfg.clone(), a.resume_from.0, a.rank.0 == 0, sync)
-            .map_err(|e| setup_failed(ctl, &a, e))?;
+        let rank0 = a.rank.0 == 0;
+        let work = if cfg.train.method == ringtune_config::Method::Rl {
+            RlTrainer::for_node(cfg.clone(), a.resume_from.0, rank0, sync)
+                .map(|t| Work::Rl(Box::new(t)))
+        } else {
+            Trainer::for_node(cfg.clone(), a.resume_from.0, rank0, sync)
+                .map(|t| Work::Sft(Box::new(t)))
+        };
+        let mut trainer = work.map_err(|e| setup_failed(ctl, &a, e))?;
         ctl.send(NodeMsg::Ready {
             generation: a.generation,
         })?;
@@ -750,37 +890,27 @@ fn serve(
                     let started = Instant::now();
                     comm.set(Duration::ZERO);
                     let shard: Vec<usize> = o.examples.iter().map(|e| e.index.0 as usize).collect();
-                    let result = trainer.train_shard(o.step.0, &shard).and_then(|m| {
-                        // Every rank holds the same adapter, so rank 0 alone evaluates, at
-                        // the one-process trainer's cadence (eval_every, and the last step).
-                        let e = cfg.train.eval_every;
-                        let due = a.rank.0 == 0
-                            && trainer.example_counts().1 > 0
-                            && (o.step == a.total_steps || (e > 0 && o.step.0 % e == 0));
-                        let eval = if due { Some(trainer.eval()?) } else { None };
-                        Ok((m, eval))
-                    });
-                    match result {
-                        Ok((m, eval_nll)) => {
-                            let (loss_sum, weight_sum) = trainer.last_local_sums();
+                    let last = o.step == a.total_steps;
+                    match trainer.step(cfg, rank0, o.step.0, last, &shard) {
+                        Ok(d) => {
                             let total = started.elapsed();
                             let comm_t = comm.get();
                             ctl.send(NodeMsg::StepDone(StepReport {
                                 generation: o.generation,
                                 step: o.step,
-                                loss_sum,
-                                weight_sum,
-                                tokens: m.tokens,
-                                epoch: m.epoch,
-                                lr: m.lr,
-                                grad_norm: m.grad_norm,
+                                loss_sum: d.loss_sum,
+                                weight_sum: d.weight_sum,
+                                tokens: d.tokens,
+                                epoch: d.epoch,
+                                lr: d.lr,
+                                grad_norm: d.grad_norm,
                                 compute: total.saturating_sub(comm_t),
                                 comm: comm_t,
-                                extra: Default::default(),
+                                extra: d.extra,
                                 adapter_hash: o
                                     .report_hash
                                     .then(|| AdapterHash(trainer.adapter_sha256())),
-                                eval_nll,
+                                eval_nll: d.eval_nll,
                             }))?;
                             if o.save_checkpoint {
                                 trainer.save()?;

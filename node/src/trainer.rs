@@ -757,13 +757,7 @@ impl Trainer {
     /// SHA-256 of the adapter parameters' bits (layout order, little-endian f32): equal on
     /// two ranks exactly when their adapters are bit-identical.
     pub fn adapter_sha256(&self) -> [u8; 32] {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        for chunk in self.params.chunks(4096) {
-            let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
-            h.update(&bytes);
-        }
-        h.finalize().into()
+        params_sha256(&self.params)
     }
 
     /// This rank's own (Σ −logp·w, Σw) in the last step, before the all-reduce summed them.
@@ -946,6 +940,17 @@ impl Trainer {
         self.last_saved = Some(self.step);
         Ok(rec)
     }
+}
+
+/// SHA-256 of flat adapter parameters' bits (little-endian f32, layout order).
+pub(crate) fn params_sha256(params: &[f32]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for chunk in params.chunks(4096) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+        h.update(&bytes);
+    }
+    h.finalize().into()
 }
 
 pub(crate) fn read_state(path: &Path) -> Result<TrainState> {

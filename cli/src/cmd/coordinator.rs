@@ -246,32 +246,6 @@ fn metrics_line(rec: &StepRecord) -> Result<String> {
     Ok(line)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metrics_lines_lift_the_extra_numbers_to_top_level_keys() {
-        let json = r#"{"step":3,"epoch":0,"loss":1.0,"lr":0.0001,"grad_norm":0.5,"tokens":10,
-            "weight":8.0,"examples":5,"tokens_per_s":200.0,"elapsed_s":1.0,"generation":0,
-            "world_size":2,"loss_sum":8.0,"wall_s":0.05,"compute_s_mean":0.1,"compute_s_max":0.1,
-            "comm_s_mean":0.0,"comm_s_max":0.0,"eval_nll":null,
-            "extra":{"reward_mean":0.25,"env/correct":0.5}}"#;
-        let rec: StepRecord = serde_json::from_str(json).unwrap();
-        let line = metrics_line(&rec).unwrap();
-        assert!(
-            line.starts_with(r#"{"step":3,"epoch":0,"loss":1.0,"#),
-            "{line}"
-        );
-        assert!(
-            line.ends_with(r#","env/correct":0.5,"reward_mean":0.25}"#),
-            "{line}"
-        );
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert!(v.get("extra").is_none());
-    }
-}
-
 fn run_adapter(out: &std::path::Path, step: u64) -> String {
     out.join("checkpoints")
         .join(format!("step-{step}"))
@@ -387,5 +361,31 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_lines_lift_the_extra_numbers_to_top_level_keys() {
+        let json = r#"{"step":3,"epoch":0,"loss":1.0,"lr":0.0001,"grad_norm":0.5,"tokens":10,
+            "weight":8.0,"examples":5,"tokens_per_s":200.0,"elapsed_s":1.0,"generation":0,
+            "world_size":2,"loss_sum":8.0,"wall_s":0.05,"compute_s_mean":0.1,"compute_s_max":0.1,
+            "comm_s_mean":0.0,"comm_s_max":0.0,"eval_nll":null,
+            "extra":{"reward_mean":0.25,"env/correct":0.5}}"#;
+        let rec: StepRecord = serde_json::from_str(json).unwrap();
+        let line = metrics_line(&rec).unwrap();
+        assert!(
+            line.starts_with(r#"{"step":3,"epoch":0,"loss":1.0,"#),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(r#","env/correct":0.5,"reward_mean":0.25}"#),
+            "{line}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(v.get("extra").is_none());
     }
 }

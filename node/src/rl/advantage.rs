@@ -16,17 +16,22 @@ pub fn group_advantages(rewards: &[f64], group_size: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Indices of the groups whose rewards are not all equal.
+pub fn non_constant_groups(rewards: &[f64], group_size: usize) -> Vec<usize> {
+    rewards
+        .chunks(group_size)
+        .enumerate()
+        .filter(|(_, g)| g.iter().any(|&r| r != g[0]))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Indices of the groups to train on: those whose rewards are not all equal. When every
 /// group is constant the first is kept, as tinker-cookbook's
 /// `remove_constant_reward_groups` does, so a step always has a batch (its advantages are
 /// zero, so only the KL penalty, if any, moves the policy).
 pub fn kept_groups(rewards: &[f64], group_size: usize) -> Vec<usize> {
-    let kept: Vec<usize> = rewards
-        .chunks(group_size)
-        .enumerate()
-        .filter(|(_, g)| g.iter().any(|&r| r != g[0]))
-        .map(|(i, _)| i)
-        .collect();
+    let kept = non_constant_groups(rewards, group_size);
     if kept.is_empty() && !rewards.is_empty() {
         vec![0]
     } else {
@@ -67,6 +72,43 @@ pub fn apply_kl_penalty(
         }
     }
     mean
+}
+
+/// Σ (sampler logprob − base logprob) over every completion token, and the token count:
+/// a distributed run sums these over the ranks to get the step's mean `d̄`.
+pub fn kl_diff_sum(sampler_logprobs: &[Vec<f32>], base_logprobs: &[Vec<f32>]) -> (f64, usize) {
+    let mut sum = 0.0;
+    let mut n = 0;
+    for (s, b) in sampler_logprobs.iter().zip(base_logprobs) {
+        assert_eq!(s.len(), b.len(), "sampler and base logprob rows differ");
+        for (&s, &b) in s.iter().zip(b) {
+            sum += s as f64 - b as f64;
+            n += 1;
+        }
+    }
+    (sum, n)
+}
+
+/// [`apply_kl_penalty`] with the batch mean `mean` given (the whole step's, in a
+/// distributed run): each token's advantage gets `coef · (mean − d)`.
+pub fn apply_kl_penalty_with_mean(
+    advantages: &mut [Vec<f32>],
+    sampler_logprobs: &[Vec<f32>],
+    base_logprobs: &[Vec<f32>],
+    coef: f64,
+    mean: f64,
+) {
+    for ((adv, s), b) in advantages
+        .iter_mut()
+        .zip(sampler_logprobs)
+        .zip(base_logprobs)
+    {
+        assert_eq!(adv.len(), s.len(), "advantage and logprob rows differ");
+        for ((a, &s), &b) in adv.iter_mut().zip(s).zip(b) {
+            let d = s as f64 - b as f64;
+            *a = (*a as f64 + coef * (mean - d)) as f32;
+        }
+    }
 }
 
 /// Mean over `xs` (0 when empty).

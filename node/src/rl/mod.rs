@@ -19,7 +19,12 @@
 //! AdamW state, step and pass counter, so N steps + resume + M steps gives the same adapter
 //! bits as N + M steps straight through.
 //!
-//! Not here: several nodes (refused for now), signals and progress display (the CLI).
+//! Several nodes: [`RlTrainer::for_node`] + [`RlTrainer::train_shard`] train a rank's share
+//! of a step's groups; the rows keep their global positions in the step's seeded stream,
+//! and what needs the whole step (the all-constant rule, the KL mean, the metrics) is summed
+//! over the ranks through the [`StepSync`] hook.
+//!
+//! Not here: signals and progress display (the CLI).
 
 pub mod advantage;
 
@@ -147,6 +152,13 @@ const STATE_VERSION: u32 = 1;
 const STATE_FILE: &str = "state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
+/// Where a run starts: this process's own run, or one rank of a distributed run.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    Local { resume: bool },
+    Node { resume_from: u64, writes: bool },
+}
+
 /// One sampled row on its way into the batch.
 struct Rollout {
     /// Prompt + completion tokens.
@@ -177,7 +189,8 @@ pub struct RlTrainer {
     start_step: u64,
     total_steps: u64,
     pad_id: u32,
-    metrics: RlMetricsLog,
+    /// `None` on a node of a distributed run: the coordinator writes the run's metrics.
+    metrics: Option<RlMetricsLog>,
     elapsed_before: f64,
     segment_start: Instant,
     last_loss: Option<f64>,
@@ -236,28 +249,70 @@ impl RlTrainer {
     /// Prepares an RL run: checks the run folder against `resume`, loads (or creates) the
     /// model, the tokenizer and the environment, and only then touches the run folder.
     pub fn new(cfg: RunConfig, resume: bool, sync: Box<dyn StepSync>) -> Result<Self> {
-        if cfg.nodes != 1 {
-            return Err(Error::Invalid(format!(
-                "nodes = {}: RL runs on one node for now (distributed sampling is not \
-                 implemented); set nodes = 1",
-                cfg.nodes
-            )));
-        }
+        Self::build(cfg, Start::Local { resume }, sync)
+    }
+
+    /// One rank of a distributed RL run (`ringtune node`): no metrics.jsonl of its own (the
+    /// coordinator writes the run's), trains the groups the coordinator assigns
+    /// ([`RlTrainer::train_shard`]), starts from the checkpoint written after
+    /// `resume_from` (0: fresh). Only the rank that `writes` cleans the run folder.
+    pub fn for_node(
+        cfg: RunConfig,
+        resume_from: u64,
+        writes: bool,
+        sync: Box<dyn StepSync>,
+    ) -> Result<Self> {
+        Self::build(
+            cfg,
+            Start::Node {
+                resume_from,
+                writes,
+            },
+            sync,
+        )
+    }
+
+    fn build(cfg: RunConfig, start: Start, sync: Box<dyn StepSync>) -> Result<Self> {
         let total_steps = cfg.train.max_steps.ok_or_else(|| {
             Error::Invalid("train.max_steps: an RL run needs its number of steps".into())
         })?;
         let hash = cfg.semantic_hash();
         let out_dir = cfg.output_dir.clone();
         let existing = RunDir::open_existing(&out_dir)?;
-        let latest = match &existing {
-            Some(run) => run.latest_checkpoint()?,
-            None => None,
+        let latest = match start {
+            Start::Local { resume } => {
+                let latest = match &existing {
+                    Some(run) => run.latest_checkpoint()?,
+                    None => None,
+                };
+                match (resume, latest) {
+                    (false, Some(_)) => return Err(Error::RunExists(out_dir)),
+                    (true, None) => return Err(Error::NothingToResume(out_dir)),
+                    (_, l) => l,
+                }
+            }
+            Start::Node { resume_from: 0, .. } => None,
+            Start::Node { resume_from, .. } => {
+                let listed = match &existing {
+                    Some(run) => run.complete_checkpoints()?,
+                    None => Vec::new(),
+                };
+                Some(
+                    listed
+                        .into_iter()
+                        .find(|r| r.step == resume_from)
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "the coordinator asked to resume from step {resume_from}, but \
+                                 {} lists no complete checkpoint of that step",
+                                out_dir.join("checkpoints.jsonl").display()
+                            ))
+                        })?,
+                )
+            }
         };
-        let latest = match (resume, latest) {
-            (false, Some(_)) => return Err(Error::RunExists(out_dir)),
-            (true, None) => return Err(Error::NothingToResume(out_dir)),
-            (_, l) => l,
-        };
+        let node = matches!(start, Start::Node { .. });
+        let cleans = !matches!(start, Start::Node { writes: false, .. });
         let resume_state = match &latest {
             Some(rec) => {
                 let dir = out_dir.join(&rec.path);
@@ -313,7 +368,9 @@ impl RlTrainer {
 
         // Inputs are good: now the run folder may be touched.
         let run = RunDir::create(&out_dir)?;
-        run.clean_incomplete()?;
+        if cleans {
+            run.clean_incomplete()?;
+        }
         let (opt, step, elapsed_before, metrics) = match resume_state {
             Some((dir, state)) => {
                 model.load_adapter(&dir.join("adapter"))?;
@@ -346,14 +403,22 @@ impl RlTrainer {
                     });
                 }
                 model.set_passes(state.passes);
-                let metrics = RlMetricsLog::resume(&run.metrics_path(), state.step)?;
+                let metrics = if node {
+                    None
+                } else {
+                    Some(RlMetricsLog::resume(&run.metrics_path(), state.step)?)
+                };
                 (opt, state.step, state.elapsed_s, metrics)
             }
             None => (
                 AdamW::new(adam_cfg, model.param_layout().clone()),
                 0,
                 0.0,
-                RlMetricsLog::create(&run.metrics_path())?,
+                if node {
+                    None
+                } else {
+                    Some(RlMetricsLog::create(&run.metrics_path())?)
+                },
             ),
         };
         let params = model.params_flat()?;
@@ -399,6 +464,12 @@ impl RlTrainer {
         self.total_steps
     }
 
+    /// SHA-256 of the adapter parameters' bits: equal on two ranks exactly when their
+    /// adapters are bit-identical.
+    pub fn adapter_sha256(&self) -> [u8; 32] {
+        crate::trainer::params_sha256(&self.params)
+    }
+
     /// The run folder.
     pub fn run_dir(&self) -> &RunDir {
         &self.run
@@ -434,7 +505,9 @@ impl RlTrainer {
                 return Ok(RlOutcome::Interrupted { step: self.step });
             }
             let m = self.train_step()?;
-            self.metrics.append(&m)?;
+            if let Some(log) = &mut self.metrics {
+                log.append(&m)?;
+            }
             on_event(RlEvent::Step(&m));
             if save_every > 0
                 && self.step.is_multiple_of(save_every)
@@ -482,12 +555,40 @@ impl RlTrainer {
 
     /// One step; returns its metrics.
     pub fn train_step(&mut self) -> Result<RlStepMetrics> {
-        let step = self.step + 1;
+        let all: Vec<usize> = (0..self.cfg.rl.groups_per_step).collect();
+        self.train_groups(self.step + 1, &all)
+    }
+
+    /// One step of a distributed run over this rank's `groups` (indices into the step's
+    /// `groups_per_step` problems, as the coordinator assigned them). Every rank samples
+    /// its groups with the rows' global positions in the step's seeded stream, so the
+    /// samples do not depend on how the groups were split; the gradient, the KL penalty's
+    /// batch mean and the step's metrics are summed over the ranks.
+    pub fn train_shard(&mut self, step: u64, groups: &[usize]) -> Result<RlStepMetrics> {
+        if step != self.step + 1 {
+            return Err(Error::Invalid(format!(
+                "asked to run step {step}, but this rank is at step {} (expects {})",
+                self.step,
+                self.step + 1
+            )));
+        }
+        let n = self.cfg.rl.groups_per_step;
+        if let Some(&bad) = groups.iter().find(|&&g| g >= n) {
+            return Err(Error::Invalid(format!(
+                "step {step}: group {bad} is out of range ({n} groups per step)"
+            )));
+        }
+        self.train_groups(step, groups)
+    }
+
+    fn train_groups(&mut self, step: u64, groups: &[usize]) -> Result<RlStepMetrics> {
         let r = self.cfg.rl.clone();
         let g = r.group_size;
 
-        // 1. Problems and prompts.
-        let problems: Vec<Problem> = self.env.problems(step, r.groups_per_step)?;
+        // 1. Problems and prompts (all of the step's, a pure function of seed and step; this
+        //    rank's share of them).
+        let all_problems: Vec<Problem> = self.env.problems(step, r.groups_per_step)?;
+        let problems: Vec<Problem> = groups.iter().map(|&i| all_problems[i].clone()).collect();
         let mut prompt_tokens = Vec::with_capacity(problems.len());
         let mut prompt_texts = Vec::with_capacity(problems.len());
         for p in &problems {
@@ -501,10 +602,6 @@ impl RlTrainer {
             prompt_tokens.push(toks);
             prompt_texts.push(self.renderer.render_text(&p.messages, true)?);
         }
-        let rows: Vec<Vec<u32>> = prompt_tokens
-            .iter()
-            .flat_map(|p| std::iter::repeat_n(p.clone(), g))
-            .collect();
 
         // 2. Sampling from the current policy.
         let t_sample = Instant::now();
@@ -529,7 +626,28 @@ impl RlTrainer {
                 .decode(tail, false)
                 .is_ok_and(|t| sequences.iter().any(|s| t.contains(s.as_str())))
         };
-        let samples = self.model.sample(&rows, &params, Adapters::On, &mut hook)?;
+        // Each run of consecutive groups is one batch, its rows at their global positions
+        // in the step's stream (one run, from row 0, in a one-process run).
+        let mut samples = Vec::with_capacity(groups.len() * g);
+        let mut at = 0;
+        while at < groups.len() {
+            let mut end = at + 1;
+            while end < groups.len() && groups[end] == groups[end - 1] + 1 {
+                end += 1;
+            }
+            let rows: Vec<Vec<u32>> = prompt_tokens[at..end]
+                .iter()
+                .flat_map(|p| std::iter::repeat_n(p.clone(), g))
+                .collect();
+            samples.extend(self.model.sample_rows(
+                &rows,
+                groups[at] * g,
+                &params,
+                Adapters::On,
+                &mut hook,
+            )?);
+            at = end;
+        }
         let sample_s = t_sample.elapsed().as_secs_f64();
 
         // 3. Rewards.
@@ -576,7 +694,18 @@ impl RlTrainer {
             .filter(|c| c.iter().all(|&x| x == c[0]))
             .count();
         let kept: Vec<usize> = if r.remove_constant_reward_groups {
-            advantage::kept_groups(&rewards, g)
+            // When every group of the whole step is constant, the step's first group is
+            // kept (tinker-cookbook's rule): a decision over all ranks' groups.
+            let local = advantage::non_constant_groups(&rewards, g);
+            let mut count = [local.len() as f32];
+            self.sync
+                .all_reduce_sum(step, &mut count)
+                .map_err(|message| Error::Sync { step, message })?;
+            if count[0] == 0.0 {
+                groups.iter().position(|&gi| gi == 0).into_iter().collect()
+            } else {
+                local
+            }
         } else {
             (0..n_groups).collect()
         };
@@ -604,7 +733,24 @@ impl RlTrainer {
             let base = self.completion_logprobs(&rollouts, Adapters::Off)?;
             let sampled: Vec<Vec<f32>> = rollouts.iter().map(|x| x.logprobs.clone()).collect();
             let mut advs: Vec<Vec<f32>> = rollouts.iter().map(|x| x.advantages.clone()).collect();
-            let kl = advantage::apply_kl_penalty(&mut advs, &sampled, &base, r.kl_penalty_coef);
+            // d̄ is the mean over the whole step's tokens: sum the ranks' shares first.
+            let (d_sum, d_n) = advantage::kl_diff_sum(&sampled, &base);
+            let mut sums = [d_sum as f32, d_n as f32];
+            self.sync
+                .all_reduce_sum(step, &mut sums)
+                .map_err(|message| Error::Sync { step, message })?;
+            let kl = if sums[1] > 0.0 {
+                (sums[0] / sums[1]) as f64
+            } else {
+                0.0
+            };
+            advantage::apply_kl_penalty_with_mean(
+                &mut advs,
+                &sampled,
+                &base,
+                r.kl_penalty_coef,
+                kl,
+            );
             for (x, a) in rollouts.iter_mut().zip(advs) {
                 x.advantages = a;
             }
@@ -637,9 +783,35 @@ impl RlTrainer {
                 train_tokens += x.logprobs.len() as u64;
             }
         }
+        // The step's numbers ride in the same all-reduce, so every rank (and the metrics)
+        // sees the whole step's, not its own share.
+        let env_names = self.env.metric_names();
+        let stopped = texts.iter().filter(|(_, s)| *s).count();
+        let sampled_tokens: u64 = samples.iter().map(|s| s.tokens.len() as u64).sum();
+        let mut stats = vec![
+            rewards.iter().sum::<f64>(),
+            samples.len() as f64,
+            constant as f64,
+            n_groups as f64,
+            kept.len() as f64,
+            sampled_tokens as f64,
+            stopped as f64,
+            train_tokens as f64,
+            diff_sum,
+        ];
+        for name in &env_names {
+            let (sum, count) = scores
+                .iter()
+                .filter_map(|sc| sc.metrics.get(name))
+                .fold((0.0, 0.0), |(s, c), v| (s + v, c + 1.0));
+            stats.extend([sum, count]);
+        }
+        buf.extend(stats.iter().map(|&x| x as f32));
         self.sync
             .all_reduce_sum(step, &mut buf)
             .map_err(|message| Error::Sync { step, message })?;
+        let global: Vec<f64> = buf[n + 2..].iter().map(|&x| x as f64).collect();
+        buf.truncate(n + 2);
         let weight = buf[n] as f64;
         let loss_sum = buf[n + 1] as f64;
         let (loss, divide) = match self.loss.reduction() {
@@ -665,39 +837,46 @@ impl RlTrainer {
         self.last_loss = Some(loss);
         let train_s = t_train.elapsed().as_secs_f64();
 
-        // Metrics.
-        let mut env_metrics: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-        for s in &scores {
-            for (k, v) in &s.metrics {
-                let e = env_metrics.entry(format!("env/{k}")).or_insert((0.0, 0));
-                e.0 += v;
-                e.1 += 1;
+        // Metrics: the whole step's (summed over ranks above); min/max and metrics outside
+        // the environment's fixed list are this rank's samples'.
+        let mut env_metrics: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+        for sc in &scores {
+            for (k, v) in &sc.metrics {
+                if !env_names.contains(k) {
+                    let e = env_metrics.entry(format!("env/{k}")).or_insert((0.0, 0.0));
+                    e.0 += v;
+                    e.1 += 1.0;
+                }
             }
         }
-        let sampled_tokens: u64 = samples.iter().map(|s| s.tokens.len() as u64).sum();
-        let ns = samples.len().max(1) as f64;
+        for (i, name) in env_names.iter().enumerate() {
+            let (sum, count) = (global[9 + 2 * i], global[10 + 2 * i]);
+            if count > 0.0 {
+                env_metrics.insert(format!("env/{name}"), (sum, count));
+            }
+        }
+        let [reward_sum, n_samples, n_constant, n_groups, n_kept, sampled, n_stopped, trained, d_sum] =
+            [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|i| global[i]);
+        let ns = n_samples.max(1.0);
+        let ng = n_groups.max(1.0);
         Ok(RlStepMetrics {
             step,
-            reward_mean: advantage::mean(rewards.iter().copied()),
+            reward_mean: reward_sum / ns,
             reward_min: rewards.iter().copied().fold(f64::INFINITY, f64::min),
             reward_max: rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             env: env_metrics
                 .into_iter()
-                .map(|(k, (s, c))| (k, s / c as f64))
+                .map(|(k, (s, c))| (k, s / c))
                 .collect(),
-            frac_groups_constant: constant as f64 / n_groups as f64,
-            frac_groups_dropped: (n_groups - kept.len()) as f64 / n_groups as f64,
-            samples: samples.len() as u64,
-            sampled_tokens,
-            completion_len_mean: sampled_tokens as f64 / ns,
-            frac_stopped: texts.iter().filter(|(_, s)| *s).count() as f64 / ns,
-            train_tokens,
+            frac_groups_constant: n_constant / ng,
+            frac_groups_dropped: (n_groups - n_kept) / ng,
+            samples: n_samples as u64,
+            sampled_tokens: sampled as u64,
+            completion_len_mean: sampled / ns,
+            frac_stopped: n_stopped / ns,
+            train_tokens: trained as u64,
             loss,
-            kl_sample_train: if train_tokens > 0 {
-                diff_sum / train_tokens as f64
-            } else {
-                0.0
-            },
+            kl_sample_train: if trained > 0.0 { d_sum / trained } else { 0.0 },
             kl_policy_base,
             lr,
             grad_norm: rep.grad_norm,
