@@ -1,14 +1,15 @@
-//! The TCP data path: one blocking thread per link direction, frames sealed per frame.
+//! The TCP data path, after a link is authenticated (TLS handshake + token proof, or for
+//! `tcp-plain` the nonce challenge–response): no tokio, no rustls.
 //!
-//! Once a TCP link is authenticated (TLS handshake + token proof, or for `tcp-plain` the
-//! nonce challenge–response), its data no longer goes through tokio or rustls: a writer
-//! thread seals each queued frame in place and hands it to the kernel in one `write`, and
-//! a reader thread reads each frame into a reused buffer, opens it in place and queues it;
-//! the ring core runs on the caller's thread and reduces straight out of that buffer. On a
-//! 2-core host this is what the time goes to, so every avoided pass over the bytes counts:
-//! the rustls stream path copied each byte four times in user space (frame encode, rustls
-//! plaintext in, deframer in, plaintext out) and hopped through tokio tasks per frame; this
-//! path copies once (the frame encode) besides the kernel's own copies and the AEAD pass.
+//! By default ([`StreamDriver`]) a writer thread seals each frame in place and writes it,
+//! a reader thread reads each frame into a reused buffer and opens it in place, and the
+//! caller's thread encodes frames from the gradient buffer and reduces straight out of the
+//! receive buffers. On a 2-core host what counts is the work per byte: the rustls stream
+//! path copied each byte four times in user space (frame encode, rustls plaintext in,
+//! deframer in, plaintext out) and hopped between tokio tasks per frame; this path copies
+//! once (the encode) besides the kernel's copies and the AEAD pass. [`InlineDriver`]
+//! (`RINGTUNE_TCP_IO=inline`) does all of it on the caller's thread with non-blocking
+//! sockets and `poll(2)`; same CPU, but slower here (see [`TcpIo::start`]).
 //!
 //! # Frame protection ([`FrameKey`])
 //! With TLS on, each frame `[len: u32 LE][body]` travels as `[len][AES-128-GCM(body)][tag]`
@@ -470,13 +471,14 @@ pub(crate) enum TcpIo {
 }
 
 impl TcpIo {
-    /// `RINGTUNE_TCP_IO=threads` picks the threaded links; the default is inline, which
-    /// measured faster on the 2-core host (README, all-reduce speed): with every core busy,
-    /// handing each frame between threads costs wake-ups and gains no parallelism.
+    /// The threaded links by default; `RINGTUNE_TCP_IO=inline` picks the single-threaded
+    /// ones. On the 2-core host both cost the same CPU per all-reduce, but the threads
+    /// finished sooner (W = 4, 64 MiB, TCP+TLS: busbw 0.37–0.39 vs 0.20–0.25 GB/s; W = 2
+    /// plain: 0.84 vs 0.64), because sealing on one core overlaps the kernel copy on the other.
     pub(crate) fn start(cfg: RingConfig, links: StreamLinks) -> Result<Self> {
         match std::env::var("RINGTUNE_TCP_IO").as_deref() {
-            Ok("threads") => Ok(Self::Threads(StreamDriver::start(cfg, links)?)),
-            _ => Ok(Self::Inline(Box::new(InlineDriver::start(cfg, links)?))),
+            Ok("inline") => Ok(Self::Inline(Box::new(InlineDriver::start(cfg, links)?))),
+            _ => Ok(Self::Threads(StreamDriver::start(cfg, links)?)),
         }
     }
 
@@ -530,7 +532,8 @@ pub(crate) struct InlineDriver {
     rx: Vec<u8>,
     rx_got: usize,
     closed: bool,
-    /// Where the time went (`RINGTUNE_NET_PROFILE=1` prints it on close).
+    /// Where the time went (`RINGTUNE_NET_PROFILE=1` with `RINGTUNE_TCP_IO=inline` prints it
+    /// on close).
     prof: Option<Profile>,
 }
 
