@@ -96,9 +96,19 @@ pub fn data_plan(cfg: &RunConfig) -> Result<DataPlan> {
         return DataPlan::from_batches(batches).map_err(|e| Error::Invalid(e.to_string()));
     }
     let tok = Tokenizer::from_dir(&model_dir)?;
-    let (train, _eval, _reports) = load_examples(cfg, &tok)?;
+    // Token counts per training example (DPO: per pair, chosen + rejected).
+    let lengths: Vec<usize> = if cfg.train.method == ringtune_config::Method::Dpo {
+        let d = crate::dpo::Dpo::load(cfg, &tok)?;
+        (0..d.train_len()).map(|i| d.pair_tokens(i)).collect()
+    } else {
+        load_examples(cfg, &tok)?
+            .0
+            .iter()
+            .map(|x| x.len())
+            .collect()
+    };
     let t = &cfg.train;
-    let mut sampler = BatchSampler::new(train.len(), t.batch_size, cfg.seed)?;
+    let mut sampler = BatchSampler::new(lengths.len(), t.batch_size, cfg.seed)?;
     let total = match t.max_steps {
         Some(s) => s,
         None => t.epochs * sampler.batches_per_epoch() as u64,
@@ -111,7 +121,7 @@ pub fn data_plan(cfg: &RunConfig) -> Result<DataPlan> {
                 .into_iter()
                 .map(|i| PlannedExample {
                     index: ExampleIndex(i as u64),
-                    tokens: train[i].len().min(u32::MAX as usize) as u32,
+                    tokens: lengths[i].min(u32::MAX as usize) as u32,
                 })
                 .collect()
         })
@@ -330,7 +340,31 @@ impl Work {
                 let due = rank0
                     && t.example_counts().1 > 0
                     && (last || (e > 0 && step.is_multiple_of(e)));
-                let eval_nll = if due { Some(t.eval()?) } else { None };
+                let mut extra = std::collections::BTreeMap::new();
+                let mut eval_nll = None;
+                if cfg.train.method == ringtune_config::Method::Dpo {
+                    // DPO's numbers are summed in the all-reduce (the same on every rank);
+                    // rank 0 reports them, with its held-out loss and accuracy when due.
+                    if rank0 {
+                        if let Some(dm) = &m.dpo {
+                            if let Ok(serde_json::Value::Object(o)) = serde_json::to_value(dm) {
+                                for (k, v) in o {
+                                    if let Some(x) = v.as_f64() {
+                                        extra.insert(k, x);
+                                    }
+                                }
+                            }
+                        }
+                        if due {
+                            if let Some(e) = t.dpo_eval()? {
+                                extra.insert("eval_dpo_loss".into(), e.loss);
+                                extra.insert("eval_dpo_accuracy".into(), e.accuracy);
+                            }
+                        }
+                    }
+                } else if due {
+                    eval_nll = Some(t.eval()?);
+                }
                 let (loss_sum, weight_sum) = t.last_local_sums();
                 Ok(StepDone {
                     loss_sum,
@@ -340,7 +374,7 @@ impl Work {
                     lr: m.lr,
                     grad_norm: m.grad_norm,
                     eval_nll,
-                    extra: Default::default(),
+                    extra,
                 })
             }
             Work::Rl(t) => {

@@ -96,12 +96,7 @@ struct Sums {
     reference: Vec<Option<f64>>,
 }
 
-fn sums(
-    model: &LoraModel,
-    seqs: &[Datum],
-    need_ref: &[bool],
-    mbs: &[MicroBatch],
-) -> Result<Sums> {
+fn sums(model: &LoraModel, seqs: &[Datum], need_ref: &[bool], mbs: &[MicroBatch]) -> Result<Sums> {
     let mut policy = vec![0f64; seqs.len()];
     let mut reference = vec![None; seqs.len()];
     for mb in mbs {
@@ -195,6 +190,12 @@ impl Dpo {
     /// Training pairs.
     pub fn train_len(&self) -> usize {
         self.train.len()
+    }
+
+    /// Tokens of training pair `i` (chosen + rejected), for balancing a distributed step.
+    pub fn pair_tokens(&self, i: usize) -> usize {
+        let p = &self.train[i];
+        p.chosen.len() + p.rejected.len()
     }
 
     /// Held-out pairs.

@@ -734,10 +734,10 @@ impl Trainer {
                 self.step + 1
             )));
         }
-        if let Some(&bad) = shard.iter().find(|&&i| i >= self.example_counts().0) {
+        let n_train = self.example_counts().0;
+        if let Some(&bad) = shard.iter().find(|&&i| i >= n_train) {
             return Err(Error::Invalid(format!(
-                "step {step}: example index {bad} is out of range ({} training examples)",
-                self.train.len()
+                "step {step}: example index {bad} is out of range ({n_train} training examples)"
             )));
         }
         // The coordinator planned this step with the same seeded sampler; advancing ours
