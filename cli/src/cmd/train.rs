@@ -60,6 +60,9 @@ fn overrides(args: &Args) -> Result<Vec<String>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    // Before any thread exists: one thread for candle's element-wise pool, the allocator
+    // tuned for large tensors, RAYON_NUM_THREADS respected (as `ringtune node` does).
+    ringtune_model::init_cpu_runtime(None);
     let cfg = RunConfig::load_with_overrides(&args.config, &overrides(&args)?)?;
     if cfg.nodes > 1 {
         return run_local_cluster(cfg, &args);
