@@ -19,8 +19,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::grads::{Gradients, ParamLayout};
 use crate::gemv;
+use crate::grads::{Gradients, ParamLayout};
 use crate::head;
 use crate::kv_cache::KvCache;
 use crate::lora::{fnv1a, Adapters, LoraAdapter, LoraConfig, LoraLinear, TargetModule};
