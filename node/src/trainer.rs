@@ -109,9 +109,9 @@ pub enum Outcome {
     },
 }
 
-/// How a trainer was started.
+/// How a trainer (SFT/DPO or RL) was started.
 #[derive(Debug, Clone, Copy)]
-enum Mode {
+pub(crate) enum Mode {
     /// `ringtune train` with one node: the trainer owns the whole run folder.
     Local { resume: bool },
     /// One rank of a distributed run.
@@ -424,42 +424,7 @@ impl Trainer {
         let hash = cfg.semantic_hash();
         let out_dir = cfg.output_dir.clone();
         // Refuse early, before any expensive work, when the folder's state contradicts the flag.
-        let existing = RunDir::open_existing(&out_dir)?;
-        let latest = match mode {
-            Mode::Local { resume } => {
-                let latest = match &existing {
-                    Some(run) => run.latest_checkpoint()?,
-                    None => None,
-                };
-                if !resume && latest.is_some() {
-                    return Err(Error::RunExists(out_dir));
-                }
-                match (resume, latest) {
-                    (true, None) => return Err(Error::NothingToResume(out_dir)),
-                    (true, Some(r)) => Some(r),
-                    (false, _) => None,
-                }
-            }
-            Mode::Node { resume_from: 0, .. } => None,
-            Mode::Node { resume_from, .. } => {
-                let listed = match &existing {
-                    Some(run) => run.complete_checkpoints()?,
-                    None => Vec::new(),
-                };
-                Some(
-                    listed
-                        .into_iter()
-                        .find(|r| r.step == resume_from)
-                        .ok_or_else(|| {
-                            Error::Invalid(format!(
-                                "the coordinator asked to resume from step {resume_from}, but \
-                                 {} lists no complete checkpoint of that step",
-                                out_dir.join("checkpoints.jsonl").display()
-                            ))
-                        })?,
-                )
-            }
-        };
+        let latest = starting_checkpoint(&out_dir, mode)?;
         let node_mode = matches!(mode, Mode::Node { .. });
         let cleans = !matches!(mode, Mode::Node { writes: false, .. });
         let resume_state = match &latest {
@@ -940,6 +905,45 @@ impl Trainer {
         self.last_saved = Some(self.step);
         Ok(rec)
     }
+}
+
+/// The checkpoint a run starts from, checked against how it was started before any
+/// expensive work: a fresh local start into a folder with checkpoints is refused (nothing is
+/// overwritten), `--resume` needs one, and a node resumes exactly the coordinator's step.
+pub(crate) fn starting_checkpoint(out_dir: &Path, mode: Mode) -> Result<Option<CheckpointRecord>> {
+    let existing = RunDir::open_existing(out_dir)?;
+    Ok(match mode {
+        Mode::Local { resume } => {
+            let latest = match &existing {
+                Some(run) => run.latest_checkpoint()?,
+                None => None,
+            };
+            match (resume, latest) {
+                (false, Some(_)) => return Err(Error::RunExists(out_dir.to_owned())),
+                (true, None) => return Err(Error::NothingToResume(out_dir.to_owned())),
+                (_, l) => l,
+            }
+        }
+        Mode::Node { resume_from: 0, .. } => None,
+        Mode::Node { resume_from, .. } => {
+            let listed = match &existing {
+                Some(run) => run.complete_checkpoints()?,
+                None => Vec::new(),
+            };
+            Some(
+                listed
+                    .into_iter()
+                    .find(|r| r.step == resume_from)
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "the coordinator asked to resume from step {resume_from}, but {} \
+                             lists no complete checkpoint of that step",
+                            out_dir.join("checkpoints.jsonl").display()
+                        ))
+                    })?,
+            )
+        }
+    })
 }
 
 /// SHA-256 of flat adapter parameters' bits (little-endian f32, layout order).

@@ -48,7 +48,10 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{write_file_atomic, CheckpointRecord, RunDir};
 use crate::error::{io_err, Error, Result};
 use crate::metrics::MetricsLog;
-use crate::trainer::{device_of, dtype_of, lora_of, prepare_model_dir, renderer_of, StepSync};
+use crate::trainer::{
+    device_of, dtype_of, lora_of, prepare_model_dir, renderer_of, starting_checkpoint, Mode,
+    StepSync,
+};
 
 /// One RL step's numbers: a line of `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,13 +155,6 @@ const STATE_VERSION: u32 = 1;
 const STATE_FILE: &str = "state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
-/// Where a run starts: this process's own run, or one rank of a distributed run.
-#[derive(Debug, Clone, Copy)]
-enum Start {
-    Local { resume: bool },
-    Node { resume_from: u64, writes: bool },
-}
-
 /// One sampled row on its way into the batch.
 struct Rollout {
     /// Prompt + completion tokens.
@@ -249,7 +245,7 @@ impl RlTrainer {
     /// Prepares an RL run: checks the run folder against `resume`, loads (or creates) the
     /// model, the tokenizer and the environment, and only then touches the run folder.
     pub fn new(cfg: RunConfig, resume: bool, sync: Box<dyn StepSync>) -> Result<Self> {
-        Self::build(cfg, Start::Local { resume }, sync)
+        Self::build(cfg, Mode::Local { resume }, sync)
     }
 
     /// One rank of a distributed RL run (`ringtune node`): no metrics.jsonl of its own (the
@@ -264,7 +260,7 @@ impl RlTrainer {
     ) -> Result<Self> {
         Self::build(
             cfg,
-            Start::Node {
+            Mode::Node {
                 resume_from,
                 writes,
             },
@@ -272,47 +268,15 @@ impl RlTrainer {
         )
     }
 
-    fn build(cfg: RunConfig, start: Start, sync: Box<dyn StepSync>) -> Result<Self> {
+    fn build(cfg: RunConfig, start: Mode, sync: Box<dyn StepSync>) -> Result<Self> {
         let total_steps = cfg.train.max_steps.ok_or_else(|| {
             Error::Invalid("train.max_steps: an RL run needs its number of steps".into())
         })?;
         let hash = cfg.semantic_hash();
         let out_dir = cfg.output_dir.clone();
-        let existing = RunDir::open_existing(&out_dir)?;
-        let latest = match start {
-            Start::Local { resume } => {
-                let latest = match &existing {
-                    Some(run) => run.latest_checkpoint()?,
-                    None => None,
-                };
-                match (resume, latest) {
-                    (false, Some(_)) => return Err(Error::RunExists(out_dir)),
-                    (true, None) => return Err(Error::NothingToResume(out_dir)),
-                    (_, l) => l,
-                }
-            }
-            Start::Node { resume_from: 0, .. } => None,
-            Start::Node { resume_from, .. } => {
-                let listed = match &existing {
-                    Some(run) => run.complete_checkpoints()?,
-                    None => Vec::new(),
-                };
-                Some(
-                    listed
-                        .into_iter()
-                        .find(|r| r.step == resume_from)
-                        .ok_or_else(|| {
-                            Error::Invalid(format!(
-                                "the coordinator asked to resume from step {resume_from}, but \
-                                 {} lists no complete checkpoint of that step",
-                                out_dir.join("checkpoints.jsonl").display()
-                            ))
-                        })?,
-                )
-            }
-        };
-        let node = matches!(start, Start::Node { .. });
-        let cleans = !matches!(start, Start::Node { writes: false, .. });
+        let latest = starting_checkpoint(&out_dir, start)?;
+        let node = matches!(start, Mode::Node { .. });
+        let cleans = !matches!(start, Mode::Node { writes: false, .. });
         let resume_state = match &latest {
             Some(rec) => {
                 let dir = out_dir.join(&rec.path);
