@@ -167,25 +167,6 @@ fn a_failing_reward_command_stops_the_run_and_names_it() {
     );
 }
 
-/// Every f32 of a PEFT adapter folder, tensors in name order.
-fn adapter_values(dir: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
-    names.sort();
-    names
-        .iter()
-        .flat_map(|n| {
-            st.tensor(n)
-                .unwrap()
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 /// Two node processes sample their share of the groups each (the rows at their global
 /// positions in the step's seeded stream), score them with their own copy of the reward
 /// command, and sum gradients, the KL penalty's mean and the metrics over the QUIC ring:
@@ -270,12 +251,7 @@ fn rl_on_two_nodes_matches_one_process() {
         adapter_values(&one.path().join(last)),
         adapter_values(&two.path().join(last)),
     );
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in p.iter().zip(&q) {
-        num += (*x as f64 - *y as f64).powi(2);
-        den += (*x as f64).powi(2);
-    }
-    let rel = (num / den).sqrt();
+    let rel = rel_diff(&p, &q);
     assert!(rel < 1e-5, "W=2 vs W=1 adapters differ by {rel} (relative)");
 }
 

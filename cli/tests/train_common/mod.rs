@@ -283,3 +283,33 @@ pub fn assert_same_checkpoint(a: &Path, b: &Path) {
     };
     assert_eq!(state(a), state(b));
 }
+
+/// Every f32 of a PEFT adapter folder, tensors in name order.
+pub fn adapter_values(dir: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(|n| n.to_string()).collect();
+    names.sort();
+    names
+        .iter()
+        .flat_map(|n| {
+            st.tensor(n)
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// ‖a − b‖ / ‖a‖ over two flat parameter vectors.
+pub fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut num, mut den) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        num += (*x as f64 - *y as f64).powi(2);
+        den += (*x as f64).powi(2);
+    }
+    (num / den).sqrt()
+}
