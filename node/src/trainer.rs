@@ -465,14 +465,7 @@ impl Trainer {
             dtype_of(cfg.model.dtype),
             cfg.seed,
         )?;
-        if tok.vocab_size() > model.config().vocab_size {
-            return Err(Error::Invalid(format!(
-                "{}: the tokenizer has {} tokens but the model's vocab_size is {}",
-                model_dir.display(),
-                tok.vocab_size(),
-                model.config().vocab_size
-            )));
-        }
+        check_vocab(&model_dir, &tok, &model)?;
 
         let t = &cfg.train;
         let mut sampler = BatchSampler::new(n_train, t.batch_size, cfg.seed)?;
@@ -480,27 +473,8 @@ impl Trainer {
             Some(s) => s,
             None => t.epochs * sampler.batches_per_epoch() as u64,
         };
-        let o = &cfg.optimizer;
-        let adam_cfg = AdamWConfig {
-            lr: o.lr,
-            beta1: o.beta1,
-            beta2: o.beta2,
-            eps: o.eps,
-            weight_decay: o.weight_decay,
-            max_grad_norm: o.grad_clip,
-        };
-        let s = &cfg.schedule;
-        let schedule = LrSchedule {
-            kind: match s.kind {
-                config::ScheduleKind::Constant => ScheduleKind::Constant,
-                config::ScheduleKind::Linear => ScheduleKind::Linear,
-                config::ScheduleKind::Cosine => ScheduleKind::Cosine,
-            },
-            peak_lr: o.lr,
-            min_lr: o.lr * s.final_lr_fraction,
-            warmup_steps: s.warmup_steps,
-            total_steps,
-        };
+        let adam_cfg = adamw_of(&cfg);
+        let schedule = schedule_of(&cfg, total_steps);
 
         // Inputs are good: now the run folder may be touched.
         let run = RunDir::create(&out_dir)?;
@@ -904,6 +878,48 @@ impl Trainer {
             })?;
         self.last_saved = Some(self.step);
         Ok(rec)
+    }
+}
+
+/// Refuses a tokenizer with more tokens than the model has embeddings.
+pub(crate) fn check_vocab(model_dir: &Path, tok: &Tokenizer, model: &LoraModel) -> Result<()> {
+    if tok.vocab_size() > model.config().vocab_size {
+        return Err(Error::Invalid(format!(
+            "{}: the tokenizer has {} tokens but the model's vocab_size is {}",
+            model_dir.display(),
+            tok.vocab_size(),
+            model.config().vocab_size
+        )));
+    }
+    Ok(())
+}
+
+/// AdamW's settings from `[optimizer]`.
+pub(crate) fn adamw_of(cfg: &RunConfig) -> AdamWConfig {
+    let o = &cfg.optimizer;
+    AdamWConfig {
+        lr: o.lr,
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+        max_grad_norm: o.grad_clip,
+    }
+}
+
+/// The LR schedule of `[schedule]` over a run of `total_steps`.
+pub(crate) fn schedule_of(cfg: &RunConfig, total_steps: u64) -> LrSchedule {
+    let (o, s) = (&cfg.optimizer, &cfg.schedule);
+    LrSchedule {
+        kind: match s.kind {
+            config::ScheduleKind::Constant => ScheduleKind::Constant,
+            config::ScheduleKind::Linear => ScheduleKind::Linear,
+            config::ScheduleKind::Cosine => ScheduleKind::Cosine,
+        },
+        peak_lr: o.lr,
+        min_lr: o.lr * s.final_lr_fraction,
+        warmup_steps: s.warmup_steps,
+        total_steps,
     }
 }
 

@@ -42,15 +42,15 @@ use ringtune_data::{Renderer, StopCondition, Tokenizer};
 use ringtune_model::lora::Adapters;
 use ringtune_model::loss::Reduction;
 use ringtune_model::sample::{SamplingParams, StopReason};
-use ringtune_model::{AdamW, AdamWConfig, Batch, LoraModel, LossKind, LrSchedule, ScheduleKind};
+use ringtune_model::{AdamW, Batch, LoraModel, LossKind, LrSchedule};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{write_file_atomic, CheckpointRecord, RunDir};
 use crate::error::{io_err, Error, Result};
 use crate::metrics::MetricsLog;
 use crate::trainer::{
-    device_of, dtype_of, lora_of, prepare_model_dir, renderer_of, starting_checkpoint, Mode,
-    StepSync,
+    adamw_of, check_vocab, device_of, dtype_of, lora_of, prepare_model_dir, renderer_of,
+    schedule_of, starting_checkpoint, Mode, StepSync,
 };
 
 /// One RL step's numbers: a line of `metrics.jsonl`.
@@ -300,35 +300,9 @@ impl RlTrainer {
             dtype_of(cfg.model.dtype),
             cfg.seed,
         )?;
-        if tokenizer.vocab_size() > model.config().vocab_size {
-            return Err(Error::Invalid(format!(
-                "{}: the tokenizer has {} tokens but the model's vocab_size is {}",
-                model_dir.display(),
-                tokenizer.vocab_size(),
-                model.config().vocab_size
-            )));
-        }
-        let o = &cfg.optimizer;
-        let adam_cfg = AdamWConfig {
-            lr: o.lr,
-            beta1: o.beta1,
-            beta2: o.beta2,
-            eps: o.eps,
-            weight_decay: o.weight_decay,
-            max_grad_norm: o.grad_clip,
-        };
-        let s = &cfg.schedule;
-        let schedule = LrSchedule {
-            kind: match s.kind {
-                config::ScheduleKind::Constant => ScheduleKind::Constant,
-                config::ScheduleKind::Linear => ScheduleKind::Linear,
-                config::ScheduleKind::Cosine => ScheduleKind::Cosine,
-            },
-            peak_lr: o.lr,
-            min_lr: o.lr * s.final_lr_fraction,
-            warmup_steps: s.warmup_steps,
-            total_steps,
-        };
+        check_vocab(&model_dir, &tokenizer, &model)?;
+        let adam_cfg = adamw_of(&cfg);
+        let schedule = schedule_of(&cfg, total_steps);
 
         // Inputs are good: now the run folder may be touched.
         let run = RunDir::create(&out_dir)?;
