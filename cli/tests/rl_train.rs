@@ -6,28 +6,14 @@
 mod train_common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use train_common::*;
 
 /// `ringtune train configs/rl.toml` from the repository root into `dir`, with the model
 /// folder under `dir` and extra `--set`s.
 fn train_rl(dir: &Path, extra: &[&str]) -> Output {
-    let q = |p: &Path| serde_json::to_string(p.to_str().unwrap()).unwrap();
-    let mut args = vec![
-        "train".to_owned(),
-        "configs/rl.toml".to_owned(),
-        "--output-dir".to_owned(),
-        dir.join("run").to_str().unwrap().to_owned(),
-        "--set".to_owned(),
-        format!("model.path={}", q(shared_model())),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Command::new(BIN)
-        .current_dir(repo_root())
-        .args(&args)
-        .output()
-        .unwrap()
+    train_shipped("configs/rl.toml", dir, extra)
 }
 
 fn metrics(dir: &Path) -> Vec<serde_json::Value> {

@@ -313,3 +313,23 @@ pub fn rel_diff(a: &[f32], b: &[f32]) -> f64 {
     }
     (num / den).sqrt()
 }
+
+/// `ringtune train CONFIG` (a path from the repository root, e.g. `configs/rl.toml`) run from
+/// the repository root into `dir/run`, on the shared test model, with extra arguments.
+pub fn train_shipped(config: &str, dir: &Path, extra: &[&str]) -> Output {
+    let q = |p: &Path| serde_json::to_string(p.to_str().unwrap()).unwrap();
+    let mut args = vec![
+        "train".to_owned(),
+        config.to_owned(),
+        "--output-dir".to_owned(),
+        dir.join("run").to_str().unwrap().to_owned(),
+        "--set".to_owned(),
+        format!("model.path={}", q(shared_model())),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new(BIN)
+        .current_dir(repo_root())
+        .args(&args)
+        .output()
+        .unwrap()
+}
