@@ -57,7 +57,9 @@ impl ParamLayout {
             .ok()
     }
 
-    /// Splits a flat buffer into named tensors following this layout.
+    /// Splits a flat buffer into named tensors following this layout. Off the CPU the
+    /// buffer goes to the device in one transfer and each tensor is a view of it (one
+    /// transfer per tensor would be one device sync each).
     pub fn unflatten(&self, flat: &[f32], device: &Device) -> Result<Vec<(String, Tensor)>> {
         if flat.len() != self.numel() {
             return Err(Error::ParamMismatch(format!(
@@ -68,6 +70,15 @@ impl ParamLayout {
         }
         let mut off = 0;
         let mut out = Vec::with_capacity(self.entries.len());
+        if !device.is_cpu() && !self.entries.is_empty() {
+            let all = Tensor::from_slice(flat, flat.len(), device)?;
+            for (k, shape) in &self.entries {
+                let n: usize = shape.iter().product();
+                out.push((k.clone(), all.narrow(0, off, n)?.reshape(shape.as_slice())?));
+                off += n;
+            }
+            return Ok(out);
+        }
         for (k, shape) in &self.entries {
             let n: usize = shape.iter().product();
             out.push((
@@ -80,9 +91,20 @@ impl ParamLayout {
     }
 
     /// Concatenates named tensors (which must match this layout key by key and shape by
-    /// shape) into one flat f32 buffer.
+    /// shape) into one flat f32 buffer. Tensors off the CPU are concatenated there and
+    /// read back in one transfer.
     pub fn flatten(&self, tensors: &[(String, Tensor)]) -> Result<Vec<f32>> {
         self.check(tensors)?;
+        if let Some((_, t0)) = tensors.first() {
+            let dev = t0.device();
+            if !dev.is_cpu() && tensors.iter().all(|(_, t)| t.device().same_device(dev)) {
+                let parts = tensors
+                    .iter()
+                    .map(|(_, t)| t.to_dtype(DType::F32)?.flatten_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                return Ok(Tensor::cat(&parts, 0)?.to_vec1::<f32>()?);
+            }
+        }
         let mut flat = Vec::with_capacity(self.numel());
         for (_, t) in tensors {
             let t = if t.dtype() == DType::F32 {
@@ -195,5 +217,59 @@ impl Gradients {
             .map(|&g| (g as f64) * (g as f64))
             .sum::<f64>()
             .sqrt())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// unflatten then flatten gives back the very bits, in layout order, and flatten takes
+    /// non-f32 tensors.
+    #[test]
+    fn flatten_and_unflatten_round_trip_exactly() {
+        let layout = ParamLayout::new(vec![
+            ("b.lora_B.weight".into(), vec![3, 2]),
+            ("a.lora_A.weight".into(), vec![2, 5]),
+            ("c.lora_A.weight".into(), vec![7]),
+        ])
+        .unwrap();
+        assert_eq!(layout.numel(), 23);
+        let flat: Vec<f32> = (0..23)
+            .map(|i| (i as f32 * 0.731).sin() * 1e3 + f32::EPSILON * i as f32)
+            .collect();
+        let tensors = layout.unflatten(&flat, &Device::Cpu).unwrap();
+        let keys: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["a.lora_A.weight", "b.lora_B.weight", "c.lora_A.weight"]
+        );
+        assert_eq!(tensors[0].1.dims(), &[2, 5]);
+        assert_eq!(
+            tensors[1].1.to_vec2::<f32>().unwrap(),
+            vec![
+                flat[10..12].to_vec(),
+                flat[12..14].to_vec(),
+                flat[14..16].to_vec()
+            ]
+        );
+        let back = layout.flatten(&tensors).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back), bits(&flat));
+
+        // bf16 tensors are widened exactly.
+        let half: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_dtype(DType::BF16).unwrap()))
+            .collect();
+        let wide = layout.flatten(&half).unwrap();
+        let expect: Vec<f32> = flat
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect();
+        assert_eq!(bits(&wide), bits(&expect));
+
+        assert!(layout.unflatten(&flat[1..], &Device::Cpu).is_err());
+        assert!(layout.flatten(&tensors[1..]).is_err());
     }
 }

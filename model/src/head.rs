@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, D};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -87,9 +87,21 @@ impl InplaceOp1 for LossRows<'_> {
     }
 }
 
-/// Rows per chunk: about 16 M logits (64 MiB of f32) at a time.
-fn chunk_rows(vocab: usize, n: usize) -> usize {
-    ((1usize << 24) / vocab.max(1)).clamp(1, n.max(1))
+/// Logits per chunk on `dev`: about 16 M (64 MiB of f32) on the CPU, whose kernel works
+/// in cache-sized pieces; about 128 M (512 MiB of f32) elsewhere, where each chunk costs
+/// kernel launches and host round trips (at vocab 151936, 2^24 logits is 110 rows: ~38
+/// chunks for a 4x1024 batch).
+fn chunk_logits(dev: &Device) -> usize {
+    if dev.is_cpu() {
+        1 << 24
+    } else {
+        1 << 27
+    }
+}
+
+/// Rows per chunk: about `logits` logits at a time.
+fn chunk_rows(vocab: usize, n: usize, logits: usize) -> usize {
+    (logits / vocab.max(1)).clamp(1, n.max(1))
 }
 
 /// Runs the head on `h [N, hidden]` (detached) for `batch` (N = rows · seq).
@@ -100,6 +112,27 @@ pub(crate) fn run(
     kind: LossKind,
     adapters: Adapters,
     want_grad: bool,
+) -> Result<HeadOutput> {
+    run_chunked(
+        h,
+        lm_head,
+        batch,
+        kind,
+        adapters,
+        want_grad,
+        chunk_logits(h.device()),
+    )
+}
+
+/// [`run`] with about `logits_per_chunk` logits per chunk (tests force small chunks).
+fn run_chunked(
+    h: &Tensor,
+    lm_head: &LoraLinear,
+    batch: &Batch,
+    kind: LossKind,
+    adapters: Adapters,
+    want_grad: bool,
+    logits_per_chunk: usize,
 ) -> Result<HeadOutput> {
     let (n, hidden) = h.dims2()?;
     let seq = batch.seq();
@@ -124,14 +157,18 @@ pub(crate) fn run(
 
     let mut logprobs = vec![0f32; n];
     let mut loss_sum = 0f64;
-    let mut grad_h = if want_grad {
+    // ∂L/∂h: the CPU kernel writes rows into a host buffer; other paths keep one
+    // `[rows, hidden]` tensor per chunk on the device and concatenate them at the end
+    // (no device → host → device round trip).
+    let mut grad_h = if want_grad && fast {
         vec![0f32; n * hidden]
     } else {
         Vec::new()
     };
+    let mut grad_parts: Vec<Tensor> = Vec::new();
     let mut d_a: Option<Tensor> = None;
     let mut d_b: Option<Tensor> = None;
-    let step = chunk_rows(vocab, n);
+    let step = chunk_rows(vocab, n, logits_per_chunk);
     let mut r0 = 0;
     while r0 < n {
         let rows = step.min(n - r0);
@@ -180,7 +217,12 @@ pub(crate) fn run(
                 .filter(|(_, r)| r.2 != 0.0)
                 .map(|(i, _)| i as u32)
                 .collect();
-            if !live.is_empty() {
+            if live.is_empty() {
+                if !fast {
+                    grad_parts.push(Tensor::zeros((rows, hidden), DType::F32, h.device())?);
+                }
+            } else {
+                let mut live_idx = None;
                 let (g, hsel, xsel) = if live.len() == rows {
                     (
                         g,
@@ -189,10 +231,11 @@ pub(crate) fn run(
                     )
                 } else {
                     let idx = Tensor::from_slice(&live, live.len(), g.device())?;
+                    let idx = live_idx.insert(idx);
                     (
-                        g.index_select(&idx, 0)?,
-                        ha.as_ref().map(|p| p.0.index_select(&idx, 0)).transpose()?,
-                        ha.as_ref().map(|p| p.1.index_select(&idx, 0)).transpose()?,
+                        g.index_select(idx, 0)?,
+                        ha.as_ref().map(|p| p.0.index_select(idx, 0)).transpose()?,
+                        ha.as_ref().map(|p| p.1.index_select(idx, 0)).transpose()?,
                     )
                 };
                 // The weight stays in its dtype: converting a bf16 lm_head to f32 per
@@ -215,10 +258,20 @@ pub(crate) fn run(
                         None => db,
                     });
                 }
-                let gh = gh.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                for (row, &i) in gh.iter().zip(&live) {
-                    let at = (r0 + i as usize) * hidden;
-                    grad_h[at..at + hidden].copy_from_slice(row);
+                if fast {
+                    let gh = gh.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                    for (row, &i) in gh.iter().zip(&live) {
+                        let at = (r0 + i as usize) * hidden;
+                        grad_h[at..at + hidden].copy_from_slice(row);
+                    }
+                } else {
+                    let gh = gh.to_dtype(DType::F32)?;
+                    grad_parts.push(match &live_idx {
+                        // Rows outside `live` carry no gradient: zeros.
+                        Some(idx) => Tensor::zeros((rows, hidden), DType::F32, h.device())?
+                            .index_add(idx, &gh, 0)?,
+                        None => gh,
+                    });
                 }
             }
         }
@@ -232,10 +285,11 @@ pub(crate) fn run(
         )),
         _ => None,
     };
-    let grad_h = if want_grad {
-        Some(Tensor::from_vec(grad_h, (n, hidden), h.device())?)
-    } else {
-        None
+    let grad_h = match (want_grad, fast, grad_parts.is_empty()) {
+        (false, _, _) => None,
+        (true, true, _) => Some(Tensor::from_vec(grad_h, (n, hidden), h.device())?),
+        (true, false, true) => Some(Tensor::zeros((n, hidden), DType::F32, h.device())?),
+        (true, false, false) => Some(Tensor::cat(&grad_parts, 0)?),
     };
     let loss = LossOutput {
         kind,
@@ -294,4 +348,131 @@ fn generic_rows(
     )?;
     let g = (onehot - e.broadcast_div(&sum)?)?.broadcast_mul(&c)?;
     Ok((out, g))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::{LoraAdapter, LoraConfig};
+
+    fn randn(shape: (usize, usize), seed: u64) -> Tensor {
+        // A small LCG: deterministic values in [-1, 1).
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The generic head (what CUDA runs) split into many chunks, some with no live rows and
+    /// some partly live, gives the CPU kernel's loss, logprobs, ∂h and lm_head adapter
+    /// gradients.
+    #[test]
+    fn generic_head_in_many_chunks_matches_the_cpu_kernel() {
+        let (vocab, hidden, rows, seq) = (1000, 16, 3, 8);
+        let n = rows * seq;
+        let cfg = LoraConfig::from_names(4, 8.0, &["lm_head"]).unwrap();
+        let ad = LoraAdapter::init("lm_head".into(), hidden, vocab, &cfg, 7, &Device::Cpu).unwrap();
+        ad.b.set(&(randn((vocab, 4), 3) * 0.1).unwrap()).unwrap();
+        let lm_head = LoraLinear {
+            weight: randn((vocab, hidden), 1),
+            bias: None,
+            adapter: Some(ad),
+        };
+        let h = randn((n, hidden), 2);
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 37 + 11) % vocab) as u32).collect();
+        // Row 1 is short (padding after 2 positions), row 2 has a few weight-0 positions.
+        let lengths = vec![seq, 2, seq];
+        let weights: Vec<f32> = (0..n)
+            .map(|i| {
+                let (b, t) = (i / seq, i % seq);
+                if t >= lengths[b] || (b == 2 && t % 3 == 0) {
+                    0.0
+                } else {
+                    0.5 + t as f32 / 8.0
+                }
+            })
+            .collect();
+        let batch = Batch::new(rows, seq, targets.clone(), targets, weights, lengths).unwrap();
+        let kind = LossKind::CrossEntropy;
+
+        let fast = run(&h, &lm_head, &batch, kind, Adapters::On, true).unwrap();
+        ops::set_force_generic(true);
+        // 3 rows per chunk: 8 chunks, two without gradient, several partly live.
+        let slow = run_chunked(&h, &lm_head, &batch, kind, Adapters::On, true, 3 * vocab);
+        ops::set_force_generic(false);
+        let slow = slow.unwrap();
+
+        let rel = (fast.loss.loss_sum - slow.loss.loss_sum).abs() / fast.loss.loss_sum.abs();
+        assert!(
+            rel < 1e-5,
+            "{} vs {}",
+            fast.loss.loss_sum,
+            slow.loss.loss_sum
+        );
+        for (a, b) in fast.loss.logprobs.iter().zip(&slow.loss.logprobs) {
+            assert!((a - b).abs() < 1e-5, "logp {a} vs {b}");
+        }
+        let (gf, gs) = (fast.grad_h.unwrap(), slow.grad_h.unwrap());
+        assert_eq!(gs.dims(), &[n, hidden]);
+        assert!(max_abs_diff(&gf, &gs) < 1e-5);
+        // Padding rows carry no gradient.
+        let pad = gs.narrow(0, seq + 2, seq - 2).unwrap();
+        assert_eq!(
+            pad.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        assert!(
+            gs.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+        let ((fa, fb), (sa, sb)) = (fast.lm_head_grads.unwrap(), slow.lm_head_grads.unwrap());
+        assert!(max_abs_diff(&fa, &sa) < 1e-5);
+        assert!(max_abs_diff(&fb, &sb) < 1e-5);
+        assert!(
+            fb.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+
+        // Without gradients: the same loss, no ∂h.
+        ops::set_force_generic(true);
+        let nog = run_chunked(&h, &lm_head, &batch, kind, Adapters::On, false, 3 * vocab);
+        ops::set_force_generic(false);
+        let nog = nog.unwrap();
+        assert!(nog.grad_h.is_none() && nog.lm_head_grads.is_none());
+        assert!((nog.loss.loss_sum - slow.loss.loss_sum).abs() < 1e-9);
+    }
+
+    #[test]
+    fn chunks_are_large_off_the_cpu() {
+        assert_eq!(chunk_logits(&Device::Cpu), 1 << 24);
+        assert_eq!(chunk_rows(151_936, 4096, 1 << 24), 110);
+        assert_eq!(chunk_rows(151_936, 4096, 1 << 27), 883);
+        assert_eq!(chunk_rows(10, 5, 1 << 27), 5);
+    }
 }
