@@ -8,6 +8,7 @@
 # 3. PyTorch + PEFT reference (gpu_peft_bench.py), last, so ringtune's numbers come first
 # Everything is also written to $OUT/ (or ./gpu-check-out when $OUT is unset).
 # Budgets (seconds) can be overridden: GPU_CHECK_S, DEVICE_S, NCCL_S, TORCH_S.
+# CHECK_AB=1 adds an A/B run of the attention variants (1c).
 set -u
 cd "$(dirname "$0")/../.."
 OUTDIR="${OUT:-./gpu-check-out}"
@@ -26,9 +27,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 echo
 
 echo "== 1. ringtune gpu_check (timeout ${GPU_CHECK_S}s; its own throughput guard is 50s less)"
-timeout -k 5 "$GPU_CHECK_S" .gpu/gpu_check --device cuda:0 --budget-s $((GPU_CHECK_S - 50)) 2>&1
-echo "gpu_check exit: $?  (elapsed $(( $(date +%s) - t0 ))s)"
+timeout -k 5 "$GPU_CHECK_S" .gpu/gpu_check --device cuda:0 --ops --budget-s $((GPU_CHECK_S - 50)) 2>&1 \
+  | tee "$OUTDIR/gpu_check.txt"
+echo "gpu_check exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
 echo
+if grep -qE '^\| .*\| (FAIL|ERROR) \|$' "$OUTDIR/gpu_check.txt" 2>/dev/null; then
+  echo "== 1a. parity failed: the custom CUDA kernel families one at a time (RINGTUNE_CUDA_KERNELS)"
+  for fam in 0 attn rms rope swiglu lora head; do
+    echo "-- RINGTUNE_CUDA_KERNELS=$fam"
+    RINGTUNE_CUDA_KERNELS=$fam timeout -k 5 60 .gpu/gpu_check --device cuda:0 --no-throughput 2>&1 \
+      | grep -E '^\| cuda'
+  done
+  echo
+fi
+
+if [ "${CHECK_AB:-0}" = 1 ]; then
+  echo "== 1c. A/B: attention with f32 operands and TF32 GEMMs (RINGTUNE_ATTN=tf32), qwen05b"
+  RINGTUNE_ATTN=tf32 timeout -k 5 90 .gpu/gpu_check --device cuda:0 --presets qwen05b --budget-s 60 2>&1 \
+    | grep -E '^\| (cuda|qwen05b)'
+  echo
+fi
 
 if [ -x .gpu/ringtune ]; then
   echo "== 1b. ringtune bench train --device auto (LOCAL_RANK=0; timeout ${DEVICE_S}s)"

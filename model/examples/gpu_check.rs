@@ -2,7 +2,8 @@
 //! `tiny` preset, then LoRA training throughput on the Qwen2.5-0.5B and Llama-3.2-1B shapes
 //! (the presets of ../shared/bench/gpu_peft_bench.py), ending with a markdown table.
 //!
-//!     gpu_check --device cuda:0 [--budget-s 200] [--quick]
+//!     gpu_check --device cuda:0 [--budget-s 200] [--quick] [--ops] [--no-throughput]
+//!               [--presets qwen05b,llama1b]
 //!
 //! `--quick` shrinks every shape so the whole thing runs in seconds on a CPU (`--device cpu`
 //! compares the CPU with itself; it exercises the code path, not the numerics). Built here
@@ -21,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use ringtune_model::preset::random_tensors;
 use ringtune_model::{
-    AdamW, AdamWConfig, Architecture, Batch, DType, Device, LoraConfig, LoraModel, LossKind,
-    ModelConfig, ModelPreset, RopeScaling, Tensor,
+    AdamW, AdamWConfig, Architecture, Batch, DType, Device, DeviceAdamW, LoraConfig, LoraModel,
+    LossKind, ModelConfig, ModelPreset, RopeScaling, Tensor,
 };
 
 /// H200 (and H100 SXM) dense bf16 peak, FLOP/s.
@@ -33,6 +34,10 @@ struct Args {
     quick: bool,
     budget: Duration,
     presets: Vec<String>,
+    /// Also time each op of a decoder layer (forward and backward) at the measured batch.
+    ops: bool,
+    /// Parity only (no throughput presets).
+    no_throughput: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -41,12 +46,16 @@ fn parse_args() -> Result<Args, String> {
         quick: false,
         budget: Duration::from_secs(200),
         presets: vec!["qwen05b".into(), "llama1b".into()],
+        ops: false,
+        no_throughput: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--device" => a.device = it.next().ok_or("--device needs a value")?,
             "--quick" => a.quick = true,
+            "--ops" => a.ops = true,
+            "--no-throughput" => a.no_throughput = true,
             "--budget-s" => {
                 let v = it.next().ok_or("--budget-s needs a value")?;
                 a.budget =
@@ -58,7 +67,7 @@ fn parse_args() -> Result<Args, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (--device, --quick, --budget-s, --presets)"
+                    "unknown argument {other:?} (--device, --quick, --ops, --no-throughput, --budget-s, --presets)"
                 ))
             }
         }
@@ -456,6 +465,12 @@ fn train_steps(
 ) -> ringtune_model::Result<(Vec<f64>, f64)> {
     let cfg = model.config();
     let mut opt = AdamW::new(AdamWConfig::default(), model.param_layout().clone());
+    // On a GPU the optimizer state lives there too (no host round trip per step).
+    let mut dev_opt = if model.device().is_cpu() {
+        None
+    } else {
+        Some(DeviceAdamW::from_host(&opt, model.device())?)
+    };
     let mut params = model.params_flat()?;
     let mut times = Vec::new();
     let mut loss = f64::NAN;
@@ -468,10 +483,15 @@ fn train_steps(
         let t0 = Instant::now();
         let (out, mut grads) = model.forward_backward(&batch, LossKind::CrossEntropy)?;
         let t_fb = t0.elapsed().as_secs_f64();
-        grads.scale(1.0 / out.weight_sum)?;
-        let mut g = grads.to_flat()?;
-        opt.step_flat(&mut params, &mut g, 1e-4)?;
-        model.set_params_flat(&params)?;
+        if let Some(o) = dev_opt.as_mut() {
+            o.step_model(model, &grads, 1.0 / out.weight_sum, 1e-4)?;
+            model.device().synchronize()?;
+        } else {
+            grads.scale(1.0 / out.weight_sum)?;
+            let mut g = grads.to_flat()?;
+            opt.step_flat(&mut params, &mut g, 1e-4)?;
+            model.set_params_flat(&params)?;
+        }
         let dt = t0.elapsed().as_secs_f64();
         loss = out.mean();
         println!(
@@ -491,6 +511,7 @@ fn throughput(
     cfg: &ModelConfig,
     device: &Device,
     quick: bool,
+    ops: bool,
     mem: &MemPoll,
     deadline: Instant,
 ) -> Result<ThroughputRow, String> {
@@ -547,6 +568,9 @@ fn throughput(
                     let med = times[times.len() / 2];
                     let tokens_s = (rows * t) as f64 / med;
                     let n_base = cfg.num_parameters();
+                    if ops {
+                        print_ops(&model, rows, t, cfg.vocab_size);
+                    }
                     if (rows, t) != batches[0] {
                         notes.push(format!(
                             "batch {}x{} failed, fell back",
@@ -581,6 +605,33 @@ fn throughput(
     Err(notes.join("; "))
 }
 
+/// Prints [`LoraModel::profile_ops`] at `rows x t` as a markdown table: each op's forward
+/// and backward, and its share of a step (ms x how often a step runs it).
+fn print_ops(model: &LoraModel, rows: usize, t: usize, vocab: usize) {
+    let r = make_batch(rows, t, vocab, 11)
+        .and_then(|b| model.profile_ops(&b, LossKind::CrossEntropy, 3));
+    let ops = match r {
+        Ok(o) => o,
+        Err(e) => {
+            println!("  op profile failed: {e}");
+            return;
+        }
+    };
+    println!("\n  op profile, batch {rows}x{t} (median of 3, device synchronised around each):\n");
+    println!("  | op | fwd ms | bwd ms | per step | ms per step |");
+    println!("  |---|---|---|---|---|");
+    let mut sum = 0.0;
+    for o in &ops {
+        let per = (o.fwd_ms + o.bwd_ms) * o.per_step as f64;
+        sum += per;
+        println!(
+            "  | {} | {:.3} | {:.3} | {} | {:.1} |",
+            o.name, o.fwd_ms, o.bwd_ms, o.per_step, per
+        );
+    }
+    println!("  | sum of the ops x per step | | | | {sum:.1} |\n");
+}
+
 fn main() {
     ringtune_model::tune_allocator();
     let args = match parse_args() {
@@ -613,8 +664,13 @@ fn main() {
     println!("\n## throughput: LoRA r=32 alpha 32 on q/k/v/o/gate/up/down, AdamW, half the positions weighted");
     println!("MFU formula: 4 * N_base * tokens/s / {:.0} TFLOP/s (bf16 dense peak, H200/H100 SXM), as gpu_peft_bench.py", PEAK_BF16 / 1e12);
     let mut thr = Vec::new();
-    let n = args.presets.len();
-    for (i, name) in args.presets.iter().enumerate() {
+    let presets: &[String] = if args.no_throughput {
+        &[]
+    } else {
+        &args.presets
+    };
+    let n = presets.len();
+    for (i, name) in presets.iter().enumerate() {
         let Some(cfg) = preset_config(name, args.quick) else {
             thr.push(Err(format!("{name}: unknown preset (qwen05b, llama1b)")));
             continue;
@@ -627,7 +683,7 @@ fn main() {
             (deadline - Instant::now()).as_secs_f64()
         );
         thr.push(
-            throughput(name, &cfg, &device, args.quick, &mem, deadline)
+            throughput(name, &cfg, &device, args.quick, args.ops, &mem, deadline)
                 .map_err(|e| format!("{name}: {e}")),
         );
     }

@@ -203,6 +203,13 @@ fn run_chunked(
             };
             logits.inplace_op1(&op)?;
             (op.out.into_inner().expect("row output poisoned"), logits)
+        } else if cuda_head(&logits) {
+            #[cfg(feature = "cuda")]
+            {
+                cuda_rows::rows(&logits, tg, wt, qc, ac, vd, kind, want_grad)?
+            }
+            #[cfg(not(feature = "cuda"))]
+            unreachable!("cuda_head is false without the cuda feature")
         } else {
             generic_rows(&logits, tg, wt, qc, ac, vd, kind, want_grad)?
         };
@@ -303,6 +310,128 @@ fn run_chunked(
         grad_h,
         lm_head_grads,
     })
+}
+
+/// Whether the loss rows run as the CUDA kernels ([`crate::cuda`], family `head`).
+fn cuda_head(logits: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        logits.device().is_cuda()
+            && logits.dtype() == DType::F32
+            && !ops::force_generic()
+            && crate::cuda::enabled("head")
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = logits;
+        false
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_rows {
+    //! [`LossRows`](super::LossRows) on the GPU: one kernel for each row's log p(target) and
+    //! log-sum-exp, the loss terms on the host (they are per row), one kernel that turns
+    //! the logits into their gradient in place — two passes over the chunk's logits.
+    use super::*;
+    use candle_core::{CpuStorage, CudaStorage, CustomOp2, InplaceOp3, Shape};
+
+    struct Stats;
+
+    impl CustomOp2 for Stats {
+        fn name(&self) -> &'static str {
+            "token-loss-stats"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("token-loss-stats: GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let rows = l1.dims()[0];
+            let out = crate::cuda::ce_row_stats((s1, l1), (s2, l2))?;
+            Ok((out, Shape::from((rows, 2))))
+        }
+    }
+
+    struct Grad;
+
+    impl InplaceOp3 for Grad {
+        fn name(&self) -> &'static str {
+            "token-loss-grad"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &mut CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<()> {
+            candle_core::bail!("token-loss-grad: GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &mut CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<()> {
+            crate::cuda::ce_row_grad((s1, l1), (s2, l2), (s3, l3))
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rows(
+        logits: &Tensor,
+        targets: &[u32],
+        weights: &[f32],
+        q: &[f32],
+        a: &[f32],
+        valid: &[bool],
+        kind: LossKind,
+        want_grad: bool,
+    ) -> Result<(Vec<RowOut>, Tensor)> {
+        let dev = logits.device();
+        let n = logits.dim(0)?;
+        let tgt = Tensor::from_slice(targets, n, dev)?;
+        let stats = logits.apply_op2_no_bwd(&tgt, &Stats)?.to_vec2::<f32>()?;
+        let mut out = Vec::with_capacity(n);
+        let mut lc = Vec::with_capacity(2 * n);
+        for i in 0..n {
+            let (logp, lse) = (stats[i][0], stats[i][1]);
+            if !valid[i] {
+                out.push((0.0, 0.0, 0.0));
+                lc.extend([lse, 0.0]);
+                continue;
+            }
+            let (term, coef) = kind.token_term(logp, weights[i], q[i], a[i]);
+            out.push((logp, term, coef));
+            lc.extend([lse, coef]);
+        }
+        if want_grad {
+            let lc = Tensor::from_vec(lc, (n, 2), dev)?;
+            logits.inplace_op3(&tgt, &lc, &Grad)?;
+        }
+        Ok((out, logits.clone()))
+    }
 }
 
 /// The same as [`LossRows`] with candle ops, for devices without the CPU kernel.

@@ -25,6 +25,8 @@
 //!   [`LoraModel::prompt_logprobs`].
 
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
 mod gemv;
 pub mod grads;
@@ -54,7 +56,7 @@ pub use loss::{Batch, DpoPair, LossKind, LossOutput, Reduction};
 pub use merge::{merge, merge_with, MergeOptions, MergeReport};
 pub use model::LoraModel;
 pub use ops::set_force_generic;
-pub use optim::{AdamW, AdamWConfig, StepReport};
+pub use optim::{AdamW, AdamWConfig, DeviceAdamW, StepReport};
 pub use peft::AdapterConfig;
 pub use preset::{write_random_model, ModelPreset};
 pub use sample::{Sample, SamplingParams, StopReason};

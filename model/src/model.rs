@@ -189,14 +189,41 @@ impl Attention {
 
     /// `x [N, hidden]` → `[N, hidden]`.
     fn forward(&self, x: &Tensor, pass: &Pass<'_>) -> Result<Tensor> {
+        let q = pass.linear(&self.q_proj, x)?;
+        let k = pass.linear(&self.k_proj, x)?;
+        let v = pass.linear(&self.v_proj, x)?;
+        let o = self.core(q, k, v, pass)?;
+        pass.linear(&self.o_proj, &o)
+    }
+
+    /// Attention between the projections: q/k norms, RoPE, softmax(q·kᵀ)·v.
+    /// `q [N, heads·d]`, `k`, `v [N, kv_heads·d]` → `[N, heads·d]`.
+    fn core(&self, mut q: Tensor, mut k: Tensor, v: Tensor, pass: &Pass<'_>) -> Result<Tensor> {
         let (b, t, d) = (pass.batch, pass.seq, self.head_dim);
         let n = b * t;
-        let mut q = pass.linear(&self.q_proj, x)?;
-        let mut k = pass.linear(&self.k_proj, x)?;
-        let v = pass.linear(&self.v_proj, x)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = ops::rms_norm(&q.reshape((n * self.heads, d))?, qn, self.eps)?;
             k = ops::rms_norm(&k.reshape((n * self.kv_heads, d))?, kn, self.eps)?;
+        }
+        let mask = AttnMask {
+            window: self.window,
+            ..pass.mask.clone()
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        // TF32 attention GEMMs under a half-precision base (see `ops::attention`).
+        let tf32 = self.o_proj.weight.dtype() != DType::F32;
+        // On the GPU: one op from the projections to the output (see `ops::attention_block`).
+        if let Some(o) = ops::attention_block(
+            &q.reshape((n, self.heads * d))?,
+            &k.reshape((n, self.kv_heads * d))?,
+            &v,
+            (pass.cos, pass.sin),
+            (b, t, self.heads, self.kv_heads, d),
+            scale,
+            &mask,
+            tf32,
+        )? {
+            return Ok(o);
         }
         let q = q
             .reshape((b, t, self.heads, d))?
@@ -216,18 +243,11 @@ impl Attention {
         // are stacked along the rows, [B, kv, rep·T, d] · [B, kv, d, T].
         let rep = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, rep * t, d))?;
-        let mask = AttnMask {
-            window: self.window,
-            ..pass.mask.clone()
-        };
-        let p = ops::attention_probs(&q, &k, 1.0 / (d as f64).sqrt(), &mask)?;
-        let o = p.matmul(&v)?;
-        let o = o
-            .reshape((b, self.heads, t, d))?
+        let o = ops::attention(&q, &k, &v, scale, &mask, tf32)?;
+        Ok(o.reshape((b, self.heads, t, d))?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((n, self.heads * d))?;
-        pass.linear(&self.o_proj, &o)
+            .reshape((n, self.heads * d))?)
     }
 
     /// Incremental attention: the `t = pass.seq` new positions of every row attend the
@@ -527,6 +547,10 @@ impl LoraModel {
         seed: u64,
     ) -> Result<Self> {
         let lora = lora.clone().validated()?;
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = device {
+            crate::cuda::keep_pool(d)?;
+        }
         let root = Vb {
             files,
             dtype,
@@ -668,6 +692,29 @@ impl LoraModel {
         let tensors = self.layout.unflatten(flat, &self.device)?;
         for ((_, var), (_, t)) in self.params.iter().zip(tensors) {
             var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// Overwrites the adapter parameters from one flat f32 tensor in layout order (on any
+    /// device; copied into the parameters, no host round trip when it is on the model's).
+    pub fn set_params_flat_tensor(&self, flat: &Tensor) -> Result<()> {
+        if flat.elem_count() != self.layout.numel() {
+            return Err(Error::ParamMismatch(format!(
+                "flat tensor has {} values, the layout needs {}",
+                flat.elem_count(),
+                self.layout.numel()
+            )));
+        }
+        let flat = flat
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_device(&self.device)?;
+        let mut off = 0;
+        for ((_, var), (_, shape)) in self.params.iter().zip(self.layout.entries()) {
+            let n: usize = shape.iter().product();
+            var.set(&flat.narrow(0, off, n)?.reshape(shape.as_slice())?)?;
+            off += n;
         }
         Ok(())
     }
@@ -871,11 +918,19 @@ impl LoraModel {
         });
         let ids = batch.input_tensor(&self.device)?;
         let prof = std::env::var_os("RINGTUNE_PROFILE").is_some();
+        let sync = || -> Result<()> {
+            if prof {
+                self.device.synchronize()?;
+            }
+            Ok(())
+        };
         let t0 = std::time::Instant::now();
         let h = self.trunk(&ids, None, Adapters::On, dropout)?;
+        sync()?;
         let t1 = std::time::Instant::now();
         let hd = h.detach();
         let out = head::run(&hd, &self.lm_head, batch, kind, Adapters::On, true)?;
+        sync()?;
         let t2 = std::time::Instant::now();
         let grad_h = out
             .grad_h
@@ -889,6 +944,7 @@ impl LoraModel {
             None
         };
         if prof {
+            sync()?;
             let t3 = std::time::Instant::now();
             eprintln!(
                 "profile: trunk fwd {:.3}s head {:.3}s trunk bwd {:.3}s",
@@ -922,6 +978,206 @@ impl LoraModel {
             tensors.push((key.clone(), g));
         }
         Ok((out.loss, Gradients::new(self.layout.clone(), tensors)?))
+    }
+}
+
+/// One op's time in [`LoraModel::profile_ops`]: milliseconds for its forward and for its
+/// backward (the gradient of its inputs and adapters), and how often a step runs it.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct OpTime {
+    pub name: String,
+    pub per_step: usize,
+    pub fwd_ms: f64,
+    pub bwd_ms: f64,
+}
+
+/// Op-by-op profiling (for `gpu_check --ops`; not a stable API).
+impl LoraModel {
+    /// Times each op of the first decoder layer on its own, at `batch`'s shape, with the
+    /// device synchronised around every forward and backward (median of `reps`), plus a
+    /// whole layer, the head and a whole step. Inputs are random; only the times matter.
+    #[doc(hidden)]
+    pub fn profile_ops(&self, batch: &Batch, kind: LossKind, reps: usize) -> Result<Vec<OpTime>> {
+        let (b, t) = (batch.rows(), batch.seq());
+        let n = b * t;
+        let dev = &self.device;
+        let layer = &self.layers[0];
+        let (attn, mlp) = (&layer.self_attn, &layer.mlp);
+        let (cos, sin) = self.rope_tables(t)?;
+        let mask = AttnMask {
+            t,
+            window: None,
+            key_valid: None,
+        };
+        let pass = Pass {
+            adapters: Adapters::On,
+            dropout: None,
+            mask: &mask,
+            cos: &cos,
+            sin: &sin,
+            batch: b,
+            seq: t,
+        };
+        let var = |width: usize| -> Result<Var> {
+            Ok(Var::from_tensor(&Tensor::randn(
+                0f32,
+                1f32,
+                (n, width),
+                dev,
+            )?)?)
+        };
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let time =
+            |name: &str, per_step: usize, f: &dyn Fn() -> Result<Tensor>| -> Result<OpTime> {
+                let (mut fwd, mut bwd) = (Vec::new(), Vec::new());
+                for rep in 0..=reps {
+                    dev.synchronize()?;
+                    let t0 = std::time::Instant::now();
+                    let y = f()?;
+                    dev.synchronize()?;
+                    let t1 = std::time::Instant::now();
+                    let gy = Tensor::randn(0f32, 1f32, y.shape(), dev)?.to_dtype(y.dtype())?;
+                    dev.synchronize()?;
+                    let t2 = std::time::Instant::now();
+                    let grads = (&y * &gy)?.sum_all()?.backward()?;
+                    dev.synchronize()?;
+                    let t3 = std::time::Instant::now();
+                    drop(grads);
+                    if rep > 0 {
+                        fwd.push((t1 - t0).as_secs_f64() * 1e3);
+                        bwd.push((t3 - t2).as_secs_f64() * 1e3);
+                    }
+                }
+                Ok(OpTime {
+                    name: name.to_string(),
+                    per_step,
+                    fwd_ms: median(fwd),
+                    bwd_ms: median(bwd),
+                })
+            };
+        let cfg = &self.cfg;
+        let layers = self.layers.len();
+        let (hd, q_w, kv_w) = (
+            cfg.hidden_size,
+            attn.heads * attn.head_dim,
+            attn.kv_heads * attn.head_dim,
+        );
+        let x = var(hd)?;
+        let x2 = var(hd)?;
+        let xq = var(q_w)?;
+        let (xk, xv) = (var(kv_w)?, var(kv_w)?);
+        let xi = var(cfg.intermediate_size)?;
+        let rep = attn.heads / attn.kv_heads;
+        let var4 = |rows: usize| -> Result<Var> {
+            Ok(Var::from_tensor(&Tensor::randn(
+                0f32,
+                1f32,
+                (b, attn.kv_heads, rows, attn.head_dim),
+                dev,
+            )?)?)
+        };
+        let (q4, k4, v4) = (var4(rep * t)?, var4(t)?, var4(t)?);
+        let xu = var(cfg.intermediate_size)?;
+        let mut out = vec![
+            time("rms_norm", 2 * layers + 1, &|| {
+                ops::rms_norm(x.as_tensor(), &layer.input_layernorm, layer.eps)
+            })?,
+            time("q_proj", layers, &|| {
+                pass.linear(&attn.q_proj, x.as_tensor())
+            })?,
+            time("k_proj", layers, &|| {
+                pass.linear(&attn.k_proj, x.as_tensor())
+            })?,
+            time("v_proj", layers, &|| {
+                pass.linear(&attn.v_proj, x.as_tensor())
+            })?,
+            time("attention core", layers, &|| {
+                attn.core(
+                    xq.as_tensor().clone(),
+                    xk.as_tensor().clone(),
+                    xv.as_tensor().clone(),
+                    &pass,
+                )
+            })?,
+            time("  of which the attention op", 0, &|| {
+                ops::attention(
+                    q4.as_tensor(),
+                    k4.as_tensor(),
+                    v4.as_tensor(),
+                    1.0 / (attn.head_dim as f64).sqrt(),
+                    &mask,
+                    attn.o_proj.weight.dtype() != DType::F32,
+                )
+            })?,
+            time("o_proj", layers, &|| {
+                pass.linear(&attn.o_proj, xq.as_tensor())
+            })?,
+            time("gate_proj", layers, &|| {
+                pass.linear(&mlp.gate_proj, x.as_tensor())
+            })?,
+            time("up_proj", layers, &|| {
+                pass.linear(&mlp.up_proj, x.as_tensor())
+            })?,
+            time("swiglu", layers, &|| {
+                ops::swiglu(xi.as_tensor(), xu.as_tensor())
+            })?,
+            time("down_proj", layers, &|| {
+                pass.linear(&mlp.down_proj, xi.as_tensor())
+            })?,
+            time("residual add", 2 * layers, &|| {
+                Ok((x.as_tensor() + x2.as_tensor())?)
+            })?,
+            time("decoder layer (whole)", 0, &|| {
+                layer.forward(x.as_tensor(), &pass)
+            })?,
+        ];
+        // The head computes its own gradient in its forward; time it as one.
+        let mut head_ms = Vec::new();
+        for rep in 0..=reps {
+            dev.synchronize()?;
+            let t0 = std::time::Instant::now();
+            let o = head::run(
+                &x.as_tensor().detach(),
+                &self.lm_head,
+                batch,
+                kind,
+                Adapters::On,
+                true,
+            )?;
+            dev.synchronize()?;
+            drop(o);
+            if rep > 0 {
+                head_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        out.push(OpTime {
+            name: "head (loss + its gradient)".into(),
+            per_step: 1,
+            fwd_ms: median(head_ms),
+            bwd_ms: 0.0,
+        });
+        let mut step_ms = Vec::new();
+        for rep in 0..=reps {
+            dev.synchronize()?;
+            let t0 = std::time::Instant::now();
+            let o = self.forward_backward(batch, kind)?;
+            dev.synchronize()?;
+            drop(o);
+            if rep > 0 {
+                step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        out.push(OpTime {
+            name: "forward_backward (whole step)".into(),
+            per_step: 0,
+            fwd_ms: median(step_ms),
+            bwd_ms: 0.0,
+        });
+        Ok(out)
     }
 }
 

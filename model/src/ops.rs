@@ -43,6 +43,21 @@ fn cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && !force_generic()
 }
 
+/// Whether the custom CUDA kernels apply (f32 on a GPU, kernels on; see [`crate::cuda`]).
+/// `family` names the kernels (`attn`, `rms`, `rope`, `swiglu`, `lora`; see `cuda::enabled`).
+#[cfg(feature = "cuda")]
+fn cuda_f32(t: &Tensor, family: &str) -> bool {
+    t.device().is_cuda()
+        && t.dtype() == DType::F32
+        && !force_generic()
+        && crate::cuda::enabled(family)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_f32(_: &Tensor, _: &str) -> bool {
+    false
+}
+
 /// A contiguous f32 view of a CPU storage.
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     if !l.is_contiguous() {
@@ -384,7 +399,8 @@ mod cuda_half_gemm {
         if !wl.is_contiguous() {
             bail!("half-gemm: weight is not contiguous")
         }
-        let mut y = dev.alloc_zeros::<f32>(m * n)?;
+        // SAFETY: written by the GEMM (beta = 0) before anything reads it.
+        let mut y = unsafe { dev.alloc::<f32>(m * n)? };
         let stream = dev.cuda_stream();
         let blas = dev.cublas_handle();
         let (alpha, beta) = (1f32, 0f32);
@@ -702,6 +718,328 @@ impl CustomOp3 for LoraLinearOp {
     }
 }
 
+#[cfg(feature = "cuda")]
+mod cuda_lora {
+    //! The fused LoRA linear on the GPU: one op whose autograd node keeps only `x`, A, B
+    //! and the output (the composition keeps four `[m, out]` intermediates per projection).
+    //! Frozen GEMMs as in [`super::HalfGemm`] (half operands, f32 result) under a
+    //! half-precision base, f32 otherwise; the small adapter GEMMs accumulate into the same
+    //! buffers (TF32 under a half-precision base).
+    use super::*;
+    use crate::cuda::{add_bias_rows, gemm, out_ptr, ptr, tensor_ptr};
+    use candle_core::cuda_backend::CudaDevice;
+
+    pub(super) struct CudaLoraLinear {
+        pub w: Tensor,
+        /// f32 `[out]`.
+        pub bias: Option<Tensor>,
+        pub scale: f32,
+    }
+
+    impl CudaLoraLinear {
+        fn half(&self) -> bool {
+            self.w.dtype() != DType::F32
+        }
+
+        /// `x·Wᵀ` (`backward == false`, `[m, k]` → `[m, n]`) or `g·W` (`[m, n]` → `[m, k]`)
+        /// into a new f32 buffer.
+        fn frozen(
+            &self,
+            dev: &CudaDevice,
+            s: &CudaStorage,
+            l: &Layout,
+            m: usize,
+            backward: bool,
+        ) -> candle_core::Result<CudaStorage> {
+            if self.half() {
+                let op = HalfGemm {
+                    w: self.w.clone(),
+                    backward,
+                };
+                return Ok(super::cuda_half_gemm::fwd(&op, s, l)?.0);
+            }
+            let (n, k) = self.w.dims2()?;
+            let wp = tensor_ptr(&self.w, "lora-linear weight")?;
+            let xp = ptr(s, l, "lora-linear input")?;
+            let cols = if backward { k } else { n };
+            // SAFETY: written by the GEMM (beta = 0) before anything reads it.
+            let mut y = unsafe { dev.alloc::<f32>(m * cols)? };
+            let yp = out_ptr(dev, &mut y);
+            if backward {
+                gemm(
+                    dev,
+                    (m, k, n),
+                    1,
+                    (xp, false, 0),
+                    (wp, false, 0),
+                    (yp, 0),
+                    1.0,
+                    0.0,
+                    false,
+                )?;
+            } else {
+                gemm(
+                    dev,
+                    (m, n, k),
+                    1,
+                    (xp, false, 0),
+                    (wp, true, 0),
+                    (yp, 0),
+                    1.0,
+                    0.0,
+                    false,
+                )?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        }
+    }
+
+    fn storage_ptr(s: &CudaStorage) -> candle_core::Result<u64> {
+        let l = Layout::contiguous(s.as_cuda_slice::<f32>()?.len());
+        ptr(s, &l, "lora-linear buffer")
+    }
+
+    impl CustomOp3 for CudaLoraLinear {
+        fn name(&self) -> &'static str {
+            "lora-linear-cuda"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("lora-linear-cuda: GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            sx: &CudaStorage,
+            lx: &Layout,
+            sa: &CudaStorage,
+            la: &Layout,
+            sb: &CudaStorage,
+            lb: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = sx.device().clone();
+            let (m, k) = lx.shape().dims2()?;
+            let (r, k2) = la.shape().dims2()?;
+            let (n, r2) = lb.shape().dims2()?;
+            if k != k2 || r != r2 || self.w.dims() != [n, k] {
+                bail!(
+                    "lora-linear: shapes x {:?} A {:?} B {:?} W {:?} do not fit",
+                    lx.dims(),
+                    la.dims(),
+                    lb.dims(),
+                    self.w.dims()
+                )
+            }
+            let y = self.frozen(&dev, sx, lx, m, false)?;
+            let yp = storage_ptr(&y)?;
+            if let Some(b) = &self.bias {
+                add_bias_rows(&dev, yp, b, m, n)?;
+            }
+            let (xp, ap, bp) = (
+                ptr(sx, lx, "lora-linear x")?,
+                ptr(sa, la, "lora-linear A")?,
+                ptr(sb, lb, "lora-linear B")?,
+            );
+            let tf32 = self.half();
+            // SAFETY: written by the GEMM (beta = 0) before anything reads it.
+            let mut t = unsafe { dev.alloc::<f32>(m * r)? };
+            let tp = out_ptr(&dev, &mut t);
+            // t = x·Aᵀ, y += s·t·Bᵀ
+            gemm(
+                &dev,
+                (m, r, k),
+                1,
+                (xp, false, 0),
+                (ap, true, 0),
+                (tp, 0),
+                1.0,
+                0.0,
+                tf32,
+            )?;
+            gemm(
+                &dev,
+                (m, n, r),
+                1,
+                (tp, false, 0),
+                (bp, true, 0),
+                (yp, 0),
+                self.scale,
+                1.0,
+                tf32,
+            )?;
+            drop(t);
+            Ok((y, Shape::from((m, n))))
+        }
+
+        fn bwd(
+            &self,
+            x: &Tensor,
+            a: &Tensor,
+            b: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let g = grad.contiguous()?;
+            let want_dx = x.track_op();
+            let op = CudaLoraLinearBwd {
+                w: self.w.clone(),
+                a: a.clone(),
+                b: b.clone(),
+                scale: self.scale,
+                want_dx,
+            };
+            let all = x.apply_op2_no_bwd(&g, &op)?;
+            let (m, k) = x.dims2()?;
+            let (na, nb) = (a.elem_count(), b.elem_count());
+            let da = all.narrow(0, 0, na)?.reshape(a.shape())?;
+            let db = all.narrow(0, na, nb)?.reshape(b.shape())?;
+            let dx = if want_dx {
+                Some(all.narrow(0, na + nb, m * k)?.reshape((m, k))?)
+            } else {
+                None
+            };
+            Ok((dx, Some(da), Some(db)))
+        }
+    }
+
+    /// (x, G) → `[dA | dB | dx]` flat (dx only when wanted).
+    struct CudaLoraLinearBwd {
+        w: Tensor,
+        a: Tensor,
+        b: Tensor,
+        scale: f32,
+        want_dx: bool,
+    }
+
+    impl CustomOp2 for CudaLoraLinearBwd {
+        fn name(&self) -> &'static str {
+            "lora-linear-cuda-bwd"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("lora-linear-cuda-bwd: GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            sx: &CudaStorage,
+            lx: &Layout,
+            sg: &CudaStorage,
+            lg: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = sx.device().clone();
+            let (m, k) = lx.shape().dims2()?;
+            let (r, n) = (self.a.dim(0)?, self.b.dim(0)?);
+            if lg.dims() != [m, n] {
+                bail!("lora-linear bwd: grad {:?}, expected [{m}, {n}]", lg.dims())
+            }
+            let half = self.w.dtype() != DType::F32;
+            let (xp, gp) = (
+                ptr(sx, lx, "lora-linear x")?,
+                ptr(sg, lg, "lora-linear grad")?,
+            );
+            let ap = tensor_ptr(&self.a, "lora-linear A")?;
+            let bp = tensor_ptr(&self.b, "lora-linear B")?;
+            let (na, nb) = (r * k, n * r);
+            let total = na + nb + if self.want_dx { m * k } else { 0 };
+            // SAFETY: every part is written by a GEMM with beta = 0 before being read.
+            let mut out = unsafe { dev.alloc::<f32>(total)? };
+            let mut tu = unsafe { dev.alloc::<f32>(2 * m * r)? };
+            let op = out_ptr(&dev, &mut out);
+            let tp = out_ptr(&dev, &mut tu);
+            let up = tp + (m * r * 4) as u64;
+            let (dap, dbp, dxp) = (op, op + (na * 4) as u64, op + ((na + nb) * 4) as u64);
+            let s = self.scale;
+            // u = G·B [m, r]; t = x·Aᵀ [m, r]
+            gemm(
+                &dev,
+                (m, r, n),
+                1,
+                (gp, false, 0),
+                (bp, false, 0),
+                (up, 0),
+                1.0,
+                0.0,
+                half,
+            )?;
+            gemm(
+                &dev,
+                (m, r, k),
+                1,
+                (xp, false, 0),
+                (ap, true, 0),
+                (tp, 0),
+                1.0,
+                0.0,
+                half,
+            )?;
+            // dA = s·uᵀ·x [r, k]; dB = s·Gᵀ·t [n, r]
+            gemm(
+                &dev,
+                (r, k, m),
+                1,
+                (up, true, 0),
+                (xp, false, 0),
+                (dap, 0),
+                s,
+                0.0,
+                half,
+            )?;
+            gemm(
+                &dev,
+                (n, r, m),
+                1,
+                (gp, true, 0),
+                (tp, false, 0),
+                (dbp, 0),
+                s,
+                0.0,
+                half,
+            )?;
+            if self.want_dx {
+                // dx = G·W (frozen GEMM) + s·u·A
+                let op = CudaLoraLinear {
+                    w: self.w.clone(),
+                    bias: None,
+                    scale: s,
+                };
+                let base = op.frozen(&dev, sg, lg, m, true)?;
+                let basep = storage_ptr(&base)?;
+                // Copy into place, then accumulate the adapter's part there.
+                gemm(
+                    &dev,
+                    (m, k, r),
+                    1,
+                    (up, false, 0),
+                    (ap, false, 0),
+                    (dxp, 0),
+                    s,
+                    0.0,
+                    half,
+                )?;
+                crate::cuda::axpy(&dev, dxp, basep, m * k)?;
+                drop(base);
+            }
+            drop(tu);
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
+        }
+    }
+}
+
 /// `x [m, in] → x·Wᵀ (+ b) + scale·(x·Aᵀ)·Bᵀ` as one op on the CPU in f32, `None` where
 /// the fused kernel does not apply (the caller then composes the same math).
 pub(crate) fn lora_linear_fused(
@@ -712,6 +1050,22 @@ pub(crate) fn lora_linear_fused(
     b: &Tensor,
     scale: f64,
 ) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if cuda_f32(x, "lora")
+        && x.rank() == 2
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    {
+        let x = x.contiguous()?;
+        let op = cuda_lora::CudaLoraLinear {
+            w: w.clone(),
+            bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+            scale: scale as f32,
+        };
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        return Ok(Some(x.apply_op3_arc(&a, &b, Arc::new(Box::new(op)))?));
+    }
     if !(cpu_f32(x) && x.rank() == 2 && w.dtype() == DType::F32 && a.dtype() == DType::F32) {
         return Ok(None);
     }
@@ -754,6 +1108,18 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let y = crate::cuda::swiglu_fwd((s1, l1), (s2, l2))?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         g: &Tensor,
@@ -762,6 +1128,18 @@ impl CustomOp2 for SwiGlu {
         d: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let d = d.contiguous()?;
+        if !g.device().is_cpu() {
+            // [dg | du] in one buffer from one kernel, split into views.
+            let n = g.elem_count();
+            let both = d.apply_op1_no_bwd(&SwiGluBwd {
+                g: g.clone(),
+                u: u.clone(),
+            })?;
+            return Ok((
+                Some(both.narrow(0, 0, n)?.reshape(g.shape())?),
+                Some(both.narrow(0, n, n)?.reshape(u.shape())?),
+            ));
+        }
         let (ds, dl) = d.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
         let (us, ul) = u.storage_and_layout();
@@ -793,9 +1171,32 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
+/// SwiGLU's backward on the GPU: `d` → `[dg | du]` (flat, `2n`), `g` and `u` captured.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct SwiGluBwd {
+    g: Tensor,
+    u: Tensor,
+}
+
+impl CustomOp1 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu-bwd"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        bail!("swiglu-bwd: GPU only (the CPU backward is in SwiGlu::bwd)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let out = crate::cuda::swiglu_bwd((s, l), &self.g, &self.u)?;
+        Ok((out, Shape::from(2 * l.shape().elem_count())))
+    }
+}
+
 /// `silu(gate) · up`.
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if cpu_f32(gate) {
+    if cpu_f32(gate) || (cuda_f32(gate, "swiglu") && up.dtype() == DType::F32) {
         let (g, u) = (gate.contiguous()?, up.contiguous()?);
         return Ok(g.apply_op2_arc(&u, Arc::new(Box::new(SwiGlu)))?);
     }
@@ -832,6 +1233,12 @@ impl CustomOp1 for RmsNorm {
             Ok(())
         })?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let y = crate::cuda::rms_norm_fwd(s, l, &self.w, self.eps)?;
+        Ok((y, l.shape().clone()))
     }
 
     fn bwd(
@@ -889,12 +1296,24 @@ impl CustomOp2 for RmsNormBwd {
         })?;
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dx = crate::cuda::rms_norm_bwd((s1, l1), (s2, l2), &self.w, self.eps)?;
+        Ok((dx, l1.shape().clone()))
+    }
 }
 
 /// RMSNorm over the last dimension with a frozen weight, as transformers computes it:
 /// `w · (x · rsqrt(mean(x²) + eps))` in f32.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if cpu_f32(x) {
+    if cpu_f32(x) || (cuda_f32(x, "rms") && w.dtype() == DType::F32) {
         let x = x.contiguous()?;
         return Ok(x.apply_op1_arc(Arc::new(Box::new(RmsNorm {
             w: w.clone(),
@@ -959,6 +1378,12 @@ impl CustomOp1 for Rope {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let y = crate::cuda::rope(s, l, &self.cos, &self.sin, self.inverse)?;
+        Ok((y, l.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _arg: &Tensor,
@@ -978,7 +1403,8 @@ impl CustomOp1 for Rope {
 
 /// RoPE on `x [.., T, d]` with tables `cos`, `sin` `[T, d/2]` (f32).
 pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if cpu_f32(x) {
+    let tables_f32 = cos.dtype() == DType::F32 && sin.dtype() == DType::F32;
+    if cpu_f32(x) || (cuda_f32(x, "rope") && tables_f32 && x.dim(D::Minus1)? % 2 == 0) {
         let x = x.contiguous()?;
         let op = Rope {
             cos: cos.clone(),
@@ -1201,6 +1627,390 @@ pub(crate) fn attention_probs(
         return Ok(q.apply_op2_arc(&k, Arc::new(Box::new(op)))?);
     }
     masked_softmax(&q.matmul(&k.t()?)?, scale, mask)
+}
+
+/// `softmax(scale · q·kᵀ + mask) · v` for q `[B, G, R, d]`, k and v `[B, G, T, d]` (rows of
+/// q stack the query heads that share a kv head). On the GPU in f32: one op
+/// ([`crate::cuda`]) that keeps no `T × T` tensor for the backward; `tf32` lets its GEMMs
+/// use TF32 tensor cores (for a half-precision base, whose GEMMs are coarser anyway).
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &AttnMask,
+    tf32: bool,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if cuda_f32(q, "attn") && k.dtype() == DType::F32 && v.dtype() == DType::F32 && q.rank() == 4 {
+        return cuda_attn::attention(q, k, v, scale, mask, tf32);
+    }
+    let _ = tf32;
+    let p = attention_probs(q, k, scale, mask)?;
+    Ok(p.matmul(v)?)
+}
+
+/// The whole attention between the projections on the GPU: q `[b·t, heads·d]`, k and v
+/// `[b·t, kv·d]` (the projections' outputs) → `[b·t, heads·d]`, RoPE (tables `[t, d/2]`)
+/// and the head layouts handled inside one op, so that autograd keeps nothing but q, k, v
+/// and the output. `None` where it does not apply (CPU, other dtypes): the caller composes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_block(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    (b, t, heads, kv, d): (usize, usize, usize, usize, usize),
+    scale: f64,
+    mask: &AttnMask,
+    tf32: bool,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if cuda_f32(q, "attn")
+        && k.dtype() == DType::F32
+        && v.dtype() == DType::F32
+        && cos.dtype() == DType::F32
+        && sin.dtype() == DType::F32
+        && d % 2 == 0
+        && kv > 0
+        && heads % kv == 0
+        && mask.t == t
+        && cos.dims() == [t, d / 2]
+    {
+        return Ok(Some(cuda_attn::block(
+            q,
+            k,
+            v,
+            (cos, sin),
+            (b, t, heads, kv, d),
+            scale,
+            mask,
+            tf32,
+        )?));
+    }
+    let _ = (q, k, v, cos, sin, b, t, heads, kv, d, scale, mask, tf32);
+    Ok(None)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_attn {
+    use super::*;
+    use crate::cuda::{AttnCfg, AttnDims, BlockDims};
+
+    fn cfg_of(
+        dev: &candle_core::Device,
+        scale: f64,
+        mask: &AttnMask,
+        tf32: bool,
+    ) -> Result<AttnCfg> {
+        let key_valid = match &mask.key_valid {
+            Some(m) => Some(Tensor::from_slice(m.as_slice(), m.len(), dev)?),
+            None => None,
+        };
+        Ok(AttnCfg {
+            scale: scale as f32,
+            tq: mask.t,
+            window: mask.window,
+            key_valid,
+            tf32,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn block(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        (b, t, heads, kv, d): (usize, usize, usize, usize, usize),
+        scale: f64,
+        mask: &AttnMask,
+        tf32: bool,
+    ) -> Result<Tensor> {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        if q.dims() != [b * t, heads * d] || k.dims() != [b * t, kv * d] || v.dims() != k.dims() {
+            return Err(candle_core::Error::Msg(format!(
+                "attention block: q {:?}, k {:?}, v {:?} do not fit b={b} t={t} heads={heads} kv={kv} d={d}",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            ))
+            .into());
+        }
+        let op = AttnBlock {
+            cfg: cfg_of(q.device(), scale, mask, tf32)?,
+            dims: BlockDims { b, t, heads, kv, d },
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+        };
+        Ok(q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))?)
+    }
+
+    struct AttnBlock {
+        cfg: AttnCfg,
+        dims: BlockDims,
+        cos: Tensor,
+        sin: Tensor,
+    }
+
+    impl CustomOp3 for AttnBlock {
+        fn name(&self) -> &'static str {
+            "attention-block"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("attention block: GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            k: &CudaStorage,
+            kl: &Layout,
+            v: &CudaStorage,
+            vl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = q.device().clone();
+            let p = (
+                crate::cuda::ptr(q, ql, "attention q")?,
+                crate::cuda::ptr(k, kl, "attention k")?,
+                crate::cuda::ptr(v, vl, "attention v")?,
+            );
+            let tabs = (&self.cos, &self.sin);
+            let o = if self.cfg.tf32 && crate::cuda::attn_bf16() {
+                crate::cuda::attn_block_fwd_bf16(&self.cfg, self.dims, p, tabs, &dev)?
+            } else {
+                crate::cuda::attn_block_fwd(&self.cfg, self.dims, p, tabs, &dev)?
+            };
+            Ok((CudaStorage::wrap_cuda_slice(o, dev), ql.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let g = grad.contiguous()?;
+            let op = AttnBlockBwd {
+                cfg: self.cfg.clone(),
+                dims: self.dims,
+                cos: self.cos.clone(),
+                sin: self.sin.clone(),
+                k: k.clone(),
+                v: v.clone(),
+            };
+            let all = q.apply_op2_no_bwd(&g, &op)?;
+            let (nq, nk) = (q.elem_count(), k.elem_count());
+            Ok((
+                Some(all.narrow(0, 0, nq)?.reshape(q.shape())?),
+                Some(all.narrow(0, nq, nk)?.reshape(k.shape())?),
+                Some(all.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
+            ))
+        }
+    }
+
+    /// (q, dO) → `[dq | dk | dv]` flat, in the projection layouts.
+    struct AttnBlockBwd {
+        cfg: AttnCfg,
+        dims: BlockDims,
+        cos: Tensor,
+        sin: Tensor,
+        k: Tensor,
+        v: Tensor,
+    }
+
+    impl CustomOp2 for AttnBlockBwd {
+        fn name(&self) -> &'static str {
+            "attention-block-bwd"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("attention-block-bwd: GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            if gl.dims() != ql.dims() {
+                bail!(
+                    "attention-block-bwd: grad {:?} vs q {:?}",
+                    gl.dims(),
+                    ql.dims()
+                )
+            }
+            let dev = q.device().clone();
+            let p = (
+                crate::cuda::ptr(q, ql, "attention q")?,
+                crate::cuda::tensor_ptr(&self.k, "attention k")?,
+                crate::cuda::tensor_ptr(&self.v, "attention v")?,
+                crate::cuda::ptr(g, gl, "attention grad")?,
+            );
+            let tabs = (&self.cos, &self.sin);
+            let out = if self.cfg.tf32 && crate::cuda::attn_bf16() {
+                crate::cuda::attn_block_bwd_bf16(&self.cfg, self.dims, p, tabs, &dev)?
+            } else {
+                crate::cuda::attn_block_bwd(&self.cfg, self.dims, p, tabs, &dev)?
+            };
+            let n = ql.shape().elem_count() + 2 * self.k.elem_count();
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
+        }
+    }
+
+    pub(super) fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        mask: &AttnMask,
+        tf32: bool,
+    ) -> Result<Tensor> {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let cfg = cfg_of(q.device(), scale, mask, tf32)?;
+        Ok(q.apply_op3_arc(&k, &v, Arc::new(Box::new(AttnCore { cfg })))?)
+    }
+
+    fn dims(ql: &Layout, kl: &Layout) -> candle_core::Result<AttnDims> {
+        let (qd, kd) = (ql.dims(), kl.dims());
+        if qd.len() != 4 || kd.len() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] {
+            bail!("attention: q {qd:?} and k/v {kd:?} must be [B, G, R, d] and [B, G, T, d]")
+        }
+        Ok(AttnDims {
+            bg: qd[0] * qd[1],
+            groups: qd[1],
+            r: qd[2],
+            t: kd[2],
+            d: qd[3],
+        })
+    }
+
+    struct AttnCore {
+        cfg: AttnCfg,
+    }
+
+    impl CustomOp3 for AttnCore {
+        fn name(&self) -> &'static str {
+            "attention"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("attention op: GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            k: &CudaStorage,
+            kl: &Layout,
+            v: &CudaStorage,
+            vl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let x = dims(ql, kl)?;
+            if vl.dims() != kl.dims() {
+                bail!(
+                    "attention: v {:?} differs from k {:?}",
+                    vl.dims(),
+                    kl.dims()
+                )
+            }
+            let o = crate::cuda::attention_fwd(&self.cfg, x, (q, ql), (k, kl), (v, vl))?;
+            Ok((o, ql.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let g = grad.contiguous()?;
+            let op = AttnCoreBwd {
+                cfg: self.cfg.clone(),
+                k: k.clone(),
+                v: v.clone(),
+            };
+            let all = q.apply_op2_no_bwd(&g, &op)?;
+            let (nq, nk) = (q.elem_count(), k.elem_count());
+            Ok((
+                Some(all.narrow(0, 0, nq)?.reshape(q.shape())?),
+                Some(all.narrow(0, nq, nk)?.reshape(k.shape())?),
+                Some(all.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
+            ))
+        }
+    }
+
+    /// The backward: (q, dO) → `[dq | dk | dv]` flat, k and v captured.
+    struct AttnCoreBwd {
+        cfg: AttnCfg,
+        k: Tensor,
+        v: Tensor,
+    }
+
+    impl CustomOp2 for AttnCoreBwd {
+        fn name(&self) -> &'static str {
+            "attention-bwd"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("attention-bwd: GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            g: &CudaStorage,
+            gl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let (ks, kl) = self.k.storage_and_layout();
+            let x = dims(ql, kl)?;
+            drop(ks);
+            if gl.dims() != ql.dims() {
+                bail!("attention-bwd: grad {:?} vs q {:?}", gl.dims(), ql.dims())
+            }
+            let out = crate::cuda::attention_bwd(&self.cfg, x, (q, ql), (g, gl), &self.k, &self.v)?;
+            let n = ql.shape().elem_count() + 2 * self.k.elem_count();
+            Ok((out, Shape::from(n)))
+        }
+    }
 }
 
 /// The composition behind [`attention_probs`] for devices without the CPU kernel:

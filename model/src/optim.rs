@@ -9,11 +9,15 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::grads::ParamLayout;
 
 /// AdamW hyper-parameters. Defaults are tinker's.
+/// Values per parallel chunk of the update (fixed, so results never depend on threads).
+const CHUNK: usize = 1 << 16;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
     /// Learning rate used when a step is not given one (schedules pass their own).
@@ -123,9 +127,12 @@ impl AdamW {
                 "learning rate {lr} is not a finite value >= 0"
             )));
         }
+        // Fixed chunks summed in order: the same norm whatever the thread count.
         let grad_norm = grads
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
+            .collect::<Vec<f64>>()
             .iter()
-            .map(|&g| (g as f64) * (g as f64))
             .sum::<f64>()
             .sqrt();
         if !grad_norm.is_finite() {
@@ -140,7 +147,9 @@ impl AdamW {
             let coef = max / (grad_norm + 1e-6);
             if coef < 1.0 {
                 let c = coef as f32;
-                grads.iter_mut().for_each(|g| *g *= c);
+                grads
+                    .par_chunks_mut(CHUNK)
+                    .for_each(|ch| ch.iter_mut().for_each(|g| *g *= c));
                 clipped = true;
             }
         }
@@ -161,25 +170,34 @@ impl AdamW {
         let eps = c.eps as f32;
         let neg_step_size = (-step_size) as f32;
 
-        for i in 0..n {
-            let g = grads[i];
-            let mut p = params[i];
-            if c.weight_decay != 0.0 {
-                p *= decay;
-            }
-            // exp_avg.lerp_(grad, 1 - beta1): weight < 0.5 → self + w * (end - self).
-            let m = self.exp_avg[i] + w1 * (g - self.exp_avg[i]);
-            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2).
-            let v = self.exp_avg_sq[i] * b2;
-            let v = v + w2 * g * g;
-            // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-            let denom = v.sqrt() / bc2_sqrt + eps;
-            // param.addcdiv_(exp_avg, denom, value=-step_size)
-            p += neg_step_size * m / denom;
-            self.exp_avg[i] = m;
-            self.exp_avg_sq[i] = v;
-            params[i] = p;
-        }
+        let wd = c.weight_decay != 0.0;
+        // Element-wise, so chunks in parallel give the same values as one loop.
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grads.par_chunks(CHUNK))
+            .zip(self.exp_avg.par_chunks_mut(CHUNK))
+            .zip(self.exp_avg_sq.par_chunks_mut(CHUNK))
+            .for_each(|(((ps, gs), ms), vs)| {
+                for i in 0..ps.len() {
+                    let g = gs[i];
+                    let mut p = ps[i];
+                    if wd {
+                        p *= decay;
+                    }
+                    // exp_avg.lerp_(grad, 1 - beta1): weight < 0.5 → self + w * (end - self).
+                    let m = ms[i] + w1 * (g - ms[i]);
+                    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2).
+                    let v = vs[i] * b2;
+                    let v = v + w2 * g * g;
+                    // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                    let denom = v.sqrt() / bc2_sqrt + eps;
+                    // param.addcdiv_(exp_avg, denom, value=-step_size)
+                    p += neg_step_size * m / denom;
+                    ms[i] = m;
+                    vs[i] = v;
+                    ps[i] = p;
+                }
+            });
         Ok(StepReport {
             grad_norm,
             clipped,
@@ -279,5 +297,148 @@ impl AdamW {
         let mut opt = AdamW::new(cfg, layout);
         opt.load_state_tensors(&tensors, step)?;
         Ok(opt)
+    }
+}
+
+/// [`AdamW`] with its state on the model's device, for GPU training: the gradients are
+/// concatenated there, the update runs as a handful of element-wise kernels and the
+/// parameters are written back in place — no host round trip (on an H200 the host path
+/// cost ~45 ms per step for 17.6M adapter values). Same arithmetic as [`AdamW::step_flat`]
+/// (f32, the same operation order), except that the gradient norm is summed in f32 on the
+/// device. [`DeviceAdamW::to_host`] gives the state back for checkpoints.
+#[derive(Debug)]
+pub struct DeviceAdamW {
+    cfg: AdamWConfig,
+    layout: ParamLayout,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: u64,
+}
+
+impl DeviceAdamW {
+    /// The state of `host` moved to `device`.
+    pub fn from_host(host: &AdamW, device: &Device) -> Result<Self> {
+        let n = host.exp_avg.len();
+        Ok(DeviceAdamW {
+            cfg: host.cfg,
+            layout: host.layout.clone(),
+            exp_avg: Tensor::from_slice(&host.exp_avg, n, device)?,
+            exp_avg_sq: Tensor::from_slice(&host.exp_avg_sq, n, device)?,
+            step: host.step,
+        })
+    }
+
+    /// The state copied back to the host (for checkpoints).
+    pub fn to_host(&self) -> Result<AdamW> {
+        Ok(AdamW {
+            cfg: self.cfg,
+            layout: self.layout.clone(),
+            exp_avg: self.exp_avg.to_vec1()?,
+            exp_avg_sq: self.exp_avg_sq.to_vec1()?,
+            step: self.step,
+        })
+    }
+
+    /// Steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of the model's adapters with `grads · grad_scale` at learning rate `lr`.
+    pub fn step_model(
+        &mut self,
+        model: &crate::LoraModel,
+        grads: &crate::Gradients,
+        grad_scale: f64,
+        lr: f64,
+    ) -> Result<StepReport> {
+        if grads.layout() != &self.layout || model.param_layout() != &self.layout {
+            return Err(Error::ParamMismatch(
+                "gradients, model and optimizer state have different layouts".into(),
+            ));
+        }
+        if !lr.is_finite() || lr < 0.0 {
+            return Err(Error::ParamMismatch(format!(
+                "learning rate {lr} is not a finite value >= 0"
+            )));
+        }
+        let dev = self.exp_avg.device().clone();
+        let flat = |ts: Vec<Tensor>| -> Result<Tensor> {
+            let parts = ts
+                .iter()
+                .map(|t| {
+                    Ok(t.to_device(&dev)?
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts, 0)?)
+        };
+        let mut g = flat(grads.tensors().iter().map(|(_, t)| t.clone()).collect())?;
+        if grad_scale != 1.0 {
+            g = (g * grad_scale)?;
+        }
+        let grad_norm = g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?
+            .sqrt();
+        if !grad_norm.is_finite() {
+            return Err(Error::ParamMismatch(format!(
+                "gradient norm is {grad_norm} at step {}: refusing to update",
+                self.step + 1
+            )));
+        }
+        let mut clipped = false;
+        if let Some(max) = self.cfg.max_grad_norm {
+            let coef = max / (grad_norm + 1e-6);
+            if coef < 1.0 {
+                g = (g * (coef as f32) as f64)?;
+                clipped = true;
+            }
+        }
+        self.step += 1;
+        let c = &self.cfg;
+        // The scalars as in `AdamW::step_flat` (f64, rounded to f32 where PyTorch does).
+        let decay = (1.0 - lr * c.weight_decay) as f32;
+        let w1 = (1.0 - c.beta1) as f32;
+        let b2 = c.beta2 as f32;
+        let w2 = (1.0 - c.beta2) as f32;
+        let step = self.step as i32;
+        let bias_correction1 = 1.0 - c.beta1.powi(step);
+        let bias_correction2 = 1.0 - c.beta2.powi(step);
+        let step_size = lr / bias_correction1;
+        let bc2_sqrt = bias_correction2.sqrt() as f32;
+        let eps = c.eps as f32;
+        let neg_step_size = (-step_size) as f32;
+        let scalar = |x: f32| Tensor::new(x, &dev);
+        // m + w1·(g − m); v·b2 + (w2·g)·g; √v / bc2 + eps; p·decay + (−step·m) / denom.
+        let m = (&self.exp_avg + (&g - &self.exp_avg)?.broadcast_mul(&scalar(w1)?)?)?;
+        let v = (self.exp_avg_sq.broadcast_mul(&scalar(b2)?)?
+            + (g.broadcast_mul(&scalar(w2)?)? * &g)?)?;
+        let denom = v
+            .sqrt()?
+            .broadcast_div(&scalar(bc2_sqrt)?)?
+            .broadcast_add(&scalar(eps)?)?;
+        let mut p = flat(
+            model
+                .adapter_tensors()
+                .into_iter()
+                .map(|(_, t)| t)
+                .collect(),
+        )?;
+        if c.weight_decay != 0.0 {
+            p = p.broadcast_mul(&scalar(decay)?)?;
+        }
+        let p = (p + (m.broadcast_mul(&scalar(neg_step_size)?)? / &denom)?)?;
+        model.set_params_flat_tensor(&p)?;
+        self.exp_avg = m;
+        self.exp_avg_sq = v;
+        Ok(StepReport {
+            grad_norm,
+            clipped,
+            step: self.step,
+        })
     }
 }
