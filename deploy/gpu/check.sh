@@ -8,7 +8,7 @@
 # 3. PyTorch + PEFT reference (gpu_peft_bench.py), last, so ringtune's numbers come first
 # Everything is also written to $OUT/ (or ./gpu-check-out when $OUT is unset).
 # Budgets (seconds) can be overridden: GPU_CHECK_S, DEVICE_S, NCCL_S, TORCH_S.
-# CHECK_AB=1 adds an A/B run of the attention variants (1c).
+# CHECK_AB=1 adds A/B runs of the attention variants (1c: TF32 attention, block softmax).
 set -u
 cd "$(dirname "$0")/../.."
 OUTDIR="${OUT:-./gpu-check-out}"
@@ -42,9 +42,11 @@ if grep -qE '^\| .*\| (FAIL|ERROR) \|$' "$OUTDIR/gpu_check.txt" 2>/dev/null; the
 fi
 
 if [ "${CHECK_AB:-0}" = 1 ]; then
-  echo "== 1c. A/B: attention with f32 operands and TF32 GEMMs (RINGTUNE_ATTN=tf32), qwen05b"
-  RINGTUNE_ATTN=tf32 timeout -k 5 90 .gpu/gpu_check --device cuda:0 --presets qwen05b --budget-s 60 2>&1 \
-    | grep -E '^\| (cuda|qwen05b)'
+  for ab in RINGTUNE_ATTN=tf32 RINGTUNE_SOFTMAX=block; do
+    echo "== 1c. A/B: $ab (attention variant), qwen05b"
+    env "$ab" timeout -k 5 90 .gpu/gpu_check --device cuda:0 --presets qwen05b --budget-s 60 2>&1 \
+      | grep -E '^\| (cuda|qwen05b)'
+  done
   echo
 fi
 

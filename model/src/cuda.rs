@@ -913,6 +913,29 @@ fn pack_bf16(
     Ok(())
 }
 
+/// The warp-per-row softmax variant for rows of `t` keys and its launch shape (`None`:
+/// longer than 2048 keys, or `RINGTUNE_SOFTMAX=block`; the block-per-row kernels run).
+fn warp_kernel(t: usize) -> Option<(&'static str, fn(usize) -> LaunchConfig)> {
+    static BLOCK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *BLOCK.get_or_init(|| std::env::var("RINGTUNE_SOFTMAX").is_ok_and(|v| v == "block")) {
+        return None;
+    }
+    match t {
+        0..=1024 => Some(("w32", warp_cfg)),
+        1025..=2048 => Some(("w64", warp_cfg)),
+        _ => None,
+    }
+}
+
+/// One warp per row, 8 rows per 256-thread block.
+fn warp_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Scores (f32, into `s`) and bf16 probabilities (into `p`) for packed bf16 q, k.
 fn probs_bf16(
     dev: &CudaDevice,
@@ -935,20 +958,12 @@ fn probs_bf16(
     let (r, t, g, tq) = (x.r as i32, x.t as i32, x.groups as i32, cfg.tq as i32);
     let w = cfg.window.unwrap_or(0) as i32;
     let rows_i = rows as i32;
-    launch!(
-        dev,
-        "attn_softmax_fwd_bf16",
-        rows_cfg(rows, x.t),
-        s,
-        p,
-        rows_i,
-        r,
-        t,
-        g,
-        tq,
-        w,
-        kv
-    );
+    let warp = warp_kernel(x.t);
+    let name = warp.map_or("attn_softmax_fwd_bf16".to_string(), |(sfx, _)| {
+        format!("attn_softmax_fwd_bf16_{sfx}")
+    });
+    let cfg = warp.map_or(rows_cfg(rows, x.t), |(_, c)| c(rows));
+    launch!(dev, &name, cfg, s, p, rows_i, r, t, g, tq, w, kv);
     Ok(())
 }
 
@@ -1059,16 +1074,12 @@ pub(crate) fn attn_block_bwd_bf16(
     let rows = a.bg * a.r;
     let (rows_i, t_i) = (rows as i32, a.t as i32);
     let scale = cfg.scale;
-    launch!(
-        dev,
-        "attn_softmax_bwd_bf16",
-        rows_cfg(rows, a.t),
-        pp,
-        sp,
-        rows_i,
-        t_i,
-        scale
-    );
+    let warp = warp_kernel(a.t);
+    let name = warp.map_or("attn_softmax_bwd_bf16".to_string(), |(sfx, _)| {
+        format!("attn_softmax_bwd_bf16_{sfx}")
+    });
+    let lc = warp.map_or(rows_cfg(rows, a.t), |(_, c)| c(rows));
+    launch!(dev, &name, lc, pp, sp, rows_i, t_i, scale);
     // dQ = dS · K, dK = dSᵀ · Q
     gemm_bf16(
         dev,

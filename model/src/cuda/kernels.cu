@@ -338,3 +338,94 @@ extern "C" __global__ void attn_softmax_bwd_bf16(__nv_bfloat16* pds, const float
         pr[j] = __float2bfloat16(scale * pv * (gr[j] - dot));
     }
 }
+
+// Warp-per-row versions of the two bf16 softmax kernels for rows of at most 32·NV keys:
+// each lane keeps its NV values in registers, so a row is read once and written once, and
+// the reductions are warp shuffles (no block barriers). 8 rows per 256-thread block.
+template <int NV>
+__device__ void softmax_fwd_warp(const float* s, __nv_bfloat16* p, int rows, int R, int T,
+                                 int groups, int tq, int window, const uint8_t* key_valid) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;  // whole warps leave together
+    int blk = row / R;
+    int i = (row % R) % tq;
+    int b = blk / groups;
+    const float* x = s + (size_t)row * T;
+    __nv_bfloat16* y = p + (size_t)row * T;
+    int lo = window > 0 ? max(0, i + 1 - window) : 0;
+    int hi = min(i + 1, T);
+    const uint8_t* kv = key_valid ? key_valid + (size_t)b * T : nullptr;
+    float v[NV];
+    float m = NEG_INF;
+#pragma unroll
+    for (int c = 0; c < NV; c++) {
+        int j = c * 32 + lane;
+        float val = NEG_INF;
+        if (j >= lo && j < hi && (!kv || kv[j])) val = x[j];
+        v[c] = val;
+        m = fmaxf(m, val);
+    }
+    m = warp_max(m);
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < NV; c++) {
+        float e = (v[c] == NEG_INF || m == NEG_INF) ? 0.f : expf(v[c] - m);
+        v[c] = e;
+        sum += e;
+    }
+    sum = warp_sum(sum);
+    float inv = (m == NEG_INF || sum == 0.f) ? 0.f : 1.f / sum;
+#pragma unroll
+    for (int c = 0; c < NV; c++) {
+        int j = c * 32 + lane;
+        if (j < T) y[j] = __float2bfloat16(v[c] * inv);
+    }
+}
+
+template <int NV>
+__device__ void softmax_bwd_warp(__nv_bfloat16* pds, const float* dp, int rows, int T,
+                                 float scale) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    __nv_bfloat16* pr = pds + (size_t)row * T;
+    const float* gr = dp + (size_t)row * T;
+    float pv[NV], gv[NV];
+    float dot = 0.f;
+#pragma unroll
+    for (int c = 0; c < NV; c++) {
+        int j = c * 32 + lane;
+        pv[c] = j < T ? __bfloat162float(pr[j]) : 0.f;
+        gv[c] = j < T ? gr[j] : 0.f;
+        dot += pv[c] * gv[c];
+    }
+    dot = warp_sum(dot);
+#pragma unroll
+    for (int c = 0; c < NV; c++) {
+        int j = c * 32 + lane;
+        if (j < T) pr[j] = __float2bfloat16(scale * pv[c] * (gv[c] - dot));
+    }
+}
+
+extern "C" __global__ void attn_softmax_fwd_bf16_w32(const float* s, __nv_bfloat16* p, int rows,
+                                                     int R, int T, int groups, int tq,
+                                                     int window, const uint8_t* key_valid) {
+    softmax_fwd_warp<32>(s, p, rows, R, T, groups, tq, window, key_valid);
+}
+
+extern "C" __global__ void attn_softmax_fwd_bf16_w64(const float* s, __nv_bfloat16* p, int rows,
+                                                     int R, int T, int groups, int tq,
+                                                     int window, const uint8_t* key_valid) {
+    softmax_fwd_warp<64>(s, p, rows, R, T, groups, tq, window, key_valid);
+}
+
+extern "C" __global__ void attn_softmax_bwd_bf16_w32(__nv_bfloat16* pds, const float* dp,
+                                                     int rows, int T, float scale) {
+    softmax_bwd_warp<32>(pds, dp, rows, T, scale);
+}
+
+extern "C" __global__ void attn_softmax_bwd_bf16_w64(__nv_bfloat16* pds, const float* dp,
+                                                     int rows, int T, float scale) {
+    softmax_bwd_warp<64>(pds, dp, rows, T, scale);
+}
