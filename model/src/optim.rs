@@ -58,6 +58,37 @@ pub struct StepReport {
     pub step: u64,
 }
 
+/// The per-step scalars of the update, computed in f64 (Python floats) and rounded to f32
+/// where PyTorch passes them into an f32 kernel; shared by [`AdamW`] and [`DeviceAdamW`].
+struct Scalars {
+    decay: f32,
+    w1: f32,
+    b2: f32,
+    w2: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    neg_step_size: f32,
+}
+
+impl Scalars {
+    /// For step number `step` (1-based, already incremented) at learning rate `lr`.
+    fn new(c: &AdamWConfig, step: u64, lr: f64) -> Self {
+        let step = step as i32;
+        let bias_correction1 = 1.0 - c.beta1.powi(step);
+        let bias_correction2 = 1.0 - c.beta2.powi(step);
+        let step_size = lr / bias_correction1;
+        Scalars {
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            w1: (1.0 - c.beta1) as f32,
+            b2: c.beta2 as f32,
+            w2: (1.0 - c.beta2) as f32,
+            bc2_sqrt: bias_correction2.sqrt() as f32,
+            eps: c.eps as f32,
+            neg_step_size: (-step_size) as f32,
+        }
+    }
+}
+
 /// AdamW with its state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamW {
@@ -155,22 +186,16 @@ impl AdamW {
         }
 
         self.step += 1;
-        let c = &self.cfg;
-        // Scalars are computed in f64 (Python floats) and rounded to f32 where PyTorch
-        // passes them into an f32 kernel.
-        let decay = (1.0 - lr * c.weight_decay) as f32;
-        let w1 = (1.0 - c.beta1) as f32;
-        let b2 = c.beta2 as f32;
-        let w2 = (1.0 - c.beta2) as f32;
-        let step = self.step as i32;
-        let bias_correction1 = 1.0 - c.beta1.powi(step);
-        let bias_correction2 = 1.0 - c.beta2.powi(step);
-        let step_size = lr / bias_correction1;
-        let bc2_sqrt = bias_correction2.sqrt() as f32;
-        let eps = c.eps as f32;
-        let neg_step_size = (-step_size) as f32;
-
-        let wd = c.weight_decay != 0.0;
+        let Scalars {
+            decay,
+            w1,
+            b2,
+            w2,
+            bc2_sqrt,
+            eps,
+            neg_step_size,
+        } = Scalars::new(&self.cfg, self.step, lr);
+        let wd = self.cfg.weight_decay != 0.0;
         // Element-wise, so chunks in parallel give the same values as one loop.
         params
             .par_chunks_mut(CHUNK)
@@ -399,19 +424,15 @@ impl DeviceAdamW {
             }
         }
         self.step += 1;
-        let c = &self.cfg;
-        // The scalars as in `AdamW::step_flat` (f64, rounded to f32 where PyTorch does).
-        let decay = (1.0 - lr * c.weight_decay) as f32;
-        let w1 = (1.0 - c.beta1) as f32;
-        let b2 = c.beta2 as f32;
-        let w2 = (1.0 - c.beta2) as f32;
-        let step = self.step as i32;
-        let bias_correction1 = 1.0 - c.beta1.powi(step);
-        let bias_correction2 = 1.0 - c.beta2.powi(step);
-        let step_size = lr / bias_correction1;
-        let bc2_sqrt = bias_correction2.sqrt() as f32;
-        let eps = c.eps as f32;
-        let neg_step_size = (-step_size) as f32;
+        let Scalars {
+            decay,
+            w1,
+            b2,
+            w2,
+            bc2_sqrt,
+            eps,
+            neg_step_size,
+        } = Scalars::new(&self.cfg, self.step, lr);
         let scalar = |x: f32| Tensor::new(x, &dev);
         // m + w1·(g − m); v·b2 + (w2·g)·g; √v / bc2 + eps; p·decay + (−step·m) / denom.
         let m = (&self.exp_avg + (&g - &self.exp_avg)?.broadcast_mul(&scalar(w1)?)?)?;
@@ -428,7 +449,7 @@ impl DeviceAdamW {
                 .map(|(_, t)| t)
                 .collect(),
         )?;
-        if c.weight_decay != 0.0 {
+        if self.cfg.weight_decay != 0.0 {
             p = p.broadcast_mul(&scalar(decay)?)?;
         }
         let p = (p + (m.broadcast_mul(&scalar(neg_step_size)?)? / &denom)?)?;
