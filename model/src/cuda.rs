@@ -306,28 +306,7 @@ impl AttnCfg {
     }
 }
 
-/// Forward: `o = softmax(scale · q·kᵀ + mask) · v` → a new `[bg·r·d]` buffer.
-pub(crate) fn attention_fwd(
-    cfg: &AttnCfg,
-    x: AttnDims,
-    (q, ql): (&CudaStorage, &Layout),
-    (k, kl): (&CudaStorage, &Layout),
-    (v, vl): (&CudaStorage, &Layout),
-) -> Result<CudaStorage> {
-    let dev = q.device().clone();
-    let (qp, kp, vp) = (
-        ptr(q, ql, "attention q")?,
-        ptr(k, kl, "attention k")?,
-        ptr(v, vl, "attention v")?,
-    );
-    // SAFETY: fully written by the last GEMM (beta = 0).
-    let mut o = unsafe { dev.alloc::<f32>(x.bg * x.r * x.d)? };
-    let op = out_ptr(&dev, &mut o);
-    attention_fwd_ptrs(&dev, cfg, x, qp, kp, vp, op)?;
-    Ok(CudaStorage::wrap_cuda_slice(o, dev))
-}
-
-/// [`attention_fwd`] on device pointers (packed layouts), into `o`.
+/// `o = softmax(scale · q·kᵀ + mask) · v` on device pointers (packed layouts), into `o`.
 fn attention_fwd_ptrs(
     dev: &CudaDevice,
     cfg: &AttnCfg,
@@ -356,31 +335,8 @@ fn attention_fwd_ptrs(
     Ok(())
 }
 
-/// Backward: from q, k, v and `do` (all contiguous), `[dq | dk | dv]` in one buffer. The
+/// The backward on device pointers (packed layouts): (q, k, v, dO) → (dq, dk, dv); the
 /// probabilities are recomputed, not stored.
-pub(crate) fn attention_bwd(
-    cfg: &AttnCfg,
-    x: AttnDims,
-    (q, ql): (&CudaStorage, &Layout),
-    (go, gl): (&CudaStorage, &Layout),
-    k: &Tensor,
-    v: &Tensor,
-) -> Result<CudaStorage> {
-    let dev = q.device().clone();
-    let qp = ptr(q, ql, "attention q")?;
-    let gp = ptr(go, gl, "attention grad")?;
-    let kp = tensor_ptr(k, "attention k")?;
-    let vp = tensor_ptr(v, "attention v")?;
-    let (nq, nk) = (x.bg * x.r * x.d, x.bg * x.t * x.d);
-    // SAFETY: every part is written by a GEMM with beta = 0.
-    let mut out = unsafe { dev.alloc::<f32>(nq + 2 * nk)? };
-    let op = out_ptr(&dev, &mut out);
-    let (dq, dk, dv) = (op, op + (nq * 4) as u64, op + ((nq + nk) * 4) as u64);
-    attention_bwd_ptrs(&dev, cfg, x, (qp, kp, vp, gp), (dq, dk, dv))?;
-    Ok(CudaStorage::wrap_cuda_slice(out, dev))
-}
-
-/// [`attention_bwd`] on device pointers (packed layouts): (q, k, v, dO) → (dq, dk, dv).
 fn attention_bwd_ptrs(
     dev: &CudaDevice,
     cfg: &AttnCfg,

@@ -210,7 +210,7 @@ impl Attention {
             ..pass.mask.clone()
         };
         let scale = 1.0 / (d as f64).sqrt();
-        // TF32 attention GEMMs under a half-precision base (see `ops::attention`).
+        // Half-precision attention GEMMs under a half-precision base (see `ops::attention_block`).
         let tf32 = self.o_proj.weight.dtype() != DType::F32;
         // On the GPU: one op from the projections to the output (see `ops::attention_block`).
         if let Some(o) = ops::attention_block(
@@ -243,7 +243,7 @@ impl Attention {
         // are stacked along the rows, [B, kv, rep·T, d] · [B, kv, d, T].
         let rep = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, rep * t, d))?;
-        let o = ops::attention(&q, &k, &v, scale, &mask, tf32)?;
+        let o = ops::attention_probs(&q, &k, scale, &mask)?.matmul(&v)?;
         Ok(o.reshape((b, self.heads, t, d))?
             .transpose(1, 2)?
             .contiguous()?
@@ -1074,16 +1074,6 @@ impl LoraModel {
         let xq = var(q_w)?;
         let (xk, xv) = (var(kv_w)?, var(kv_w)?);
         let xi = var(cfg.intermediate_size)?;
-        let rep = attn.heads / attn.kv_heads;
-        let var4 = |rows: usize| -> Result<Var> {
-            Ok(Var::from_tensor(&Tensor::randn(
-                0f32,
-                1f32,
-                (b, attn.kv_heads, rows, attn.head_dim),
-                dev,
-            )?)?)
-        };
-        let (q4, k4, v4) = (var4(rep * t)?, var4(t)?, var4(t)?);
         let xu = var(cfg.intermediate_size)?;
         let mut out = vec![
             time("rms_norm", 2 * layers + 1, &|| {
@@ -1104,16 +1094,6 @@ impl LoraModel {
                     xk.as_tensor().clone(),
                     xv.as_tensor().clone(),
                     &pass,
-                )
-            })?,
-            time("  of which the attention op", 0, &|| {
-                ops::attention(
-                    q4.as_tensor(),
-                    k4.as_tensor(),
-                    v4.as_tensor(),
-                    1.0 / (attn.head_dim as f64).sqrt(),
-                    &mask,
-                    attn.o_proj.weight.dtype() != DType::F32,
                 )
             })?,
             time("o_proj", layers, &|| {

@@ -1629,27 +1629,6 @@ pub(crate) fn attention_probs(
     masked_softmax(&q.matmul(&k.t()?)?, scale, mask)
 }
 
-/// `softmax(scale · q·kᵀ + mask) · v` for q `[B, G, R, d]`, k and v `[B, G, T, d]` (rows of
-/// q stack the query heads that share a kv head). On the GPU in f32: one op
-/// ([`crate::cuda`]) that keeps no `T × T` tensor for the backward; `tf32` lets its GEMMs
-/// use TF32 tensor cores (for a half-precision base, whose GEMMs are coarser anyway).
-pub(crate) fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    mask: &AttnMask,
-    tf32: bool,
-) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if cuda_f32(q, "attn") && k.dtype() == DType::F32 && v.dtype() == DType::F32 && q.rank() == 4 {
-        return cuda_attn::attention(q, k, v, scale, mask, tf32);
-    }
-    let _ = tf32;
-    let p = attention_probs(q, k, scale, mask)?;
-    Ok(p.matmul(v)?)
-}
-
 /// The whole attention between the projections on the GPU: q `[b·t, heads·d]`, k and v
 /// `[b·t, kv·d]` (the projections' outputs) → `[b·t, heads·d]`, RoPE (tables `[t, d/2]`)
 /// and the head layouts handled inside one op, so that autograd keeps nothing but q, k, v
@@ -1695,7 +1674,7 @@ pub(crate) fn attention_block(
 #[cfg(feature = "cuda")]
 mod cuda_attn {
     use super::*;
-    use crate::cuda::{AttnCfg, AttnDims, BlockDims};
+    use crate::cuda::{AttnCfg, BlockDims};
 
     fn cfg_of(
         dev: &candle_core::Device,
@@ -1875,140 +1854,6 @@ mod cuda_attn {
             };
             let n = ql.shape().elem_count() + 2 * self.k.elem_count();
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
-        }
-    }
-
-    pub(super) fn attention(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        scale: f64,
-        mask: &AttnMask,
-        tf32: bool,
-    ) -> Result<Tensor> {
-        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let cfg = cfg_of(q.device(), scale, mask, tf32)?;
-        Ok(q.apply_op3_arc(&k, &v, Arc::new(Box::new(AttnCore { cfg })))?)
-    }
-
-    fn dims(ql: &Layout, kl: &Layout) -> candle_core::Result<AttnDims> {
-        let (qd, kd) = (ql.dims(), kl.dims());
-        if qd.len() != 4 || kd.len() != 4 || qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] {
-            bail!("attention: q {qd:?} and k/v {kd:?} must be [B, G, R, d] and [B, G, T, d]")
-        }
-        Ok(AttnDims {
-            bg: qd[0] * qd[1],
-            groups: qd[1],
-            r: qd[2],
-            t: kd[2],
-            d: qd[3],
-        })
-    }
-
-    struct AttnCore {
-        cfg: AttnCfg,
-    }
-
-    impl CustomOp3 for AttnCore {
-        fn name(&self) -> &'static str {
-            "attention"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            bail!("attention op: GPU only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            q: &CudaStorage,
-            ql: &Layout,
-            k: &CudaStorage,
-            kl: &Layout,
-            v: &CudaStorage,
-            vl: &Layout,
-        ) -> candle_core::Result<(CudaStorage, Shape)> {
-            let x = dims(ql, kl)?;
-            if vl.dims() != kl.dims() {
-                bail!(
-                    "attention: v {:?} differs from k {:?}",
-                    vl.dims(),
-                    kl.dims()
-                )
-            }
-            let o = crate::cuda::attention_fwd(&self.cfg, x, (q, ql), (k, kl), (v, vl))?;
-            Ok((o, ql.shape().clone()))
-        }
-
-        fn bwd(
-            &self,
-            q: &Tensor,
-            k: &Tensor,
-            v: &Tensor,
-            _res: &Tensor,
-            grad: &Tensor,
-        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let g = grad.contiguous()?;
-            let op = AttnCoreBwd {
-                cfg: self.cfg.clone(),
-                k: k.clone(),
-                v: v.clone(),
-            };
-            let all = q.apply_op2_no_bwd(&g, &op)?;
-            let (nq, nk) = (q.elem_count(), k.elem_count());
-            Ok((
-                Some(all.narrow(0, 0, nq)?.reshape(q.shape())?),
-                Some(all.narrow(0, nq, nk)?.reshape(k.shape())?),
-                Some(all.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
-            ))
-        }
-    }
-
-    /// The backward: (q, dO) → `[dq | dk | dv]` flat, k and v captured.
-    struct AttnCoreBwd {
-        cfg: AttnCfg,
-        k: Tensor,
-        v: Tensor,
-    }
-
-    impl CustomOp2 for AttnCoreBwd {
-        fn name(&self) -> &'static str {
-            "attention-bwd"
-        }
-
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            bail!("attention-bwd: GPU only")
-        }
-
-        fn cuda_fwd(
-            &self,
-            q: &CudaStorage,
-            ql: &Layout,
-            g: &CudaStorage,
-            gl: &Layout,
-        ) -> candle_core::Result<(CudaStorage, Shape)> {
-            let (ks, kl) = self.k.storage_and_layout();
-            let x = dims(ql, kl)?;
-            drop(ks);
-            if gl.dims() != ql.dims() {
-                bail!("attention-bwd: grad {:?} vs q {:?}", gl.dims(), ql.dims())
-            }
-            let out = crate::cuda::attention_bwd(&self.cfg, x, (q, ql), (g, gl), &self.k, &self.v)?;
-            let n = ql.shape().elem_count() + 2 * self.k.elem_count();
-            Ok((out, Shape::from(n)))
         }
     }
 }
