@@ -134,6 +134,10 @@ pub struct ModelConfig {
     pub dtype: Dtype,
     /// Where to run.
     pub device: Device,
+    /// Recompute each decoder layer's activations in the backward pass instead of keeping
+    /// them: activation memory of one layer instead of all, for about one more forward
+    /// pass of compute. Same gradients either way, so it may change between resumes.
+    pub activation_checkpointing: bool,
 }
 
 impl Default for ModelConfig {
@@ -143,6 +147,7 @@ impl Default for ModelConfig {
             init_preset: None,
             dtype: Dtype::F32,
             device: Device::Cpu,
+            activation_checkpointing: false,
         }
     }
 }
@@ -597,6 +602,7 @@ const NON_SEMANTIC_KEYS: &[&str] = &[
     "train.eval_every",
     "data.skip_bad_lines",
     "rl.timeout_s",
+    "model.activation_checkpointing",
 ];
 
 impl RunConfig {

@@ -37,7 +37,11 @@ fn main() -> candle_core::Result<()> {
         probe("smol qkv fused", 1024, 576, 960, true)?;
         probe("smol gate (x·Wᵀ)", 1024, 576, 1536, true)?;
         probe("smol gate+up fused", 1024, 576, 3072, true)?;
+        probe("smol down fwd", 1024, 1536, 576, true)?;
         probe("smol down bwd (g·W)", 1024, 576, 1536, false)?;
+        probe("smol gate bwd (g·W)", 1024, 1536, 576, false)?;
+        probe("head fwd", 1024, 576, 49152, true)?;
+        probe("head bwd", 1024, 49152, 576, false)?;
         probe("smol lora x·Aᵀ", 1024, 576, 32, true)?;
         probe("smol lora t·Bᵀ", 1024, 32, 1536, true)?;
         probe("smol dA = uᵀ·x", 32, 1024, 576, false)?;

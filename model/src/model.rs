@@ -11,9 +11,10 @@
 //! hidden state is fed back into the trunk with one `backward()` of `Σ h ⊙ ∂L/∂h`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
@@ -212,7 +213,7 @@ impl Attention {
         let scale = 1.0 / (d as f64).sqrt();
         // Half-precision attention GEMMs under a half-precision base (see `ops::attention_block`).
         let tf32 = self.o_proj.weight.dtype() != DType::F32;
-        // On the GPU: one op from the projections to the output (see `ops::attention_block`).
+        // One op from the projections to the output (see `ops::attention_block`).
         if let Some(o) = ops::attention_block(
             &q.reshape((n, self.heads * d))?,
             &k.reshape((n, self.kv_heads * d))?,
@@ -456,6 +457,22 @@ pub struct LoraModel {
     seed: u64,
     /// Counts forward_backward calls, so every pass draws fresh dropout masks.
     passes: AtomicU64,
+    /// Recompute each decoder layer in the backward pass (see
+    /// [`LoraModel::set_activation_checkpointing`]).
+    checkpointing: AtomicBool,
+}
+
+/// What a checkpointed forward keeps for the backward: each decoder layer's input, the
+/// last layer's output (as the variable the final norm was applied to), and the pass's
+/// RoPE tables and mask.
+struct Checkpoints {
+    inputs: Vec<Tensor>,
+    last: Var,
+    cos: Tensor,
+    sin: Tensor,
+    mask: AttnMask,
+    batch: usize,
+    seq: usize,
 }
 
 impl LoraModel {
@@ -641,7 +658,24 @@ impl LoraModel {
             params,
             seed,
             passes: AtomicU64::new(0),
+            checkpointing: AtomicBool::new(false),
         })
+    }
+
+    /// Activation checkpointing: [`LoraModel::forward_backward`] keeps only each decoder
+    /// layer's input in the forward pass and recomputes the layer's activations, one layer
+    /// at a time, in the backward. The gradients are the same (the recomputation runs the
+    /// same kernels on the same inputs); activation memory drops from every layer's
+    /// intermediates to one layer's plus a `[tokens, hidden]` tensor per layer, for about
+    /// one more forward pass of compute. Off by default.
+    pub fn set_activation_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether activation checkpointing is on (see
+    /// [`LoraModel::set_activation_checkpointing`]).
+    pub fn activation_checkpointing(&self) -> bool {
+        self.checkpointing.load(Ordering::Relaxed)
     }
 
     /// The base model's config.
@@ -828,6 +862,94 @@ impl LoraModel {
         ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)
     }
 
+    /// [`LoraModel::trunk`] for activation checkpointing: the layers run one by one with
+    /// their graphs dropped as soon as each output exists; only the layer inputs are kept.
+    /// The returned `[B·T, hidden]` is the final norm applied to a variable holding the
+    /// last layer's output, so the backward can start there.
+    fn trunk_checkpointed(
+        &self,
+        ids: &Tensor,
+        dropout: Option<(f64, u64)>,
+    ) -> Result<(Tensor, Checkpoints)> {
+        let (b, t) = ids.dims2()?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(DType::F32)?;
+        let (cos, sin) = self.rope_tables(t)?;
+        let mask = AttnMask {
+            t,
+            window: None,
+            key_valid: None,
+        };
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        {
+            let pass = Pass {
+                adapters: Adapters::On,
+                dropout,
+                mask: &mask,
+                cos: &cos,
+                sin: &sin,
+                batch: b,
+                seq: t,
+            };
+            for layer in &self.layers {
+                let y = layer.forward(&x, &pass)?.detach();
+                inputs.push(std::mem::replace(&mut x, y));
+            }
+        }
+        let last = Var::from_tensor(&x)?;
+        let h = ops::rms_norm(last.as_tensor(), &self.norm, self.cfg.rms_norm_eps)?;
+        Ok((
+            h,
+            Checkpoints {
+                inputs,
+                last,
+                cos,
+                sin,
+                mask,
+                batch: b,
+                seq: t,
+            },
+        ))
+    }
+
+    /// The backward of [`LoraModel::trunk_checkpointed`] for the gradient `grad_h` of its
+    /// output: through the final norm, then layer by layer from the last, each layer's
+    /// forward recomputed from its saved input. One gradient store per stage, holding that
+    /// stage's adapter gradients.
+    fn backward_checkpointed(
+        &self,
+        c: Checkpoints,
+        h: &Tensor,
+        grad_h: &Tensor,
+        dropout: Option<(f64, u64)>,
+    ) -> Result<Vec<GradStore>> {
+        let pass = Pass {
+            adapters: Adapters::On,
+            dropout,
+            mask: &c.mask,
+            cos: &c.cos,
+            sin: &c.sin,
+            batch: c.batch,
+            seq: c.seq,
+        };
+        let mut stores = Vec::with_capacity(self.layers.len() + 1);
+        let mut store = (h * grad_h)?.sum_all()?.backward()?;
+        let mut g = store.remove(c.last.as_tensor());
+        stores.push(store);
+        for (layer, x) in self.layers.iter().zip(&c.inputs).rev() {
+            // No gradient reaches this layer's output: nothing before it gets one either.
+            let Some(gy) = g.take() else { break };
+            let x = Var::from_tensor(x)?;
+            let y = layer.forward(x.as_tensor(), &pass)?;
+            let mut store = (&y * &gy)?.sum_all()?.backward()?;
+            g = store.remove(x.as_tensor());
+            stores.push(store);
+        }
+        Ok(stores)
+    }
+
     /// Logits `[B, T, vocab]` for `input_ids [B, T]` (u32) with the adapters on.
     /// `attention_mask [B, T]` (any dtype, nonzero = real token) hides padding keys.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
@@ -925,7 +1047,12 @@ impl LoraModel {
             Ok(())
         };
         let t0 = std::time::Instant::now();
-        let h = self.trunk(&ids, None, Adapters::On, dropout)?;
+        let (h, checkpoints) = if self.activation_checkpointing() {
+            let (h, c) = self.trunk_checkpointed(&ids, dropout)?;
+            (h, Some(c))
+        } else {
+            (self.trunk(&ids, None, Adapters::On, dropout)?, None)
+        };
         sync()?;
         let t1 = std::time::Instant::now();
         let hd = h.detach();
@@ -936,12 +1063,12 @@ impl LoraModel {
             .grad_h
             .ok_or_else(|| Error::Unsupported("head returned no gradient".into()))?;
 
-        let store = if h.track_op() {
+        let grad_h = grad_h.to_dtype(h.dtype())?;
+        let stores = match (h.track_op(), checkpoints) {
+            (false, _) => Vec::new(),
+            (true, Some(c)) => self.backward_checkpointed(c, &h, &grad_h, dropout)?,
             // d/dh Σ h ⊙ G = G: one backward carries the head's gradient through the trunk.
-            let surrogate = (&h * &grad_h.to_dtype(h.dtype())?)?.sum_all()?;
-            Some(surrogate.backward()?)
-        } else {
-            None
+            (true, None) => vec![(&h * &grad_h)?.sum_all()?.backward()?],
         };
         if prof {
             sync()?;
@@ -968,7 +1095,7 @@ impl LoraModel {
                 {
                     gb.clone()
                 }
-                _ => match store.as_ref().and_then(|s| s.get(var.as_tensor())) {
+                _ => match stores.iter().find_map(|s| s.get(var.as_tensor())) {
                     Some(g) => g.to_dtype(DType::F32)?,
                     // Not on the path to the loss (e.g. a layer after every weighted token):
                     // its gradient is exactly zero.

@@ -23,6 +23,8 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 
+mod cpu_attn;
+
 thread_local! {
     static FORCE_GENERIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -517,12 +519,13 @@ fn sgemm(
     } else {
         gemm::Parallelism::None
     };
-    sgemm_with(dims, dst, accumulate, a, b, beta, par)
+    sgemm_with(dims, (dst, dims.1), accumulate, a, b, beta, par)
 }
 
+/// [`sgemm`] into `dst` with row stride `ldd ≥ n` (a block of a wider matrix).
 fn sgemm_with(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
+    (dst, ldd): (&mut [f32], usize),
     accumulate: bool,
     a: Mat<'_>,
     b: Mat<'_>,
@@ -532,16 +535,19 @@ fn sgemm_with(
     if m == 0 || n == 0 {
         return;
     }
+    assert!(ldd >= n, "sgemm: row stride {ldd} < {n} columns");
     if k == 0 {
         if !accumulate {
-            dst.fill(0.0);
+            dst.chunks_mut(ldd)
+                .take(m)
+                .for_each(|row| row[..n].fill(0.0));
         }
         return;
     }
     let (a, a_rs, a_cs) = a;
     let (b, b_rs, b_cs) = b;
     // The gemm call reads through raw pointers: check every operand's extent first.
-    assert!(dst.len() >= m * n, "sgemm: dst too small");
+    assert!(dst.len() >= (m - 1) * ldd + n, "sgemm: dst too small");
     assert!(
         a.len() > (m - 1) * a_rs + (k - 1) * a_cs,
         "sgemm: lhs too small"
@@ -558,7 +564,7 @@ fn sgemm_with(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            ldd as isize,
             accumulate,
             a.as_ptr(),
             a_cs as isize,
@@ -585,7 +591,15 @@ fn sgemm_serial(
     b: Mat<'_>,
     beta: f32,
 ) {
-    sgemm_with(dims, dst, accumulate, a, b, beta, gemm::Parallelism::None)
+    sgemm_with(
+        dims,
+        (dst, dims.1),
+        accumulate,
+        a,
+        b,
+        beta,
+        gemm::Parallelism::None,
+    )
 }
 
 /// The contiguous f32 data of a CPU tensor (copying only if it is not contiguous).
@@ -1629,10 +1643,11 @@ pub(crate) fn attention_probs(
     masked_softmax(&q.matmul(&k.t()?)?, scale, mask)
 }
 
-/// The whole attention between the projections on the GPU: q `[b·t, heads·d]`, k and v
+/// The whole attention between the projections, on the GPU or the CPU (f32): q `[b·t, heads·d]`, k and v
 /// `[b·t, kv·d]` (the projections' outputs) → `[b·t, heads·d]`, RoPE (tables `[t, d/2]`)
 /// and the head layouts handled inside one op, so that autograd keeps nothing but q, k, v
-/// and the output. `None` where it does not apply (CPU, other dtypes): the caller composes.
+/// and the output (the CPU op is in `ops/cpu_attn.rs`). `None` where it does not apply
+/// (other dtypes, RoPE tables not `[t, d/2]`): the caller composes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_block(
     q: &Tensor,
@@ -1667,7 +1682,22 @@ pub(crate) fn attention_block(
             tf32,
         )?));
     }
-    let _ = (q, k, v, cos, sin, b, t, heads, kv, d, scale, mask, tf32);
+    let fits = d % 2 == 0
+        && kv > 0
+        && heads % kv == 0
+        && mask.t == t
+        && cos.dims() == [t, d / 2]
+        && sin.dims() == [t, d / 2];
+    if cpu_f32(q)
+        && fits
+        && [k, v, cos, sin].iter().all(|x| x.dtype() == DType::F32)
+        && cos.device().is_cpu()
+    {
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let op = cpu_attn::CpuAttnBlock::new((cos, sin), (b, t, heads, kv, d), scale, mask);
+        return Ok(Some(q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))?));
+    }
+    let _ = tf32;
     Ok(None)
 }
 

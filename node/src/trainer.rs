@@ -465,6 +465,7 @@ impl Trainer {
             dtype_of(cfg.model.dtype),
             cfg.seed,
         )?;
+        model.set_activation_checkpointing(cfg.model.activation_checkpointing);
         check_vocab(&model_dir, &tok, &model)?;
 
         let t = &cfg.train;

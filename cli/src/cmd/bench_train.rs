@@ -50,6 +50,43 @@ pub struct Args {
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     json: bool,
+    /// Recompute each layer's activations in the backward (activation checkpointing).
+    #[arg(long)]
+    checkpointing: bool,
+    /// After the timed steps, print an op-by-op profile of one step (each op's forward and
+    /// backward on the first layer's shapes, times how often a step runs it).
+    #[arg(long)]
+    ops: bool,
+}
+
+/// Prints [`LoraModel::profile_ops`] at `b x t` as a markdown table (to stderr, so `--json`
+/// output stays one object).
+fn print_ops(
+    model: &LoraModel,
+    b: usize,
+    t: usize,
+    vocab: usize,
+    rng: &mut u64,
+) -> anyhow::Result<()> {
+    let tokens: Vec<u32> = (0..b * (t + 1))
+        .map(|_| (splitmix64(rng) % vocab as u64) as u32)
+        .collect();
+    let weights = vec![1.0f32; b * (t + 1)];
+    let batch = Batch::from_dense_tokens(b, t + 1, &tokens, &weights)?;
+    let ops = model.profile_ops(&batch, LossKind::CrossEntropy, 3)?;
+    eprintln!("| op | fwd ms | bwd ms | per step | ms per step |");
+    eprintln!("|---|---|---|---|---|");
+    let mut sum = 0.0;
+    for o in &ops {
+        let per = (o.fwd_ms + o.bwd_ms) * o.per_step as f64;
+        sum += per;
+        eprintln!(
+            "| {} | {:.3} | {:.3} | {} | {:.1} |",
+            o.name, o.fwd_ms, o.bwd_ms, o.per_step, per
+        );
+    }
+    eprintln!("| sum of the ops x per step | | | | {sum:.1} |");
+    Ok(())
 }
 
 /// Peak resident set size of this process in bytes (VmHWM), where the OS tells it.
@@ -119,6 +156,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("--device {}", args.device))?;
     let model = LoraModel::random(&cfg, &lora, &device, args.seed, args.seed)
         .with_context(|| format!("building the {} model", preset.name()))?;
+    model.set_activation_checkpointing(args.checkpointing);
     let rss_after_init = peak_rss_bytes();
     let mut opt = AdamW::new(AdamWConfig::default(), model.param_layout().clone());
     let mut params = model.params_flat()?;
@@ -148,6 +186,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             times.push(dt);
         }
     }
+    if args.ops {
+        print_ops(&model, b, t, cfg.vocab_size, &mut rng)?;
+    }
     let med = median(&times);
     let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let max = times.iter().cloned().fold(0.0, f64::max);
@@ -163,6 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "batch": b,
             "seq": t,
             "threads": args.threads,
+            "activation_checkpointing": args.checkpointing,
             "steps": args.steps,
             "warmup": args.warmup,
             "base_params": cfg.num_parameters(),

@@ -300,6 +300,7 @@ impl RlTrainer {
             dtype_of(cfg.model.dtype),
             cfg.seed,
         )?;
+        model.set_activation_checkpointing(cfg.model.activation_checkpointing);
         check_vocab(&model_dir, &tokenizer, &model)?;
         let adam_cfg = adamw_of(&cfg);
         let schedule = schedule_of(&cfg, total_steps);
