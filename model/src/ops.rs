@@ -544,10 +544,65 @@ fn sgemm_with(
         }
         return;
     }
+    assert!(dst.len() >= (m - 1) * ldd + n, "sgemm: dst too small");
+    // SAFETY: dst holds the m rows of stride ldd (checked above) and is a distinct borrow.
+    unsafe {
+        sgemm_raw(
+            (m, n, k),
+            dst.as_mut_ptr(),
+            ldd,
+            accumulate,
+            a,
+            b,
+            beta,
+            par,
+        )
+    }
+}
+
+/// `beta · A[m×k] · B[k×n]` into a new `[m × n]` buffer that the GEMM writes on its own:
+/// `vec![0.0; m·n]` would first memset what the GEMM then overwrites.
+fn sgemm_new(dims: (usize, usize, usize), a: Mat<'_>, b: Mat<'_>, beta: f32) -> Vec<f32> {
+    let (m, n, k) = dims;
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0.0; m * n];
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut v = Vec::<f32>::with_capacity(m * n);
+    let dst = v.spare_capacity_mut()[..m * n].as_mut_ptr().cast::<f32>();
+    // SAFETY: dst has room for the m·n elements; without accumulation gemm writes every
+    // one and reads none, so all are initialised before `set_len`.
+    unsafe {
+        sgemm_raw(dims, dst, n, false, a, b, beta, par);
+        v.set_len(m * n);
+    }
+    v
+}
+
+/// The gemm call behind [`sgemm_with`] and [`sgemm_new`], on a raw destination.
+///
+/// # Safety
+/// `dst` must be valid for writes (and, with `accumulate`, reads) of `m` rows of `n`
+/// elements at row stride `ldd`, and must not overlap `a` or `b`; `m, n, k ≥ 1`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    ldd: usize,
+    accumulate: bool,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    beta: f32,
+    par: gemm::Parallelism,
+) {
     let (a, a_rs, a_cs) = a;
     let (b, b_rs, b_cs) = b;
-    // The gemm call reads through raw pointers: check every operand's extent first.
-    assert!(dst.len() >= (m - 1) * ldd + n, "sgemm: dst too small");
+    // The gemm call reads through raw pointers: check the operands' extents first.
     assert!(
         a.len() > (m - 1) * a_rs + (k - 1) * a_cs,
         "sgemm: lhs too small"
@@ -556,13 +611,13 @@ fn sgemm_with(
         b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
         "sgemm: rhs too small"
     );
-    // SAFETY: extents checked above; dst does not alias a or b (distinct borrows).
+    // SAFETY: operand extents checked above; dst as the caller promises.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             ldd as isize,
             accumulate,
@@ -645,24 +700,20 @@ impl CustomOp3 for LoraLinearOp {
                 self.w.dims()
             )
         }
-        let mut y = vec![0f32; m * n];
-        let biased = match &self.bias {
+        let mut y = match &self.bias {
             Some(bias) => {
-                with_cpu_f32(bias, |bv| {
-                    y.chunks_exact_mut(n)
-                        .for_each(|row| row.copy_from_slice(bv));
+                let mut y = with_cpu_f32(bias, |bv| Ok(bv.repeat(m)))?;
+                with_cpu_f32(&self.w, |w| {
+                    sgemm((m, n, k), &mut y, true, (x, k, 1), (w, 1, k), 1.0);
                     Ok(())
                 })?;
-                true
+                y
             }
-            None => false,
+            None => with_cpu_f32(&self.w, |w| {
+                Ok(sgemm_new((m, n, k), (x, k, 1), (w, 1, k), 1.0))
+            })?,
         };
-        with_cpu_f32(&self.w, |w| {
-            sgemm((m, n, k), &mut y, biased, (x, k, 1), (w, 1, k), 1.0);
-            Ok(())
-        })?;
-        let mut t = vec![0f32; m * r];
-        sgemm((m, r, k), &mut t, false, (x, k, 1), (a, 1, k), 1.0);
+        let t = sgemm_new((m, r, k), (x, k, 1), (a, 1, k), 1.0);
         sgemm((m, n, r), &mut y, true, (&t, r, 1), (b, 1, r), self.scale);
         *self.t.lock().expect("lora-linear cache poisoned") = Some(t);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
@@ -697,14 +748,11 @@ impl CustomOp3 for LoraLinearOp {
             slice(bs, bl)?,
         );
         // u = G·B [m, r]
-        let mut u = vec![0f32; m * r];
-        sgemm((m, r, n), &mut u, false, (g, n, 1), (bv, r, 1), 1.0);
+        let u = sgemm_new((m, r, n), (g, n, 1), (bv, r, 1), 1.0);
         // dx = G·W + s·u·A [m, k]
         let dx = if want_dx {
-            let mut dx = vec![0f32; m * k];
-            with_cpu_f32(&self.w, |w| {
-                sgemm((m, k, n), &mut dx, false, (g, n, 1), (w, k, 1), 1.0);
-                Ok(())
+            let mut dx = with_cpu_f32(&self.w, |w| {
+                Ok(sgemm_new((m, k, n), (g, n, 1), (w, k, 1), 1.0))
             })?;
             sgemm((m, k, r), &mut dx, true, (&u, r, 1), (av, k, 1), s);
             Some(Tensor::from_vec(dx, (m, k), x.device())?)
@@ -714,16 +762,10 @@ impl CustomOp3 for LoraLinearOp {
         // t = x·Aᵀ [m, r] (kept from the forward); dB = s·Gᵀ·t [n, r]; dA = s·uᵀ·x [r, k]
         let t = match self.t.lock().expect("lora-linear cache poisoned").take() {
             Some(t) if t.len() == m * r => t,
-            _ => {
-                let mut t = vec![0f32; m * r];
-                sgemm((m, r, k), &mut t, false, (xv, k, 1), (av, 1, k), 1.0);
-                t
-            }
+            _ => sgemm_new((m, r, k), (xv, k, 1), (av, 1, k), 1.0),
         };
-        let mut db = vec![0f32; n * r];
-        sgemm((n, r, m), &mut db, false, (g, 1, n), (&t, r, 1), s);
-        let mut da = vec![0f32; r * k];
-        sgemm((r, k, m), &mut da, false, (&u, 1, r), (xv, k, 1), s);
+        let db = sgemm_new((n, r, m), (g, 1, n), (&t, r, 1), s);
+        let da = sgemm_new((r, k, m), (&u, 1, r), (xv, k, 1), s);
         Ok((
             dx,
             Some(Tensor::from_vec(da, (r, k), a.device())?),
@@ -1472,6 +1514,19 @@ fn softmax_row_inplace(yr: &mut [f32], scale: f32, mask: &AttnMask, bi: usize, i
     let hi = (i + 1).min(yr.len());
     yr[..lo].fill(0.0);
     yr[hi..].fill(0.0);
+    if mask.key_valid.is_none() {
+        // Every key in lo..hi is visible: scale, max, exp and normalise as whole-row passes
+        // that vectorise (the same arithmetic as the masked loop below).
+        let row = &mut yr[lo..hi];
+        if row.is_empty() {
+            return;
+        }
+        row.iter_mut().for_each(|v| *v *= scale);
+        let m = row_max(row);
+        let inv = 1.0 / exp_shift_sum(row, m);
+        row.iter_mut().for_each(|v| *v *= inv);
+        return;
+    }
     let mut m = f32::NEG_INFINITY;
     for (j, v) in yr.iter_mut().enumerate().take(hi).skip(lo) {
         if mask.allowed(bi, i, j) {
@@ -1485,21 +1540,15 @@ fn softmax_row_inplace(yr: &mut [f32], scale: f32, mask: &AttnMask, bi: usize, i
         yr[lo..hi].fill(0.0);
         return;
     }
-    let sum = if mask.key_valid.is_none() {
-        // No holes in lo..hi: the vectorised exp.
-        exp_shift_sum(&mut yr[lo..hi], m)
-    } else {
-        let mut sum = 0f32;
-        for v in &mut yr[lo..hi] {
-            *v = if *v == f32::NEG_INFINITY {
-                0.0
-            } else {
-                exp_approx(*v - m)
-            };
-            sum += *v;
-        }
-        sum
-    };
+    let mut sum = 0f32;
+    for v in &mut yr[lo..hi] {
+        *v = if *v == f32::NEG_INFINITY {
+            0.0
+        } else {
+            exp_approx(*v - m)
+        };
+        sum += *v;
+    }
     let inv = 1.0 / sum;
     for v in &mut yr[lo..hi] {
         *v *= inv;
@@ -1688,7 +1737,12 @@ pub(crate) fn attention_block(
         && mask.t == t
         && cos.dims() == [t, d / 2]
         && sin.dims() == [t, d / 2];
-    if cpu_f32(q)
+    // RINGTUNE_CPU_ATTN=0: the composition instead, for A/B runs in one binary.
+    static CPU_ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let cpu_on =
+        *CPU_ON.get_or_init(|| std::env::var("RINGTUNE_CPU_ATTN").map_or(true, |v| v != "0"));
+    if cpu_on
+        && cpu_f32(q)
         && fits
         && [k, v, cos, sin].iter().all(|x| x.dtype() == DType::F32)
         && cos.device().is_cpu()
