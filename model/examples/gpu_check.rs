@@ -618,18 +618,10 @@ fn print_ops(model: &LoraModel, rows: usize, t: usize, vocab: usize) {
         }
     };
     println!("\n  op profile, batch {rows}x{t} (median of 3, device synchronised around each):\n");
-    println!("  | op | fwd ms | bwd ms | per step | ms per step |");
-    println!("  |---|---|---|---|---|");
-    let mut sum = 0.0;
-    for o in &ops {
-        let per = (o.fwd_ms + o.bwd_ms) * o.per_step as f64;
-        sum += per;
-        println!(
-            "  | {} | {:.3} | {:.3} | {} | {:.1} |",
-            o.name, o.fwd_ms, o.bwd_ms, o.per_step, per
-        );
+    for line in ringtune_model::model::ops_table(&ops).lines() {
+        println!("  {line}");
     }
-    println!("  | sum of the ops x per step | | | | {sum:.1} |\n");
+    println!();
 }
 
 fn main() {

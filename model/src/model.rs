@@ -827,6 +827,17 @@ impl LoraModel {
         Ok((b, t))
     }
 
+    /// The trunk's start for `ids [B, T]`: the embeddings `[B·T, hidden]` in f32 (the residual
+    /// stream is f32 whatever the base dtype, see `ops`) and the RoPE tables for `T`.
+    fn embed(&self, ids: &Tensor) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (_, t) = ids.dims2()?;
+        let x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(DType::F32)?;
+        Ok((x, self.rope_tables(t)?))
+    }
+
     /// The trunk: embeddings, decoder layers, final norm. Returns `[B·T, hidden]`.
     fn trunk(
         &self,
@@ -836,12 +847,7 @@ impl LoraModel {
         dropout: Option<(f64, u64)>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        // The residual stream is f32 whatever the base dtype (mixed precision, see `ops`).
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(DType::F32)?;
-        let (cos, sin) = self.rope_tables(t)?;
+        let (mut x, (cos, sin)) = self.embed(ids)?;
         let mask = AttnMask {
             t,
             window: None,
@@ -872,11 +878,7 @@ impl LoraModel {
         dropout: Option<(f64, u64)>,
     ) -> Result<(Tensor, Checkpoints)> {
         let (b, t) = ids.dims2()?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(DType::F32)?;
-        let (cos, sin) = self.rope_tables(t)?;
+        let (mut x, (cos, sin)) = self.embed(ids)?;
         let mask = AttnMask {
             t,
             window: None,
@@ -1119,7 +1121,25 @@ pub struct OpTime {
     pub bwd_ms: f64,
 }
 
-/// Op-by-op profiling (for `gpu_check --ops`; not a stable API).
+/// [`LoraModel::profile_ops`] as a markdown table: each op's forward and backward, and its
+/// share of a step (ms × how often a step runs it), with their sum last.
+#[doc(hidden)]
+pub fn ops_table(ops: &[OpTime]) -> String {
+    let mut out =
+        String::from("| op | fwd ms | bwd ms | per step | ms per step |\n|---|---|---|---|---|\n");
+    let mut sum = 0.0;
+    for o in ops {
+        let per = (o.fwd_ms + o.bwd_ms) * o.per_step as f64;
+        sum += per;
+        out += &format!(
+            "| {} | {:.3} | {:.3} | {} | {:.1} |\n",
+            o.name, o.fwd_ms, o.bwd_ms, o.per_step, per
+        );
+    }
+    out + &format!("| sum of the ops x per step | | | | {sum:.1} |\n")
+}
+
+/// Op-by-op profiling (for `gpu_check --ops` and `bench train --ops`; not a stable API).
 impl LoraModel {
     /// Times each op of the first decoder layer on its own, at `batch`'s shape, with the
     /// device synchronised around every forward and backward (median of `reps`), plus a

@@ -375,6 +375,17 @@ fn generic_path_matches_the_cpu_kernels() {
     }
 }
 
+/// A random-init model of `cfg` whose adapters are all non-zero (B ≠ 0 as well), so that
+/// every LoRA gradient is non-trivial.
+fn random_with_adapters(cfg: &ModelConfig, lora: &LoraConfig) -> LoraModel {
+    let model = LoraModel::random(cfg, lora, &Device::Cpu, 3, 4).unwrap();
+    let flat: Vec<f32> = (0..model.param_layout().numel())
+        .map(|i| ((i as f32 * 0.37).sin()) * 0.05)
+        .collect();
+    model.set_params_flat(&flat).unwrap();
+    model
+}
+
 /// The CPU attention op computes only the key blocks each block of 64 queries can see;
 /// check it against the generic composition (full score matrices) where that matters:
 /// sequences over several blocks and not a multiple of 64, ragged rows, grouped-query
@@ -387,11 +398,7 @@ fn cpu_attention_op_matches_the_generic_composition_on_long_ragged_rows() {
         let mut cfg = ModelConfig::from_file(dir.join("config.json")).unwrap();
         cfg.max_position_embeddings = 256;
         cfg.sliding_windows = vec![window; cfg.num_hidden_layers];
-        let model = LoraModel::random(&cfg, &all_targets(4), &Device::Cpu, 3, 4).unwrap();
-        let flat: Vec<f32> = (0..model.param_layout().numel())
-            .map(|i| ((i as f32 * 0.37).sin()) * 0.05)
-            .collect();
-        model.set_params_flat(&flat).unwrap();
+        let model = random_with_adapters(&cfg, &all_targets(4));
         let v = cfg.vocab_size as u32;
         let rows: Vec<Vec<u32>> = [151usize, 97, 130]
             .iter()
@@ -447,11 +454,7 @@ fn activation_checkpointing_gives_the_same_gradients() {
         ..all_targets(4)
     };
     let run = |checkpointing: bool| {
-        let model = LoraModel::random(&cfg, &lora, &Device::Cpu, 3, 4).unwrap();
-        let flat: Vec<f32> = (0..model.param_layout().numel())
-            .map(|i| ((i as f32 * 0.37).sin()) * 0.05)
-            .collect();
-        model.set_params_flat(&flat).unwrap();
+        let model = random_with_adapters(&cfg, &lora);
         model.set_activation_checkpointing(checkpointing);
         assert_eq!(model.activation_checkpointing(), checkpointing);
         let v = cfg.vocab_size as u32;

@@ -74,18 +74,7 @@ fn print_ops(
     let weights = vec![1.0f32; b * (t + 1)];
     let batch = Batch::from_dense_tokens(b, t + 1, &tokens, &weights)?;
     let ops = model.profile_ops(&batch, LossKind::CrossEntropy, 3)?;
-    eprintln!("| op | fwd ms | bwd ms | per step | ms per step |");
-    eprintln!("|---|---|---|---|---|");
-    let mut sum = 0.0;
-    for o in &ops {
-        let per = (o.fwd_ms + o.bwd_ms) * o.per_step as f64;
-        sum += per;
-        eprintln!(
-            "| {} | {:.3} | {:.3} | {} | {:.1} |",
-            o.name, o.fwd_ms, o.bwd_ms, o.per_step, per
-        );
-    }
-    eprintln!("| sum of the ops x per step | | | | {sum:.1} |");
+    eprint!("{}", ringtune_model::model::ops_table(&ops));
     Ok(())
 }
 

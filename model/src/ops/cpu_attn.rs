@@ -50,6 +50,21 @@ fn rope_row(src: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
     }
 }
 
+/// Per-task blocks (task = (batch row, kv head), then `rep` heads of `[t, d]`) back in the
+/// projections' row layout `[b·t, kv·rep·d]` (`rep = 1` for keys and values).
+fn to_rows(src: &[f32], (b, t, kv, rep, d): (usize, usize, usize, usize, usize)) -> Vec<f32> {
+    let width = kv * rep * d;
+    let mut out = vec![0f32; b * t * width];
+    out.par_chunks_mut(width).enumerate().for_each(|(row, o)| {
+        let (bi, i) = (row / t, row % t);
+        for head in 0..kv * rep {
+            let at = ((bi * kv + head / rep) * rep + head % rep) * t * d + i * d;
+            o[head * d..][..d].copy_from_slice(&src[at..][..d]);
+        }
+    });
+    out
+}
+
 /// The key columns `[c0, c1)` that query rows `[i0, i1)` can see (causal, sliding window).
 fn cols(mask: &AttnMask, i0: usize, i1: usize) -> (usize, usize) {
     (mask.window.map_or(0, |w| (i0 + 1).saturating_sub(w)), i1)
@@ -139,19 +154,8 @@ impl CpuAttnBlock {
                 Ok(())
             })
         })?;
-        let mut out = vec![0f32; b * t * heads * d];
-        out.par_chunks_mut(heads * d)
-            .enumerate()
-            .for_each(|(row, o)| {
-                let (bi, i) = (row / t, row % t);
-                for head in 0..heads {
-                    let (g, h) = (head / rep, head % rep);
-                    let src = ((bi * kv + g) * rep + h) * t * d + i * d;
-                    o[head * d..][..d].copy_from_slice(&og[src..][..d]);
-                }
-            });
         Ok((
-            out,
+            to_rows(&og, (b, t, kv, rep, d)),
             Saved {
                 q: sq,
                 k: sk,
@@ -327,29 +331,12 @@ impl CustomOp3 for CpuAttnBlock {
                 Ok(())
             })
         })?;
-        // Scatter the per-task gradients into the projections' layouts.
-        let mut dq = vec![0f32; b * t * heads * d];
-        dq.par_chunks_mut(heads * d)
-            .enumerate()
-            .for_each(|(row, o)| {
-                let (bi, i) = (row / t, row % t);
-                for head in 0..heads {
-                    let (g, h) = (head / rep, head % rep);
-                    let src = ((bi * kv + g) * rep + h) * t * d + i * d;
-                    o[head * d..][..d].copy_from_slice(&dqg[src..][..d]);
-                }
-            });
-        let unpack = |src: &[f32]| {
-            let mut out = vec![0f32; b * t * kv * d];
-            out.par_chunks_mut(kv * d).enumerate().for_each(|(row, o)| {
-                let (bi, i) = (row / t, row % t);
-                for g in 0..kv {
-                    o[g * d..][..d].copy_from_slice(&src[(bi * kv + g) * t * d + i * d..][..d]);
-                }
-            });
-            out
-        };
-        let (dk, dv) = (unpack(&dkg), unpack(&dvg));
+        // The per-task gradients in the projections' layouts.
+        let dq = to_rows(&dqg, (b, t, kv, rep, d));
+        let (dk, dv) = (
+            to_rows(&dkg, (b, t, kv, 1, d)),
+            to_rows(&dvg, (b, t, kv, 1, d)),
+        );
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, (b * t, heads * d), dev)?),
