@@ -9,6 +9,7 @@
 # Everything is also written to $OUT/ (or ./gpu-check-out when $OUT is unset).
 # Budgets (seconds) can be overridden: GPU_CHECK_S, DEVICE_S, NCCL_S, TORCH_S.
 # CHECK_AB=1 adds A/B runs of the attention variants (1c: TF32 attention, block softmax).
+# CHECK_CKPT=1 adds qwen05b with activation checkpointing (1d: tokens/s and peak memory).
 set -u
 cd "$(dirname "$0")/../.."
 OUTDIR="${OUT:-./gpu-check-out}"
@@ -47,6 +48,13 @@ if [ "${CHECK_AB:-0}" = 1 ]; then
     env "$ab" timeout -k 5 90 .gpu/gpu_check --device cuda:0 --presets qwen05b --budget-s 60 2>&1 \
       | grep -E '^\| (cuda|qwen05b)'
   done
+  echo
+fi
+
+if [ "${CHECK_CKPT:-0}" = 1 ]; then
+  echo "== 1d. activation checkpointing, qwen05b"
+  timeout -k 5 90 .gpu/gpu_check --device cuda:0 --presets qwen05b --budget-s 60 --checkpointing 2>&1 \
+    | grep -E '^\| (cuda|qwen05b)'
   echo
 fi
 

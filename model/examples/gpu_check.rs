@@ -3,7 +3,7 @@
 //! (the presets of ../shared/bench/gpu_peft_bench.py), ending with a markdown table.
 //!
 //!     gpu_check --device cuda:0 [--budget-s 200] [--quick] [--ops] [--no-throughput]
-//!               [--presets qwen05b,llama1b]
+//!               [--checkpointing] [--presets qwen05b,llama1b]
 //!
 //! `--quick` shrinks every shape so the whole thing runs in seconds on a CPU (`--device cpu`
 //! compares the CPU with itself; it exercises the code path, not the numerics). Built here
@@ -38,6 +38,8 @@ struct Args {
     ops: bool,
     /// Parity only (no throughput presets).
     no_throughput: bool,
+    /// Activation checkpointing on in the throughput runs.
+    checkpointing: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -48,6 +50,7 @@ fn parse_args() -> Result<Args, String> {
         presets: vec!["qwen05b".into(), "llama1b".into()],
         ops: false,
         no_throughput: false,
+        checkpointing: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -56,6 +59,7 @@ fn parse_args() -> Result<Args, String> {
             "--quick" => a.quick = true,
             "--ops" => a.ops = true,
             "--no-throughput" => a.no_throughput = true,
+            "--checkpointing" => a.checkpointing = true,
             "--budget-s" => {
                 let v = it.next().ok_or("--budget-s needs a value")?;
                 a.budget =
@@ -67,7 +71,7 @@ fn parse_args() -> Result<Args, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (--device, --quick, --ops, --no-throughput, --budget-s, --presets)"
+                    "unknown argument {other:?} (--device, --quick, --ops, --no-throughput, --checkpointing, --budget-s, --presets)"
                 ))
             }
         }
@@ -510,8 +514,7 @@ fn throughput(
     name: &str,
     cfg: &ModelConfig,
     device: &Device,
-    quick: bool,
-    ops: bool,
+    (quick, ops, checkpointing): (bool, bool, bool),
     mem: &MemPoll,
     deadline: Instant,
 ) -> Result<ThroughputRow, String> {
@@ -547,11 +550,17 @@ fn throughput(
                 continue;
             }
         };
+        model.set_activation_checkpointing(checkpointing);
         println!(
-            "  built {name} {dtype:?} on {device:?} in {:.1}s ({:.0}M base, {:.1}M LoRA params)",
+            "  built {name} {dtype:?} on {device:?} in {:.1}s ({:.0}M base, {:.1}M LoRA params{})",
             t0.elapsed().as_secs_f64(),
             cfg.num_parameters() as f64 / 1e6,
-            model.param_layout().numel() as f64 / 1e6
+            model.param_layout().numel() as f64 / 1e6,
+            if checkpointing {
+                ", activation checkpointing"
+            } else {
+                ""
+            }
         );
         for &(rows, t) in batches {
             if Instant::now() > deadline {
@@ -675,8 +684,15 @@ fn main() {
             (deadline - Instant::now()).as_secs_f64()
         );
         thr.push(
-            throughput(name, &cfg, &device, args.quick, args.ops, &mem, deadline)
-                .map_err(|e| format!("{name}: {e}")),
+            throughput(
+                name,
+                &cfg,
+                &device,
+                (args.quick, args.ops, args.checkpointing),
+                &mem,
+                deadline,
+            )
+            .map_err(|e| format!("{name}: {e}")),
         );
     }
 
