@@ -940,13 +940,20 @@ impl LoraModel {
         let mut store = (h * grad_h)?.sum_all()?.backward()?;
         let mut g = store.remove(c.last.as_tensor());
         stores.push(store);
-        for (layer, x) in self.layers.iter().zip(&c.inputs).rev() {
+        // Each input is dropped once its layer is done.
+        for (i, (layer, x)) in self.layers.iter().zip(c.inputs).enumerate().rev() {
             // No gradient reaches this layer's output: nothing before it gets one either.
             let Some(gy) = g.take() else { break };
-            let x = Var::from_tensor(x)?;
-            let y = layer.forward(x.as_tensor(), &pass)?;
+            // The embeddings are frozen: the first layer's input needs no gradient (as in
+            // the plain trunk, where it is not a variable).
+            let var = if i > 0 {
+                Some(Var::from_tensor(&x)?)
+            } else {
+                None
+            };
+            let y = layer.forward(var.as_ref().map_or(&x, |v| v.as_tensor()), &pass)?;
             let mut store = (&y * &gy)?.sum_all()?.backward()?;
-            g = store.remove(x.as_tensor());
+            g = var.and_then(|v| store.remove(v.as_tensor()));
             stores.push(store);
         }
         Ok(stores)
