@@ -462,6 +462,14 @@ pub struct LoraModel {
     checkpointing: AtomicBool,
 }
 
+/// Drops the gradient candle computes for the constant factor `seed` of a `Σ y ⊙ seed`
+/// surrogate: it is `y` times the incoming gradient, a tensor that still references `y`
+/// and so keeps `y`'s whole forward graph alive for as long as the store lives (with
+/// activation checkpointing, every recomputed layer's activations at once).
+fn forget_seed(store: &mut GradStore, seed: &Tensor) {
+    store.remove(seed);
+}
+
 /// What a checkpointed forward keeps for the backward: each decoder layer's input, the
 /// last layer's output (as the variable the final norm was applied to), and the pass's
 /// RoPE tables and mask.
@@ -938,6 +946,7 @@ impl LoraModel {
         };
         let mut stores = Vec::with_capacity(self.layers.len() + 1);
         let mut store = (h * grad_h)?.sum_all()?.backward()?;
+        forget_seed(&mut store, grad_h);
         let mut g = store.remove(c.last.as_tensor());
         stores.push(store);
         // Each input is dropped once its layer is done.
@@ -953,6 +962,7 @@ impl LoraModel {
             };
             let y = layer.forward(var.as_ref().map_or(&x, |v| v.as_tensor()), &pass)?;
             let mut store = (&y * &gy)?.sum_all()?.backward()?;
+            forget_seed(&mut store, &gy);
             g = var.and_then(|v| store.remove(v.as_tensor()));
             stores.push(store);
         }
@@ -1077,7 +1087,11 @@ impl LoraModel {
             (false, _) => Vec::new(),
             (true, Some(c)) => self.backward_checkpointed(c, &h, &grad_h, dropout)?,
             // d/dh Σ h ⊙ G = G: one backward carries the head's gradient through the trunk.
-            (true, None) => vec![(&h * &grad_h)?.sum_all()?.backward()?],
+            (true, None) => {
+                let mut store = (&h * &grad_h)?.sum_all()?.backward()?;
+                forget_seed(&mut store, &grad_h);
+                vec![store]
+            }
         };
         if prof {
             sync()?;

@@ -7,8 +7,10 @@
 //! attention needs only its lower triangle. Here each (batch row, kv head) is one task:
 //! the query heads that share the kv head, row blocks of [`BLOCK`] positions, and for each
 //! block only the key columns it can see — `(1 + 2 + … + n)/n²` of the full products, 62%
-//! at four blocks. Autograd keeps the inputs; the op keeps the RoPE'd q, k and the
-//! probabilities from its forward for the backward (as the composition did).
+//! at four blocks. Autograd keeps the inputs; the op keeps the RoPE'd q and k. The
+//! probabilities exist one block at a time and the backward recomputes them (one more GEMM
+//! per block), so nothing `T × T` outlives a layer: at T = 2048 the composition kept 150 MB
+//! of probabilities per SmolLM layer.
 
 use std::sync::Mutex;
 
@@ -18,11 +20,10 @@ use super::*;
 const BLOCK: usize = 64;
 
 /// Where the forward keeps what the backward needs: per task (batch row, kv head), the
-/// RoPE'd queries `[rep·t, d]` (head-major), keys `[t, d]` and probabilities `[rep·t, t]`.
+/// RoPE'd queries `[rep·t, d]` (head-major) and keys `[t, d]`.
 struct Saved {
     q: Vec<f32>,
     k: Vec<f32>,
-    p: Vec<f32>,
 }
 
 pub(super) struct CpuAttnBlock {
@@ -87,6 +88,34 @@ impl CpuAttnBlock {
         }
     }
 
+    /// The probabilities of query rows `[i0, i1)` of head `h` in task row `bi` into `pb`
+    /// (`[i1 − i0, t]`): the scores of the key columns `[c0, c1)` they can see, then each
+    /// row's softmax, which zeroes every other column. Returns `(c0, c1)`.
+    fn probs(
+        &self,
+        qg: &[f32],
+        kg: &[f32],
+        pb: &mut [f32],
+        (bi, h): (usize, usize),
+        (i0, i1): (usize, usize),
+    ) -> (usize, usize) {
+        let (_, t, _, _, d) = self.dims;
+        let (c0, c1) = cols(&self.mask, i0, i1);
+        sgemm_with(
+            (i1 - i0, c1 - c0, d),
+            (&mut pb[c0..], t),
+            false,
+            (&qg[(h * t + i0) * d..], d, 1),
+            (&kg[c0 * d..], 1, d),
+            1.0,
+            gemm::Parallelism::None,
+        );
+        for (r, row) in pb.chunks_exact_mut(t).take(i1 - i0).enumerate() {
+            softmax_row_inplace(row, self.scale, &self.mask, bi, i0 + r);
+        }
+        (c0, c1)
+    }
+
     /// The forward: the output `[b·t, heads·d]` and what the backward needs.
     fn run(&self, q: &[f32], k: &[f32], v: &[f32]) -> candle_core::Result<(Vec<f32>, Saved)> {
         let (b, t, heads, kv, d) = self.dims;
@@ -95,17 +124,15 @@ impl CpuAttnBlock {
         let tasks = b * kv;
         let mut sq = vec![0f32; tasks * rep * t * d];
         let mut sk = vec![0f32; tasks * t * d];
-        let mut sp = vec![0f32; tasks * rep * t * t];
         // Per task, the heads' outputs `[rep·t, d]`; scattered into the layout at the end.
         let mut og = vec![0f32; tasks * rep * t * d];
         with_cpu_f32(&self.cos, |cos| {
             with_cpu_f32(&self.sin, |sin| {
                 sq.par_chunks_mut(rep * t * d)
                     .zip(sk.par_chunks_mut(t * d))
-                    .zip(sp.par_chunks_mut(rep * t * t))
                     .zip(og.par_chunks_mut(rep * t * d))
                     .enumerate()
-                    .for_each(|(task, (((qg, kg), pg), og))| {
+                    .for_each(|(task, ((qg, kg), og))| {
                         let (bi, g) = (task / kv, task % kv);
                         let mut vg = vec![0f32; t * d];
                         for i in 0..t {
@@ -119,31 +146,16 @@ impl CpuAttnBlock {
                                 rope_row(&q[src..][..d], &mut qg[dst..][..d], c, s, 1.0);
                             }
                         }
+                        let mut pb = vec![0f32; BLOCK.min(t) * t];
                         for h in 0..rep {
                             for i0 in (0..t).step_by(BLOCK) {
                                 let i1 = (i0 + BLOCK).min(t);
-                                let (c0, c1) = cols(&self.mask, i0, i1);
-                                let r0 = h * t + i0;
-                                // Scores of the visible block, then each row's softmax (which
-                                // zeroes every column it does not see, the rest included).
-                                sgemm_with(
-                                    (i1 - i0, c1 - c0, d),
-                                    (&mut pg[r0 * t + c0..], t),
-                                    false,
-                                    (&qg[r0 * d..], d, 1),
-                                    (&kg[c0 * d..], 1, d),
-                                    1.0,
-                                    gemm::Parallelism::None,
-                                );
-                                for i in i0..i1 {
-                                    let row = &mut pg[(h * t + i) * t..][..t];
-                                    softmax_row_inplace(row, self.scale, &self.mask, bi, i);
-                                }
+                                let (c0, c1) = self.probs(qg, kg, &mut pb, (bi, h), (i0, i1));
                                 sgemm_with(
                                     (i1 - i0, d, c1 - c0),
-                                    (&mut og[r0 * d..], d),
+                                    (&mut og[(h * t + i0) * d..], d),
                                     false,
-                                    (&pg[r0 * t + c0..], t, 1),
+                                    (&pb[c0..], t, 1),
                                     (&vg[c0 * d..], d, 1),
                                     1.0,
                                     gemm::Parallelism::None,
@@ -154,14 +166,7 @@ impl CpuAttnBlock {
                 Ok(())
             })
         })?;
-        Ok((
-            to_rows(&og, (b, t, kv, rep, d)),
-            Saved {
-                q: sq,
-                k: sk,
-                p: sp,
-            },
-        ))
+        Ok((to_rows(&og, (b, t, kv, rep, d)), Saved { q: sq, k: sk }))
     }
 }
 
@@ -246,7 +251,6 @@ impl CustomOp3 for CpuAttnBlock {
                         let (bi, g) = (task / kv, task % kv);
                         let qg = &saved.q[task * rep * t * d..][..rep * t * d];
                         let kg = &saved.k[task * t * d..][..t * d];
-                        let pg = &saved.p[task * rep * t * t..][..rep * t * t];
                         let mut vg = vec![0f32; t * d];
                         let mut dog = vec![0f32; rep * t * d];
                         for i in 0..t {
@@ -259,11 +263,12 @@ impl CustomOp3 for CpuAttnBlock {
                         }
                         // Rotated-space gradients of the keys, accumulated over the heads.
                         let mut dkr = vec![0f32; t * d];
-                        let mut ds = vec![0f32; BLOCK * t];
+                        let mut ds = vec![0f32; BLOCK.min(t) * t];
+                        let mut pb = vec![0f32; BLOCK.min(t) * t];
                         for h in 0..rep {
                             for i0 in (0..t).step_by(BLOCK) {
                                 let i1 = (i0 + BLOCK).min(t);
-                                let (c0, c1) = cols(&self.mask, i0, i1);
+                                let (c0, c1) = self.probs(qg, kg, &mut pb, (bi, h), (i0, i1));
                                 let (rows, width) = (i1 - i0, c1 - c0);
                                 let r0 = h * t + i0;
                                 // dP = dO·Vᵀ on the visible block.
@@ -278,7 +283,7 @@ impl CustomOp3 for CpuAttnBlock {
                                 );
                                 // dS = scale · P ⊙ (dP − Σ P ⊙ dP), row by row.
                                 for r in 0..rows {
-                                    let pr = &pg[(r0 + r) * t + c0..][..width];
+                                    let pr = &pb[r * t + c0..][..width];
                                     let dr = &mut ds[r * width..][..width];
                                     let dot: f32 =
                                         pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
@@ -309,7 +314,7 @@ impl CustomOp3 for CpuAttnBlock {
                                     (width, d, rows),
                                     (&mut dv[c0 * d..], d),
                                     true,
-                                    (&pg[r0 * t + c0..], 1, t),
+                                    (&pb[c0..], 1, t),
                                     (&dog[r0 * d..], d, 1),
                                     1.0,
                                     gemm::Parallelism::None,
