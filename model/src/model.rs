@@ -1286,48 +1286,40 @@ impl LoraModel {
                 layer.forward(x.as_tensor(), &pass)
             })?,
         ];
-        // The head computes its own gradient in its forward; time it as one.
-        let mut head_ms = Vec::new();
-        for rep in 0..=reps {
-            dev.synchronize()?;
-            let t0 = std::time::Instant::now();
-            let o = head::run(
+        // Timed as one forward: the head computes its own gradient in its forward, and a
+        // whole step is forward_backward.
+        let whole = |name: &str, per_step: usize, f: &dyn Fn() -> Result<()>| -> Result<OpTime> {
+            let mut ms = Vec::new();
+            for rep in 0..=reps {
+                dev.synchronize()?;
+                let t0 = std::time::Instant::now();
+                f()?;
+                dev.synchronize()?;
+                if rep > 0 {
+                    ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            Ok(OpTime {
+                name: name.to_string(),
+                per_step,
+                fwd_ms: median(ms),
+                bwd_ms: 0.0,
+            })
+        };
+        out.push(whole("head (loss + its gradient)", 1, &|| {
+            head::run(
                 &x.as_tensor().detach(),
                 &self.lm_head,
                 batch,
                 kind,
                 Adapters::On,
                 true,
-            )?;
-            dev.synchronize()?;
-            drop(o);
-            if rep > 0 {
-                head_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        out.push(OpTime {
-            name: "head (loss + its gradient)".into(),
-            per_step: 1,
-            fwd_ms: median(head_ms),
-            bwd_ms: 0.0,
-        });
-        let mut step_ms = Vec::new();
-        for rep in 0..=reps {
-            dev.synchronize()?;
-            let t0 = std::time::Instant::now();
-            let o = self.forward_backward(batch, kind)?;
-            dev.synchronize()?;
-            drop(o);
-            if rep > 0 {
-                step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        out.push(OpTime {
-            name: "forward_backward (whole step)".into(),
-            per_step: 0,
-            fwd_ms: median(step_ms),
-            bwd_ms: 0.0,
-        });
+            )
+            .map(drop)
+        })?);
+        out.push(whole("forward_backward (whole step)", 0, &|| {
+            self.forward_backward(batch, kind).map(drop)
+        })?);
         Ok(out)
     }
 }
