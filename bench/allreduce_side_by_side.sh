@@ -10,7 +10,8 @@
 #   GLOO_CPU=1 bench/allreduce_side_by_side.sh          # also gloo's CPU time per all-reduce
 #
 # VARIANTS: comma list of ringtune transports, each optionally with ":bf16" (gradients
-# sent as bf16, summed in f32). PYTHON must have torch (default: the bench venv).
+# sent as bf16, summed in f32) and/or ":inline" / ":threads" (the TCP link driver; default
+# auto). PYTHON must have torch (default: the bench venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,7 +75,9 @@ for w in "${worlds[@]}"; do
   for v in "${variants[@]}"; do
     transport=${v%%:*}
     extra=()
-    [[ "$v" == *:bf16 ]] && extra+=(--bf16)
+    [[ "$v" == *:bf16* ]] && extra+=(--bf16)
+    [[ "$v" == *:inline* ]] && extra+=(--tcp-io inline)
+    [[ "$v" == *:threads* ]] && extra+=(--tcp-io threads)
     "$RINGTUNE_BIN" bench allreduce --world "$w" --sizes-mib "$SIZES" --iters "$ITERS" \
       --warmup "$WARMUP" --transport "$transport" --json "${extra[@]}" \
       | sed "s/^{/{\"variant\":\"$v\",/" >> "$OUT/ringtune.jsonl"

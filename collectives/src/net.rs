@@ -89,6 +89,58 @@ pub struct NetConfig {
     pub wire: WireDtype,
     /// QUIC, TCP+TLS, or (trusted networks only) plain TCP.
     pub transport: Transport,
+    /// How the TCP transports drive their links (ignored by QUIC).
+    pub tcp_io: TcpIoMode,
+}
+
+/// Who does a TCP link's work: the caller's thread alone, or a reader and a writer thread
+/// beside it (see `stream.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TcpIoMode {
+    /// `RINGTUNE_TCP_IO` (`inline` or `threads`) if set, else inline unless the host has
+    /// at least 3 cores for each ring rank on it.
+    #[default]
+    Auto,
+    /// Everything on the caller's thread, payloads sealed or written straight from the
+    /// gradient buffer.
+    Inline,
+    /// Reader and writer threads per rank.
+    Threads,
+}
+
+impl TcpIoMode {
+    /// `Inline` or `Threads`: what `Auto` means for a host running `local_ranks` ring ranks.
+    /// Inline unless there are 3 cores (a rank's caller, reader and writer threads) per
+    /// local rank: on the quiet 2-core host inline moved more at every size and both
+    /// transports (W = 2, 64 MiB: TCP+TLS 1.37–1.44 vs 1.18 GB/s busbw, plain 1.74–1.90 vs
+    /// 1.40; README, all-reduce speed). The threads had come out ahead only while other work
+    /// loaded the machine, where three threads per rank win a larger share of the CPU.
+    pub fn resolve(self, local_ranks: usize) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        match self {
+            Self::Auto => match std::env::var("RINGTUNE_TCP_IO").as_deref() {
+                Ok("inline") => Self::Inline,
+                Ok("threads") => Self::Threads,
+                _ if cores < 3 * local_ranks.max(1) => Self::Inline,
+                _ => Self::Threads,
+            },
+            other => other,
+        }
+    }
+}
+
+impl std::str::FromStr for TcpIoMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "inline" => Ok(Self::Inline),
+            "threads" => Ok(Self::Threads),
+            other => Err(Error::InvalidArgument(format!(
+                "TCP I/O mode {other:?} (expected auto, inline or threads)"
+            ))),
+        }
+    }
 }
 
 /// Default elements per frame: 1 MiB of f32.
@@ -149,7 +201,16 @@ pub fn connect(cfg: NetConfig) -> Result<NetSync> {
     }
     if cfg.transport != Transport::Quic {
         let links = driver.rt.block_on(crate::tcp::establish(&cfg, &ring))?;
-        driver.stream = Some(TcpIo::start(ring, links)?);
+        // Ranks on this host: the distinct addresses with this rank's IP (a caller that
+        // knows only its neighbours fills the other slots with its own address).
+        let ip = cfg.peers[cfg.rank.idx()].ip();
+        let local = cfg
+            .peers
+            .iter()
+            .filter(|p| p.ip() == ip)
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        driver.stream = Some(TcpIo::start(ring, links, cfg.tcp_io, local)?);
         return Ok(Ring::new(driver));
     }
     let est = driver.rt.block_on(crate::quic::establish(&cfg, &ring))?;

@@ -105,6 +105,21 @@ pub trait Collective {
     ) -> Result<()>;
     /// Appends the next frame to send (length prefix, header, payload) to `out`.
     fn poll_transmit(&mut self, data: &[f32], out: &mut Vec<u8>) -> Option<Transmit>;
+    /// Like [`Collective::poll_transmit`], but where the payload's wire bytes are exactly
+    /// the bytes of a range of `data` (f32 on the wire, little-endian host), appends only
+    /// the prefix and header and returns that range, so a driver can write or seal the
+    /// payload straight from the buffer instead of copying it into the frame first.
+    ///
+    /// The range stays unchanged until the right neighbour has the whole frame: every
+    /// frame that could later change it (the same piece one round on, or its final value in
+    /// the all-gather) is caused by this one having arrived.
+    fn poll_transmit_split(
+        &mut self,
+        data: &[f32],
+        head: &mut Vec<u8>,
+    ) -> Option<(Transmit, Option<Range<usize>>)> {
+        self.poll_transmit(data, head).map(|t| (t, None))
+    }
     /// Whether [`Collective::poll_transmit`] has something.
     fn has_transmit(&self) -> bool;
     /// When [`Collective::handle_timeout`] should next be called.
@@ -166,6 +181,30 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// Appends a frame carrying `data[range]` to `out`, or with `split` (and where the wire
+    /// bytes are the buffer's own bytes) only its prefix and header, returning the range
+    /// (see [`Collective::poll_transmit_split`]).
+    fn emit(
+        &self,
+        header: ChunkHeader,
+        range: Range<usize>,
+        data: &[f32],
+        out: &mut Vec<u8>,
+        split: bool,
+    ) -> (Transmit, Option<Range<usize>>) {
+        let wire = self.cfg.wire;
+        start_frame(out, &header, range.len() * wire.size());
+        let t = Transmit {
+            to: self.cfg.right(),
+            header,
+        };
+        if split && wire == WireDtype::F32 && cfg!(target_endian = "little") {
+            return (t, Some(range));
+        }
+        encode_payload(wire, &data[range], out);
+        (t, None)
+    }
+
     fn header(&self, phase: Phase, round: u32, piece: u32) -> ChunkHeader {
         ChunkHeader {
             op: self.op,
@@ -394,6 +433,17 @@ impl AllReduce {
         let w = self.layout.world as i64;
         (self.ctx.cfg.rank.0 as i64 + offset).rem_euclid(w) as usize
     }
+
+    /// The next queued frame's header and the range of the buffer it carries.
+    fn next_frame(&mut self) -> Option<(ChunkHeader, Range<usize>)> {
+        let (phase, round, piece) = self.queue.pop_front()?;
+        let seg = match phase {
+            Phase::ReduceScatter => self.seg(-(round as i64)),
+            _ => self.seg(1 - round as i64),
+        };
+        let range = self.layout.piece(seg, piece as usize);
+        Some((self.ctx.header(phase, round, piece), range))
+    }
 }
 
 impl Collective for AllReduce {
@@ -466,19 +516,17 @@ impl Collective for AllReduce {
     }
 
     fn poll_transmit(&mut self, data: &[f32], out: &mut Vec<u8>) -> Option<Transmit> {
-        let (phase, round, piece) = self.queue.pop_front()?;
-        let seg = match phase {
-            Phase::ReduceScatter => self.seg(-(round as i64)),
-            _ => self.seg(1 - round as i64),
-        };
-        let range = self.layout.piece(seg, piece as usize);
-        let header = self.ctx.header(phase, round, piece);
-        start_frame(out, &header, range.len() * self.ctx.cfg.wire.size());
-        encode_payload(self.ctx.cfg.wire, &data[range], out);
-        Some(Transmit {
-            to: self.ctx.cfg.right(),
-            header,
-        })
+        let (header, range) = self.next_frame()?;
+        Some(self.ctx.emit(header, range, data, out, false).0)
+    }
+
+    fn poll_transmit_split(
+        &mut self,
+        data: &[f32],
+        head: &mut Vec<u8>,
+    ) -> Option<(Transmit, Option<Range<usize>>)> {
+        let (header, range) = self.next_frame()?;
+        Some(self.ctx.emit(header, range, data, head, true))
     }
 
     fn has_transmit(&self) -> bool {
@@ -621,14 +669,20 @@ impl Collective for Broadcast {
 
     fn poll_transmit(&mut self, data: &[f32], out: &mut Vec<u8>) -> Option<Transmit> {
         let piece = self.queue.pop_front()?;
-        let range = self.range(piece as usize);
         let header = self.ctx.header(Phase::Broadcast, 0, piece);
-        start_frame(out, &header, range.len() * self.ctx.cfg.wire.size());
-        encode_payload(self.ctx.cfg.wire, &data[range], out);
-        Some(Transmit {
-            to: self.ctx.cfg.right(),
-            header,
-        })
+        let range = self.range(piece as usize);
+        Some(self.ctx.emit(header, range, data, out, false).0)
+    }
+
+    fn poll_transmit_split(
+        &mut self,
+        data: &[f32],
+        head: &mut Vec<u8>,
+    ) -> Option<(Transmit, Option<Range<usize>>)> {
+        let piece = self.queue.pop_front()?;
+        let header = self.ctx.header(Phase::Broadcast, 0, piece);
+        let range = self.range(piece as usize);
+        Some(self.ctx.emit(header, range, data, head, true))
     }
 
     fn has_transmit(&self) -> bool {

@@ -1,15 +1,16 @@
 //! The TCP data path, after a link is authenticated (TLS handshake + token proof, or for
 //! `tcp-plain` the nonce challenge–response): no tokio, no rustls.
 //!
-//! By default ([`StreamDriver`]) a writer thread seals each frame in place and writes it,
-//! a reader thread reads each frame into a reused buffer and opens it in place, and the
-//! caller's thread encodes frames from the gradient buffer and reduces straight out of the
-//! receive buffers. On a 2-core host what counts is the work per byte: the rustls stream
-//! path copied each byte four times in user space (frame encode, rustls plaintext in,
-//! deframer in, plaintext out) and hopped between tokio tasks per frame; this path copies
-//! once (the encode) besides the kernel's copies and the AEAD pass. [`InlineDriver`]
-//! (`RINGTUNE_TCP_IO=inline`) does all of it on the caller's thread with non-blocking
-//! sockets and `poll(2)`; same CPU, but slower here (see [`TcpIo::start`]).
+//! Two drivers, chosen by [`TcpIo::start`]. [`InlineDriver`] (the default where cores are
+//! few) does everything on the caller's thread with non-blocking sockets and `poll(2)`: it
+//! seals each payload straight from the gradient buffer into the frame (plain TCP writes
+//! it from there with `writev`), reads each frame into one reused buffer, opens it in place
+//! and reduces straight out of it. [`StreamDriver`] (where each rank has cores to spare)
+//! spreads the same work over a writer thread that seals and writes, a reader thread that
+//! reads and opens, and the caller's thread, which encodes frames (one copy) and reduces.
+//! What counts is the work per byte: the rustls stream path this replaced copied each byte
+//! four times in user space (frame encode, rustls plaintext in, deframer in, plaintext
+//! out) and hopped between tokio tasks per frame.
 //!
 //! # Frame protection ([`FrameKey`])
 //! With TLS on, each frame `[len: u32 LE][body]` travels as `[len][AES-128-GCM(body)][tag]`
@@ -26,15 +27,17 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 use ring::hmac;
 use ringtune_protocol::{check_frame_len, ChunkHeader, CHUNK_HEADER_LEN, FRAME_PREFIX_LEN};
 
 use crate::error::{Error, Result};
+use crate::net::TcpIoMode;
 use crate::ring::{Collective, RingConfig};
 use crate::types::Rank;
 
@@ -119,6 +122,26 @@ impl FrameKey {
             .seal_in_place_separate_tag(nonce, Aad::from(&prefix[..]), body)
             .expect("frames are far below AES-GCM's per-message limit");
         frame.extend_from_slice(tag.as_ref());
+        self.maybe_ratchet();
+    }
+
+    /// Seals a frame whose payload stays in the sender's buffer: `frame` holds the prefix
+    /// and header in its first `head` bytes and has room for the payload and the tag after
+    /// them; the header is sealed in place and the payload's ciphertext written after it in
+    /// one AEAD pass, so the result is what [`FrameKey::seal`] makes of the whole frame.
+    pub(crate) fn seal_split(&mut self, frame: &mut [u8], head: usize, payload: &[u8]) {
+        assert!(
+            head >= FRAME_PREFIX_LEN && frame.len() == head + payload.len() + TAG_LEN,
+            "frame of {} bytes for a {head}-byte head and a {}-byte payload",
+            frame.len(),
+            payload.len()
+        );
+        let (prefix, rest) = frame.split_at_mut(FRAME_PREFIX_LEN);
+        let (header, out) = rest.split_at_mut(head - FRAME_PREFIX_LEN);
+        let nonce = self.next_nonce(header.len() + payload.len());
+        self.key
+            .seal_in_place_scatter(nonce, Aad::from(&prefix[..]), header, payload, out)
+            .expect("frames are far below AES-GCM's per-message limit");
         self.maybe_ratchet();
     }
 
@@ -471,14 +494,18 @@ pub(crate) enum TcpIo {
 }
 
 impl TcpIo {
-    /// The threaded links by default; `RINGTUNE_TCP_IO=inline` picks the single-threaded
-    /// ones. On the 2-core host both cost the same CPU per all-reduce, but the threads
-    /// finished sooner (W = 4, 64 MiB, TCP+TLS: busbw 0.37–0.39 vs 0.20–0.25 GB/s; W = 2
-    /// plain: 0.84 vs 0.64), because sealing on one core overlaps the kernel copy on the other.
-    pub(crate) fn start(cfg: RingConfig, links: StreamLinks) -> Result<Self> {
-        match std::env::var("RINGTUNE_TCP_IO").as_deref() {
-            Ok("inline") => Ok(Self::Inline(Box::new(InlineDriver::start(cfg, links)?))),
-            _ => Ok(Self::Threads(StreamDriver::start(cfg, links)?)),
+    /// `mode` picks the driver (see [`TcpIoMode::resolve`]; `local_ranks` is how many ring
+    /// ranks this host runs, as far as the peer addresses tell).
+    pub(crate) fn start(
+        cfg: RingConfig,
+        links: StreamLinks,
+        mode: TcpIoMode,
+        local_ranks: usize,
+    ) -> Result<Self> {
+        if mode.resolve(local_ranks) == TcpIoMode::Inline {
+            Ok(Self::Inline(Box::new(InlineDriver::start(cfg, links)?)))
+        } else {
+            Ok(Self::Threads(StreamDriver::start(cfg, links)?))
         }
     }
 
@@ -523,8 +550,14 @@ pub(crate) struct InlineDriver {
     inp: TcpStream,
     seal: Option<FrameKey>,
     open: Option<FrameKey>,
-    /// The frame being written (sealed), and how much of it is out.
+    /// Where the core writes the next frame's prefix and header (or whole frame).
+    head: Vec<u8>,
+    /// The frame being written: its first `tx_len` bytes of `tx` (sealed), then, for a
+    /// plain frame whose payload stays in the caller's buffer, the bytes of that range of
+    /// f32s; `tx_off` bytes of the two together are out.
     tx: Vec<u8>,
+    tx_len: usize,
+    tx_borrow: Option<Range<usize>>,
     tx_off: usize,
     /// The frame being read: its prefix, then its body (+ tag).
     prefix: [u8; FRAME_PREFIX_LEN],
@@ -579,7 +612,10 @@ impl InlineDriver {
             inp: links.inp,
             seal,
             open,
+            head: Vec::new(),
             tx: Vec::new(),
+            tx_len: 0,
+            tx_borrow: None,
             tx_off: 0,
             prefix: [0; FRAME_PREFIX_LEN],
             prefix_got: 0,
@@ -591,14 +627,68 @@ impl InlineDriver {
     }
 
     fn tx_pending(&self) -> bool {
-        self.tx_off < self.tx.len()
+        self.tx_off < self.tx_len + self.tx_borrow.as_ref().map_or(0, |r| r.len() * 4)
     }
 
-    /// Writes as much of the pending frame as the socket takes. `Ok(true)` if anything moved.
-    fn write_some(&mut self) -> std::io::Result<bool> {
+    /// Makes the next frame from the core's output in `head`: seals it (with a payload
+    /// still in `data`, reading it straight from there into `tx`), or for plain TCP keeps
+    /// such a payload where it is, to be written from `data` (see
+    /// [`Collective::poll_transmit_split`] for why it does not change meanwhile).
+    fn stage(&mut self, data: &[f32], payload: Option<Range<usize>>) {
+        self.tx_off = 0;
+        self.tx_borrow = None;
+        match (&mut self.seal, payload) {
+            (Some(k), Some(r)) => {
+                let payload: &[u8] = bytemuck::cast_slice(&data[r]);
+                let h = self.head.len();
+                let total = h + payload.len() + TAG_LEN;
+                if self.tx.len() < total {
+                    self.tx.resize(total, 0);
+                }
+                self.tx[..h].copy_from_slice(&self.head);
+                k.seal_split(&mut self.tx[..total], h, payload);
+                self.tx_len = total;
+            }
+            (seal, payload) => {
+                if let Some(k) = seal {
+                    k.seal(&mut self.head);
+                }
+                std::mem::swap(&mut self.tx, &mut self.head);
+                self.tx_len = self.tx.len();
+                self.tx_borrow = payload;
+            }
+        }
+    }
+
+    /// Copies the unsent rest of a payload still in `data` into `tx`, so that the frame
+    /// can be finished (by `close`) after `data` is gone.
+    fn own_pending(&mut self, data: &[f32]) {
+        if let Some(r) = self.tx_borrow.take() {
+            self.tx.truncate(self.tx_len);
+            self.tx.extend_from_slice(bytemuck::cast_slice(&data[r]));
+            self.tx_len = self.tx.len();
+        }
+    }
+
+    /// Writes as much of the pending frame as the socket takes. `Ok(true)` if anything
+    /// moved. `data` is the collective's buffer (only read for a payload left there).
+    fn write_some(&mut self, data: &[f32]) -> std::io::Result<bool> {
         let mut moved = false;
-        while self.tx_pending() {
-            match self.out.write(&self.tx[self.tx_off..]) {
+        let payload: &[u8] = match &self.tx_borrow {
+            Some(r) => bytemuck::cast_slice(&data[r.clone()]),
+            None => &[],
+        };
+        while self.tx_off < self.tx_len + payload.len() {
+            let r = if self.tx_off < self.tx_len {
+                let parts = [
+                    std::io::IoSlice::new(&self.tx[self.tx_off..self.tx_len]),
+                    std::io::IoSlice::new(payload),
+                ];
+                self.out.write_vectored(&parts)
+            } else {
+                self.out.write(&payload[self.tx_off - self.tx_len..])
+            };
+            match r {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.tx_off += n;
@@ -722,6 +812,13 @@ impl InlineDriver {
     }
 
     fn drive(&mut self, core: &mut dyn Collective, data: &mut [f32]) -> Result<()> {
+        let r = self.drive_frames(core, data);
+        // Only an error leaves a frame half out; it must not point into `data` afterwards.
+        self.own_pending(data);
+        r
+    }
+
+    fn drive_frames(&mut self, core: &mut dyn Collective, data: &mut [f32]) -> Result<()> {
         let (rank, seq, step) = core.ids();
         let cfg = self.cfg;
         let lost = |peer: Rank, reason: String| Error::PeerLost {
@@ -746,22 +843,23 @@ impl InlineDriver {
                         break;
                     }
                     let mut t = Instant::now();
-                    self.tx.clear();
-                    self.tx_off = 0;
-                    core.poll_transmit(data, &mut self.tx);
+                    self.head.clear();
+                    let Some((_, payload)) = core.poll_transmit_split(data, &mut self.head) else {
+                        break;
+                    };
                     let enc = lap(&mut t);
-                    if let Some(k) = &mut self.seal {
-                        k.seal(&mut self.tx);
-                    }
+                    self.stage(data, payload);
                     if let Some(p) = &mut self.prof {
                         p.encode += enc;
                         p.seal += lap(&mut t);
                         p.frames_out += 1;
-                        p.bytes_out += self.tx.len() as u64;
+                        p.bytes_out += (self.tx_len
+                            + self.tx_borrow.as_ref().map_or(0, |r| r.len() * 4))
+                            as u64;
                     }
                 }
                 let mut t = Instant::now();
-                let w = self.write_some();
+                let w = self.write_some(data);
                 if let Some(p) = &mut self.prof {
                     p.write += lap(&mut t);
                 }
@@ -826,8 +924,12 @@ impl InlineDriver {
 
     /// Pushes out the pending frame, waiting at most until `end`.
     fn flush(&mut self, end: Instant) -> std::io::Result<()> {
+        debug_assert!(
+            self.tx_borrow.is_none(),
+            "flush with a payload left in a buffer"
+        );
         while self.tx_pending() {
-            if !self.write_some()? {
+            if !self.write_some(&[])? {
                 if Instant::now() >= end {
                     return Err(std::io::ErrorKind::TimedOut.into());
                 }
@@ -847,6 +949,7 @@ impl InlineDriver {
         if let Some(k) = &mut self.seal {
             k.seal(&mut bytes);
         }
+        self.tx_len = bytes.len();
         self.tx = bytes;
         self.tx_off = 0;
         self.flush(end).map_err(io)
@@ -921,6 +1024,30 @@ mod tests {
         relabelled[0] ^= 1;
         assert!(open(&mut FrameKey::new([5; 32]), &relabelled).is_err());
         assert_eq!(open(&mut FrameKey::new([5; 32]), &c).unwrap(), b"payload");
+    }
+
+    #[test]
+    fn a_frame_sealed_from_a_separate_payload_is_the_same_frame() {
+        let body: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        // Header lengths around AES blocks, the payload starting mid-block.
+        for head in [4, 5, 20, 36] {
+            let (mut whole_k, mut split_k) = (FrameKey::new([3; 32]), FrameKey::new([3; 32]));
+            for _ in 0..2 {
+                let mut whole = frame(&body[..head - 4 + 300]);
+                whole_k.seal(&mut whole);
+                let mut split = vec![0xEE; head + 300 + TAG_LEN];
+                split[..head].copy_from_slice(&whole[..head]);
+                // The head as it was before sealing: prefix, then the clear header bytes.
+                split[4..head].copy_from_slice(&body[..head - 4]);
+                split_k.seal_split(&mut split, head, &body[head - 4..head - 4 + 300]);
+                assert_eq!(split, whole, "head {head}");
+            }
+            let mut rx = FrameKey::new([3; 32]);
+            let mut f = frame(&body[..head - 4 + 300]);
+            whole_k.seal(&mut f);
+            rx.frames = 2;
+            assert_eq!(open(&mut rx, &f).unwrap(), &body[..head - 4 + 300]);
+        }
     }
 
     #[test]

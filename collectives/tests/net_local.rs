@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ringtune_collectives::auth::ClusterToken;
-use ringtune_collectives::net::{connect, NetConfig, NetSync, Transport};
+use ringtune_collectives::net::{connect, NetConfig, NetSync, TcpIoMode, Transport};
 use ringtune_collectives::tls::ClusterIdentity;
 use ringtune_collectives::{Call, Error, GradSync, Rank, WireDtype, WorldSize};
 
@@ -28,7 +28,7 @@ fn config(
     peers: &[SocketAddr],
     id: &ClusterIdentity,
     token: &ClusterToken,
-    transport: Transport,
+    (transport, tcp_io): (Transport, TcpIoMode),
 ) -> NetConfig {
     NetConfig {
         rank: Rank(rank),
@@ -41,13 +41,23 @@ fn config(
         chunk_elems: 1000,
         wire: WireDtype::F32,
         transport,
+        tcp_io,
     }
 }
+
+/// Every way a TCP transport can run: both transports, both link drivers.
+const TCP: [(Transport, TcpIoMode); 4] = [
+    (Transport::TcpTls, TcpIoMode::Inline),
+    (Transport::TcpTls, TcpIoMode::Threads),
+    (Transport::TcpPlain, TcpIoMode::Inline),
+    (Transport::TcpPlain, TcpIoMode::Threads),
+];
+const QUIC: (Transport, TcpIoMode) = (Transport::Quic, TcpIoMode::Auto);
 
 /// Runs `body` on every rank of a fresh cluster, each on its own thread.
 fn on_cluster<T: Send + 'static>(
     world: u32,
-    transport: Transport,
+    transport: (Transport, TcpIoMode),
     body: impl Fn(NetSync) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
     let peers = free_ports(world as usize);
@@ -65,7 +75,7 @@ fn on_cluster<T: Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-fn check_collectives(transport: Transport, world: u32) {
+fn check_collectives(transport: (Transport, TcpIoMode), world: u32) {
     let results = on_cluster(world, transport, move |mut s: NetSync| {
         let r = s.rank().0 as f32;
         let call = Call::new(1, Duration::from_secs(10));
@@ -104,25 +114,27 @@ fn check_collectives(transport: Transport, world: u32) {
 }
 
 #[test]
-fn tcp_tls_collectives_are_correct() {
-    check_collectives(Transport::TcpTls, 3);
-    check_collectives(Transport::TcpTls, 2);
-}
-
-#[test]
-fn tcp_plain_collectives_are_correct() {
-    check_collectives(Transport::TcpPlain, 2);
-    check_collectives(Transport::TcpPlain, 3);
+fn tcp_collectives_are_correct() {
+    for t in TCP {
+        check_collectives(t, 3);
+        check_collectives(t, 2);
+    }
 }
 
 #[test]
 fn quic_collectives_are_correct() {
-    check_collectives(Transport::Quic, 3);
+    check_collectives(QUIC, 3);
 }
 
 #[test]
 fn a_peer_that_leaves_fails_its_neighbours_and_poisons_the_communicator() {
-    let results = on_cluster(3, Transport::TcpTls, |mut s: NetSync| {
+    for t in TCP {
+        a_peer_leaves(t);
+    }
+}
+
+fn a_peer_leaves(transport: (Transport, TcpIoMode)) {
+    let results = on_cluster(3, transport, |mut s: NetSync| {
         let call = Call::new(4, Duration::from_secs(3));
         if s.rank() == Rank(1) {
             return None; // drops its links: a process that died between collectives
@@ -161,6 +173,7 @@ fn a_wrong_token_or_a_foreign_certificate_is_refused() {
         for transport in [Transport::TcpTls, Transport::Quic]
             .into_iter()
             .chain(plain)
+            .map(|t| (t, TcpIoMode::Auto))
         {
             let peers = free_ports(2);
             let mut good = config(0, &peers, &id, &token, transport);
@@ -185,7 +198,13 @@ fn a_wrong_token_or_a_foreign_certificate_is_refused() {
 /// back-to-back collectives make that window common.
 #[test]
 fn back_to_back_collectives_with_full_send_queues() {
-    let results = on_cluster(4, Transport::TcpTls, |mut s: NetSync| {
+    for t in TCP {
+        back_to_back(t);
+    }
+}
+
+fn back_to_back(transport: (Transport, TcpIoMode)) {
+    let results = on_cluster(4, transport, |mut s: NetSync| {
         let r = s.rank().0 as f32 + 1.0;
         for step in 0..40u64 {
             let call = Call::new(step, Duration::from_secs(20));
@@ -206,5 +225,40 @@ fn back_to_back_collectives_with_full_send_queues() {
     });
     for (r, res) in results.into_iter().enumerate() {
         assert!(res.is_ok(), "rank {r}: {res:?}");
+    }
+}
+
+/// A neighbour that is connected but stops reading: the sender's socket fills up in the
+/// middle of a frame (for plain TCP, one written straight from the gradient buffer), the
+/// collective times out with rank and sequence, and the communicator is poisoned; nothing
+/// hangs or panics when the half-sent frame is dropped with it.
+#[test]
+fn a_neighbour_that_stops_reading_times_out_a_sender_stuck_mid_frame() {
+    for transport in [TCP[0], TCP[2]] {
+        let results = on_cluster(2, transport, |mut s: NetSync| {
+            if s.rank() == Rank(1) {
+                // Alive and connected, but never reads; leave after the other rank gave up.
+                std::thread::sleep(Duration::from_secs(3));
+                return None;
+            }
+            let mut v = vec![1.0f32; 32 << 20];
+            let t0 = std::time::Instant::now();
+            let e = s
+                .all_reduce_sum(&mut v, Call::new(9, Duration::from_secs(1)))
+                .unwrap_err();
+            let again = s.barrier(Call::new(9, Duration::from_secs(1))).unwrap_err();
+            Some((e, t0.elapsed(), again))
+        });
+        let (e, took, again) = results[0].as_ref().unwrap();
+        let msg = e.to_string();
+        assert!(
+            *took < Duration::from_secs(3),
+            "{transport:?} took {took:?}"
+        );
+        assert!(
+            msg.contains("rank 0") && msg.contains("seq 0") && msg.contains("timed out"),
+            "{transport:?}: {msg}"
+        );
+        assert!(matches!(again, Error::Poisoned { .. }), "{again}");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ringtune_collectives::auth::ClusterToken;
-use ringtune_collectives::net::{connect, NetConfig, Transport};
+use ringtune_collectives::net::{connect, NetConfig, TcpIoMode, Transport};
 use ringtune_collectives::tls::ClusterIdentity;
 use ringtune_collectives::{Call, Error, GradSync, Rank, WireDtype, WorldSize};
 
@@ -32,7 +32,7 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
-fn run(transport: Transport, frame: Vec<u8>, expect: &str) {
+fn run(transport: Transport, tcp_io: TcpIoMode, frame: Vec<u8>, expect: &str) {
     let mut peers: Vec<SocketAddr> = Vec::new();
     let mut keep = Vec::new();
     while peers.len() < 2 {
@@ -57,6 +57,7 @@ fn run(transport: Transport, frame: Vec<u8>, expect: &str) {
         chunk_elems: 1024,
         wire: WireDtype::F32,
         transport,
+        tcp_io,
     };
     let c0 = cfg(0);
     let rogue = std::thread::spawn(move || {
@@ -82,15 +83,21 @@ fn run(transport: Transport, frame: Vec<u8>, expect: &str) {
 
 #[test]
 fn oversized_and_malformed_frames_are_refused_without_allocating() {
-    for transport in [Transport::TcpTls, Transport::TcpPlain, Transport::Quic] {
+    let tcp = [Transport::TcpTls, Transport::TcpPlain];
+    let runs = tcp
+        .iter()
+        .flat_map(|&t| [(t, TcpIoMode::Inline), (t, TcpIoMode::Threads)])
+        .chain([(Transport::Quic, TcpIoMode::Auto)]);
+    for (transport, io) in runs {
         // A 1 GiB announcement on a link agreed at 4 KiB chunks.
         run(
             transport,
+            io,
             (1u32 << 30).to_le_bytes().to_vec(),
             "exceeds the limit",
         );
         let mut garbage = 100u32.to_le_bytes().to_vec();
         garbage.extend_from_slice(&[0xAB; 100]);
-        run(transport, garbage, "bad frame magic");
+        run(transport, io, garbage, "bad frame magic");
     }
 }

@@ -31,16 +31,34 @@ struct InFlight {
     at: Instant,
     to: usize,
     bytes: Vec<u8>,
+    /// A split frame's payload: the sender and the range of its buffer, read only when the
+    /// frame is delivered (the latest a zero-copy driver could read it), plus what it held
+    /// at send time to check that it did not change in between.
+    borrowed: Option<(usize, std::ops::Range<usize>, Vec<f32>)>,
 }
 
 /// Runs one collective per rank over the simulated network. `dead` ranks never send.
 /// Returns per-rank results.
 fn simulate(
+    cores: Vec<Box<dyn Collective>>,
+    bufs: &mut [Vec<f32>],
+    seed: u64,
+    dead: &[usize],
+    start: Instant,
+) -> Vec<Result<(), Error>> {
+    simulate_with(cores, bufs, seed, dead, start, false)
+}
+
+/// [`simulate`]; with `split`, frames are taken with `poll_transmit_split` and a borrowed
+/// payload is read from the sender's buffer only on delivery, after checking it is what
+/// the buffer held when the frame was sent.
+fn simulate_with(
     mut cores: Vec<Box<dyn Collective>>,
     bufs: &mut [Vec<f32>],
     seed: u64,
     dead: &[usize],
     start: Instant,
+    split: bool,
 ) -> Vec<Result<(), Error>> {
     let w = cores.len();
     let mut rng = Rng(seed | 1);
@@ -53,12 +71,24 @@ fn simulate(
                 continue;
             }
             let mut out = Vec::new();
-            while let Some(t) = cores[r].poll_transmit(&bufs[r], &mut out) {
+            loop {
+                let (t, borrowed) = if split {
+                    match cores[r].poll_transmit_split(&bufs[r], &mut out) {
+                        Some((t, range)) => (t, range.map(|g| (r, g.clone(), bufs[r][g].to_vec()))),
+                        None => break,
+                    }
+                } else {
+                    match cores[r].poll_transmit(&bufs[r], &mut out) {
+                        Some(t) => (t, None),
+                        None => break,
+                    }
+                };
                 let delay = Duration::from_micros(rng.below(500));
                 net.push(InFlight {
                     at: now + delay,
                     to: t.to.idx(),
                     bytes: std::mem::take(&mut out),
+                    borrowed,
                 });
             }
             if cores[r].is_done() {
@@ -93,10 +123,21 @@ fn simulate(
             .filter(|&i| net[i].at <= earliest + Duration::from_micros(300))
             .collect();
         let i = window[rng.below(window.len() as u64) as usize];
-        let m = net.swap_remove(i);
+        let mut m = net.swap_remove(i);
         now = now.max(m.at);
         if result[m.to].is_some() || dead.contains(&m.to) {
             continue;
+        }
+        if let Some((from, range, sent)) = m.borrowed.take() {
+            let now_there = &bufs[from][range.clone()];
+            assert!(
+                now_there
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .eq(sent.iter().map(|v| v.to_bits())),
+                "rank {from} changed {range:?} while a frame carrying it was in flight"
+            );
+            m.bytes.extend_from_slice(bytemuck::cast_slice(now_there));
         }
         let header = ChunkHeader::decode(&m.bytes[4..]).expect("core emits valid headers");
         let payload = &m.bytes[4 + CHUNK_HEADER_LEN..];
@@ -169,11 +210,12 @@ proptest! {
     #[test]
     fn all_reduce_is_the_fixed_order_sum_on_every_rank(
         w in 1usize..=8, len in 0usize..400, chunk in 1usize..64, seed in any::<u64>(),
+        split in any::<bool>(),
     ) {
         let x = inputs(w, len, seed);
         let mut bufs = x.clone();
         let now = Instant::now();
-        let res = simulate(all_reduce_cores(w, len, chunk, WireDtype::F32, now, Duration::from_secs(1)), &mut bufs, seed, &[], now);
+        let res = simulate_with(all_reduce_cores(w, len, chunk, WireDtype::F32, now, Duration::from_secs(1)), &mut bufs, seed, &[], now, split);
         for r in res { prop_assert!(r.is_ok(), "{:?}", r); }
         let want = fixed_order_sum(&x);
         for r in 0..w {
@@ -211,13 +253,14 @@ proptest! {
     #[test]
     fn broadcast_copies_the_root_exactly(
         w in 1usize..=8, len in 0usize..300, chunk in 1usize..50, root in 0usize..8, seed in any::<u64>(),
+        split in any::<bool>(),
     ) {
         let root = root % w;
         let x = inputs(w, len, seed);
         let mut bufs = x.clone();
         let now = Instant::now();
         let cores = (0..w).map(|r| Box::new(Broadcast::new(cfg(r, w, chunk, WireDtype::Bf16), Rank(root as u32), Seq(1), Step(0), len, now, Duration::from_secs(1)).unwrap()) as Box<dyn Collective>).collect();
-        let res = simulate(cores, &mut bufs, seed, &[], now);
+        let res = simulate_with(cores, &mut bufs, seed, &[], now, split);
         for r in res { prop_assert!(r.is_ok(), "{:?}", r); }
         for r in 0..w {
             prop_assert_eq!(&bufs[r], &x[root]);

@@ -478,6 +478,7 @@ fn join_ring(
         chunk_elems: DEFAULT_CHUNK_ELEMS,
         wire: WireDtype::F32,
         transport: Transport::Quic,
+        tcp_io: Default::default(),
     })
     .map_err(|e| Error::Sync {
         step: a.resume_from.0,

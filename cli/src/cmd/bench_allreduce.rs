@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ringtune_collectives::auth::ClusterToken;
-use ringtune_collectives::net::{self, NetConfig, Transport, DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS};
+use ringtune_collectives::net::{
+    self, NetConfig, TcpIoMode, Transport, DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS,
+};
 use ringtune_collectives::tls::ClusterIdentity;
 use ringtune_collectives::{Call, GradSync, Rank, WireDtype, WorldSize};
 
@@ -49,6 +51,9 @@ pub struct Args {
     /// Send gradients as bf16 (summed in f32).
     #[arg(long)]
     bf16: bool,
+    /// TCP link driver: auto (inline unless each local rank has 3 cores), inline or threads.
+    #[arg(long, default_value = "auto")]
+    tcp_io: String,
     /// Per-collective timeout in seconds.
     #[arg(long, default_value_t = 120.0)]
     timeout_s: f64,
@@ -82,6 +87,8 @@ pub struct WorkerArgs {
     chunk_elems: usize,
     #[arg(long)]
     bf16: bool,
+    #[arg(long, default_value = "auto")]
+    tcp_io: String,
     #[arg(long, default_value_t = 120_000)]
     timeout_ms: u64,
     #[arg(long, default_value_t = 30_000)]
@@ -124,6 +131,18 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--world must be at least 1");
     }
     let transport: Transport = args.transport.parse()?;
+    // Every worker runs on this host, so all W ranks are local.
+    let tcp_io = match transport {
+        Transport::Quic => "-",
+        _ => match args
+            .tcp_io
+            .parse::<TcpIoMode>()?
+            .resolve(args.world as usize)
+        {
+            TcpIoMode::Inline => "inline",
+            _ => "threads",
+        },
+    };
     let chunk_elems = args.chunk_elems.unwrap_or(match transport {
         Transport::Quic => DEFAULT_CHUNK_ELEMS,
         Transport::TcpTls | Transport::TcpPlain => TCP_CHUNK_ELEMS,
@@ -168,6 +187,8 @@ pub fn run(args: Args) -> Result<()> {
                 &args.transport,
                 "--chunk-elems",
                 &chunk_elems.to_string(),
+                "--tcp-io",
+                &args.tcp_io,
             ])
             .args([
                 "--timeout-ms",
@@ -218,7 +239,8 @@ pub fn run(args: Args) -> Result<()> {
     let w = args.world as f64;
     if !args.json {
         println!(
-            "ringtune ring all-reduce, {} over 127.0.0.1, W={}, chunk {} elems, wire {}",
+            "ringtune ring all-reduce, {} over 127.0.0.1, W={}, chunk {} elems, wire {}, \
+             TCP links {tcp_io}",
             match transport {
                 Transport::Quic => "QUIC (TLS 1.3)",
                 Transport::TcpTls => "TCP+TLS (TLS 1.3 handshake, AES-128-GCM frames)",
@@ -259,7 +281,7 @@ pub fn run(args: Args) -> Result<()> {
             let o = serde_json::json!({
                 "world": args.world, "bytes": bytes, "size_mib": mib, "median_s": median,
                 "min_s": t.first(), "max_s": t.last(), "algbw_gbps": algbw, "busbw_gbps": busbw,
-                "iters": iters, "correct": correct, "cpu_s_all_ranks": cpu_median, "transport": args.transport, "wire": if args.bf16 { "bf16" } else { "f32" },
+                "iters": iters, "correct": correct, "cpu_s_all_ranks": cpu_median, "transport": args.transport, "tcp_io": tcp_io, "wire": if args.bf16 { "bf16" } else { "f32" },
                 "chunk_elems": chunk_elems, "tls": transport != Transport::TcpPlain, "loadavg1_before": load_before, "loadavg1_after": loadavg(),
             });
             println!("{o}");
@@ -356,6 +378,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
             WireDtype::F32
         },
         transport: args.transport.parse()?,
+        tcp_io: args.tcp_io.parse()?,
     };
     let mut sync = net::connect(cfg).with_context(|| format!("rank {rank}: joining the ring"))?;
     println!("READY {rank}");
