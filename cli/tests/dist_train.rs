@@ -1,6 +1,7 @@
 //! The distributed runtime end to end: `ringtune train` with `nodes = 2` (the coordinator
 //! in-process, two `ringtune node` children, gradients summed over a real QUIC ring on
-//! 127.0.0.1) against the one-process trainer with the same global batch.
+//! 127.0.0.1, then over TCP + TLS) against the one-process trainer with the same global
+//! batch.
 
 mod dist_common;
 
@@ -89,4 +90,34 @@ fn two_nodes_match_one_process_and_every_rank_agrees_after_every_step() {
     assert!(a1
         .iter()
         .any(|(n, v)| n.contains("lora_B") && v.iter().any(|x| *x != 0.0)));
+
+    // The same two-node run over TCP + TLS instead of QUIC: the ring sums in the same
+    // fixed order whatever carries it, so the adapter is the QUIC run's bit for bit.
+    let tcp = tempfile::tempdir().unwrap();
+    let cfg3 = config(tcp.path(), 2, STEPS, "");
+    let (st, err) = spawn(
+        &[
+            "train",
+            cfg3.to_str().unwrap(),
+            "--plain",
+            "--set",
+            "ring_transport=tcp-tls",
+        ],
+        &[],
+    )
+    .wait_exit(300);
+    assert!(st.success(), "W=2 tcp-tls run failed:\n{err}");
+    assert!(err.contains("every rank's adapter hash agreed"), "{err}");
+    let run3 = tcp.path().join("run");
+    assert_eq!(losses(&run3), l2, "tcp-tls losses differ from QUIC's");
+    let bits = |a: &[(String, Vec<f32>)]| -> Vec<(String, Vec<u32>)> {
+        a.iter()
+            .map(|(n, v)| (n.clone(), v.iter().map(|x| x.to_bits()).collect()))
+            .collect()
+    };
+    let a3 = adapter(&run3.join(&step));
+    assert!(
+        bits(&a3) == bits(&a2),
+        "the tcp-tls adapter is not the QUIC run's bit for bit"
+    );
 }

@@ -30,9 +30,9 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ringtune_collectives::auth::ClusterToken;
-use ringtune_collectives::net::{self, NetConfig, Transport, DEFAULT_CHUNK_ELEMS};
+use ringtune_collectives::net::{self, NetConfig, Transport, DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS};
 use ringtune_collectives::{Call, GradSync, WireDtype};
-use ringtune_config::RunConfig;
+use ringtune_config::{RingTransport, RunConfig};
 use ringtune_coordinator::wire::{self, CoordHello, NodeHello, Side, Welcome};
 use ringtune_coordinator::{
     AdapterHash, Assignment, CollectiveSetup, Command, ConfigHash, DataPlan, ExampleIndex,
@@ -454,9 +454,10 @@ fn setup_failed(ctl: &Control, a: &Assignment, e: Error) -> Error {
     e
 }
 
-/// Joins the QUIC ring with this generation's neighbours.
+/// Joins the ring (QUIC, or TCP per `ring_transport`) with this generation's neighbours.
 fn join_ring(
     opts: &NodeOptions,
+    transport: RingTransport,
     a: &Assignment,
     (left, right): (Peer, Peer),
     data_addr: SocketAddr,
@@ -475,9 +476,16 @@ fn join_ring(
         identity: ring_identity.clone(),
         token: opts.token.clone(),
         connect_timeout: Duration::from_secs(120),
-        chunk_elems: DEFAULT_CHUNK_ELEMS,
+        chunk_elems: match transport {
+            RingTransport::Quic => DEFAULT_CHUNK_ELEMS,
+            _ => TCP_CHUNK_ELEMS,
+        },
         wire: WireDtype::F32,
-        transport: Transport::Quic,
+        transport: match transport {
+            RingTransport::Quic => Transport::Quic,
+            RingTransport::TcpTls => Transport::TcpTls,
+            RingTransport::TcpPlain => Transport::TcpPlain,
+        },
         tcp_io: Default::default(),
     })
     .map_err(|e| Error::Sync {
@@ -779,12 +787,16 @@ fn watchdog(handled: Arc<AtomicU64>, nth: u64, what: &'static str) {
     });
 }
 
-/// A free UDP port on `ip` for the ring's QUIC endpoint.
-fn pick_data_addr(ip: IpAddr) -> Result<SocketAddr> {
-    let s = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
-        .map_err(|e| Error::Invalid(format!("no free UDP port on {ip} for the ring: {e}")))?;
-    s.local_addr()
-        .map_err(|e| Error::Invalid(format!("reading the ring's UDP port on {ip}: {e}")))
+/// A free port on `ip` for the ring: UDP for the QUIC endpoint, TCP for the TCP links.
+fn pick_data_addr(ip: IpAddr, transport: RingTransport) -> Result<SocketAddr> {
+    let (proto, addr) = if transport == RingTransport::Quic {
+        let s = std::net::UdpSocket::bind(SocketAddr::new(ip, 0));
+        ("UDP", s.and_then(|s| s.local_addr()))
+    } else {
+        let s = std::net::TcpListener::bind(SocketAddr::new(ip, 0));
+        ("TCP", s.and_then(|s| s.local_addr()))
+    };
+    addr.map_err(|e| Error::Invalid(format!("no free {proto} port on {ip} for the ring: {e}")))
 }
 
 /// Runs this node until the coordinator stops it. Errors name the coordinator, the step or
@@ -844,7 +856,7 @@ fn serve(
     local_ip: IpAddr,
 ) -> Result<NodeExit> {
     'generation: loop {
-        let data_addr = pick_data_addr(local_ip)?;
+        let data_addr = pick_data_addr(local_ip, cfg.ring_transport)?;
         ctl.send(NodeMsg::Register(Registration {
             identity: opts.identity.clone(),
             config_hash,
@@ -883,6 +895,7 @@ fn serve(
         let joined = match a.collective {
             CollectiveSetup::Ring { left, right } => join_ring(
                 opts,
+                cfg.ring_transport,
                 &a,
                 (left, right),
                 data_addr,
