@@ -112,9 +112,10 @@ impl TcpIoMode {
     /// `Inline` or `Threads`: what `Auto` means for a host running `local_ranks` ring ranks.
     /// Inline unless there are 3 cores (a rank's caller, reader and writer threads) per
     /// local rank: on the quiet 2-core host inline moved more at every size and both
-    /// transports (W = 2, 64 MiB: TCP+TLS 1.37–1.44 vs 1.18 GB/s busbw, plain 1.74–1.90 vs
-    /// 1.40; README, all-reduce speed). The threads had come out ahead only while other work
-    /// loaded the machine, where three threads per rank win a larger share of the CPU.
+    /// transports (W = 2, 64 MiB, alternating runs: TCP+TLS 1.37–1.44 vs 1.18–1.19 GB/s
+    /// busbw, plain 1.74–1.90 vs 1.40–1.41; README, Collectives). The threads had come out
+    /// ahead only while other work loaded the machine, where three threads per rank win a
+    /// larger share of the CPU.
     pub fn resolve(self, local_ranks: usize) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         match self {

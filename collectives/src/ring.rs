@@ -636,6 +636,13 @@ impl Broadcast {
     fn range(&self, piece: usize) -> Range<usize> {
         split(self.ctx.len, self.pieces, piece)..split(self.ctx.len, self.pieces, piece + 1)
     }
+
+    /// The next queued piece's header and its range of the buffer.
+    fn next_frame(&mut self) -> Option<(ChunkHeader, Range<usize>)> {
+        let piece = self.queue.pop_front()?;
+        let header = self.ctx.header(Phase::Broadcast, 0, piece);
+        Some((header, self.range(piece as usize)))
+    }
 }
 
 impl Collective for Broadcast {
@@ -668,9 +675,7 @@ impl Collective for Broadcast {
     }
 
     fn poll_transmit(&mut self, data: &[f32], out: &mut Vec<u8>) -> Option<Transmit> {
-        let piece = self.queue.pop_front()?;
-        let header = self.ctx.header(Phase::Broadcast, 0, piece);
-        let range = self.range(piece as usize);
+        let (header, range) = self.next_frame()?;
         Some(self.ctx.emit(header, range, data, out, false).0)
     }
 
@@ -679,9 +684,7 @@ impl Collective for Broadcast {
         data: &[f32],
         head: &mut Vec<u8>,
     ) -> Option<(Transmit, Option<Range<usize>>)> {
-        let piece = self.queue.pop_front()?;
-        let header = self.ctx.header(Phase::Broadcast, 0, piece);
-        let range = self.range(piece as usize);
+        let (header, range) = self.next_frame()?;
         Some(self.ctx.emit(header, range, data, head, true))
     }
 
