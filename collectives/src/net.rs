@@ -122,8 +122,18 @@ impl TcpIoMode {
             Self::Auto => match std::env::var("RINGTUNE_TCP_IO").as_deref() {
                 Ok("inline") => Self::Inline,
                 Ok("threads") => Self::Threads,
-                _ if cores < 3 * local_ranks.max(1) => Self::Inline,
-                _ => Self::Threads,
+                other => {
+                    if let Ok(v) = other {
+                        tracing::warn!(
+                            "RINGTUNE_TCP_IO={v:?} is neither inline nor threads: ignored"
+                        );
+                    }
+                    if cores < 3 * local_ranks.max(1) {
+                        Self::Inline
+                    } else {
+                        Self::Threads
+                    }
+                }
             },
             other => other,
         }
