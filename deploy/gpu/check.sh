@@ -4,10 +4,11 @@
 # 1. ringtune gpu_check: CUDA-vs-CPU parity (tiny preset) + LoRA throughput (qwen05b, llama1b)
 # 1b. ringtune bench train --device auto: device selection picks the GPU, a CUDA step runs
 #     (if .gpu/ringtune exists)
+# 1e. ringtune train configs/quickstart.toml on cuda:0: the whole trainer end to end
 # 2. NCCL world-size-1 smoke test through ringtune-collectives (if .gpu/nccl_smoke exists)
 # 3. PyTorch + PEFT reference (gpu_peft_bench.py), last, so ringtune's numbers come first
 # Everything is also written to $OUT/ (or ./gpu-check-out when $OUT is unset).
-# Budgets (seconds) can be overridden: GPU_CHECK_S, DEVICE_S, NCCL_S, TORCH_S.
+# Budgets (seconds) can be overridden: GPU_CHECK_S, DEVICE_S, TRAIN_S, NCCL_S, TORCH_S.
 # CHECK_AB=1 adds A/B runs of the attention variants (1c: TF32 attention, block softmax).
 # CHECK_CKPT=1 adds qwen05b with activation checkpointing (1d: tokens/s and peak memory).
 set -u
@@ -18,6 +19,7 @@ LOG="$OUTDIR/check.log"
 GPU_CHECK_S="${GPU_CHECK_S:-180}"
 NCCL_S="${NCCL_S:-40}"
 DEVICE_S="${DEVICE_S:-40}"
+TRAIN_S="${TRAIN_S:-60}"
 TORCH_S="${TORCH_S:-130}"
 t0=$(date +%s)
 {
@@ -63,6 +65,13 @@ if [ -x .gpu/ringtune ]; then
   LOCAL_RANK=0 timeout -k 5 "$DEVICE_S" .gpu/ringtune bench train --device auto --preset tiny \
     --steps 3 --warmup 1 2>&1 | tail -3
   echo "bench train exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
+  echo "== 1e. ringtune train configs/quickstart.toml on cuda:0, one process (timeout ${TRAIN_S}s;"
+  echo "       the CPU run ends at loss 1.59068)"
+  rm -rf "$OUTDIR/quickstart"
+  timeout -k 5 "$TRAIN_S" .gpu/ringtune train configs/quickstart.toml --plain --device cuda:0 \
+    --set nodes=1 --set output_dir="$OUTDIR/quickstart" --set model.path="$OUTDIR/qs-model" \
+    2>&1 | tail -3
+  echo "train exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
 else
   echo "== 1b. device-selection smoke skipped: .gpu/ringtune not built"
 fi
