@@ -29,6 +29,7 @@ fn config(
     id: &ClusterIdentity,
     token: &ClusterToken,
     (transport, tcp_io): (Transport, TcpIoMode),
+    wire: WireDtype,
 ) -> NetConfig {
     NetConfig {
         rank: Rank(rank),
@@ -39,7 +40,7 @@ fn config(
         token: token.clone(),
         connect_timeout: Duration::from_secs(5),
         chunk_elems: 1000,
-        wire: WireDtype::F32,
+        wire,
         transport,
         tcp_io,
     }
@@ -60,12 +61,22 @@ fn on_cluster<T: Send + 'static>(
     transport: (Transport, TcpIoMode),
     body: impl Fn(NetSync) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
+    on_cluster_with(world, transport, WireDtype::F32, body)
+}
+
+/// [`on_cluster`] with gradients sent as `wire`.
+fn on_cluster_with<T: Send + 'static>(
+    world: u32,
+    transport: (Transport, TcpIoMode),
+    wire: WireDtype,
+    body: impl Fn(NetSync) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
     let peers = free_ports(world as usize);
     let id = ClusterIdentity::generate().unwrap();
     let token = ClusterToken::generate().unwrap();
     let handles: Vec<_> = (0..world)
         .map(|r| {
-            let cfg = config(r, &peers, &id, &token, transport);
+            let cfg = config(r, &peers, &id, &token, transport, wire);
             let body = body.clone();
             std::thread::spawn(move || {
                 body(connect(cfg).unwrap_or_else(|e| panic!("rank {r}: {e}")))
@@ -76,7 +87,13 @@ fn on_cluster<T: Send + 'static>(
 }
 
 fn check_collectives(transport: (Transport, TcpIoMode), world: u32) {
-    let results = on_cluster(world, transport, move |mut s: NetSync| {
+    check_collectives_with(transport, world, WireDtype::F32)
+}
+
+/// Every value below is a small integer, exact in bf16 too, so the checks are exact on
+/// either wire.
+fn check_collectives_with(transport: (Transport, TcpIoMode), world: u32, wire: WireDtype) {
+    let results = on_cluster_with(world, transport, wire, move |mut s: NetSync| {
         let r = s.rank().0 as f32;
         let call = Call::new(1, Duration::from_secs(10));
         // Uneven length, several chunks per segment.
@@ -118,6 +135,15 @@ fn tcp_collectives_are_correct() {
     for t in TCP {
         check_collectives(t, 3);
         check_collectives(t, 2);
+    }
+}
+
+/// The bf16 wire encodes every payload into the frame (nothing is sent from the buffer in
+/// place): both drivers, both TCP transports.
+#[test]
+fn tcp_collectives_are_correct_on_a_bf16_wire() {
+    for t in TCP {
+        check_collectives_with(t, 3, WireDtype::Bf16);
     }
 }
 
@@ -176,8 +202,8 @@ fn a_wrong_token_or_a_foreign_certificate_is_refused() {
             .map(|t| (t, TcpIoMode::Auto))
         {
             let peers = free_ports(2);
-            let mut good = config(0, &peers, &id, &token, transport);
-            let mut bad = config(1, &peers, &bad_id, &bad_token, transport);
+            let mut good = config(0, &peers, &id, &token, transport, WireDtype::F32);
+            let mut bad = config(1, &peers, &bad_id, &bad_token, transport, WireDtype::F32);
             good.connect_timeout = Duration::from_secs(1);
             bad.connect_timeout = Duration::from_secs(1);
             let h = std::thread::spawn(move || connect(bad).map(|_| ()));
