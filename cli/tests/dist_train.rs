@@ -91,8 +91,10 @@ fn two_nodes_match_one_process_and_every_rank_agrees_after_every_step() {
         .iter()
         .any(|(n, v)| n.contains("lora_B") && v.iter().any(|x| *x != 0.0)));
 
-    // The same two-node run over TCP + TLS instead of QUIC: the ring sums in the same
-    // fixed order whatever carries it, so the adapter is the QUIC run's bit for bit.
+    // The same two-node run over TCP + TLS instead of QUIC, and with AdamW on the nodes'
+    // device path (what a GPU rank runs; here on the CPU). The ring sums in the same fixed
+    // order whatever carries it, and a rank's device AdamW takes the host norm and the
+    // host's operation order: the adapter must be the QUIC run's bit for bit.
     let tcp = tempfile::tempdir().unwrap();
     let cfg3 = config(tcp.path(), 2, STEPS, "");
     let (st, err) = spawn(
@@ -103,7 +105,7 @@ fn two_nodes_match_one_process_and_every_rank_agrees_after_every_step() {
             "--set",
             "ring_transport=tcp-tls",
         ],
-        &[],
+        &[("RINGTUNE_DEVICE_ADAMW", "1")],
     )
     .wait_exit(300);
     assert!(st.success(), "W=2 tcp-tls run failed:\n{err}");

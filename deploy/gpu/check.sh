@@ -9,7 +9,8 @@
 # 3. PyTorch + PEFT reference (gpu_peft_bench.py), last, so ringtune's numbers come first
 # Everything is also written to $OUT/ (or ./gpu-check-out when $OUT is unset).
 # Budgets (seconds) can be overridden: GPU_CHECK_S, DEVICE_S, TRAIN_S, NCCL_S, TORCH_S.
-# CHECK_AB=1 adds A/B runs of the attention variants (1c: TF32 attention, block softmax).
+# CHECK_AB=1 adds A/B runs of the attention variants (1c: TF32 attention, block softmax)
+# and of the trainer's optimizer placement (1e': AdamW on the host).
 # CHECK_CKPT=1 adds qwen05b with activation checkpointing (1d: tokens/s and peak memory).
 set -u
 cd "$(dirname "$0")/../.."
@@ -66,12 +67,20 @@ if [ -x .gpu/ringtune ]; then
     --steps 3 --warmup 1 2>&1 | tail -3
   echo "bench train exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
   echo "== 1e. ringtune train configs/quickstart.toml on cuda:0, one process (timeout ${TRAIN_S}s;"
-  echo "       the CPU run ends at loss 1.59068)"
+  echo "       AdamW and the gradient sum on the GPU; the CPU run ends at loss 1.59068)"
   rm -rf "$OUTDIR/quickstart"
   timeout -k 5 "$TRAIN_S" .gpu/ringtune train configs/quickstart.toml --plain --device cuda:0 \
     --set nodes=1 --set output_dir="$OUTDIR/quickstart" --set model.path="$OUTDIR/qs-model" \
     2>&1 | tail -3
   echo "train exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
+  if [ "${CHECK_AB:-0}" = 1 ]; then
+    echo "== 1e'. the same with RINGTUNE_DEVICE_ADAMW=0 (AdamW on the host): same loss to ~4 digits"
+    rm -rf "$OUTDIR/quickstart-host"
+    RINGTUNE_DEVICE_ADAMW=0 timeout -k 5 "$TRAIN_S" .gpu/ringtune train configs/quickstart.toml \
+      --plain --device cuda:0 --set nodes=1 --set output_dir="$OUTDIR/quickstart-host" \
+      --set model.path="$OUTDIR/qs-model" 2>&1 | tail -3
+    echo "train exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
+  fi
 else
   echo "== 1b. device-selection smoke skipped: .gpu/ringtune not built"
 fi

@@ -173,6 +173,17 @@ impl Gradients {
         self.layout.flatten(&self.tensors)
     }
 
+    /// One flat f32 tensor in layout order, concatenated on the gradients' device (no host
+    /// round trip on a GPU).
+    pub fn flat_tensor(&self) -> Result<Tensor> {
+        let parts = self
+            .tensors
+            .iter()
+            .map(|(_, t)| t.to_dtype(DType::F32)?.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
     /// The layout.
     pub fn layout(&self) -> &ParamLayout {
         &self.layout

@@ -137,6 +137,18 @@ impl AdamW {
         &self.exp_avg_sq
     }
 
+    /// The L2 norm of a flat gradient as [`AdamW::step_flat`] computes it: squares in f64,
+    /// summed in fixed chunks in order, so the same bits whatever the thread count.
+    pub fn grad_norm(grads: &[f32]) -> f64 {
+        grads
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
+            .collect::<Vec<f64>>()
+            .iter()
+            .sum::<f64>()
+            .sqrt()
+    }
+
     /// One update of `params` with `grads` (both flat, layout order) at learning rate `lr`.
     /// `grads` is clipped in place when `max_grad_norm` is set.
     pub fn step_flat(
@@ -158,14 +170,7 @@ impl AdamW {
                 "learning rate {lr} is not a finite value >= 0"
             )));
         }
-        // Fixed chunks summed in order: the same norm whatever the thread count.
-        let grad_norm = grads
-            .par_chunks(CHUNK)
-            .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
-            .collect::<Vec<f64>>()
-            .iter()
-            .sum::<f64>()
-            .sqrt();
+        let grad_norm = Self::grad_norm(grads);
         if !grad_norm.is_finite() {
             return Err(Error::ParamMismatch(format!(
                 "gradient norm is {grad_norm} at step {}: refusing to update",
@@ -329,8 +334,9 @@ impl AdamW {
 /// concatenated there, the update runs as a handful of element-wise kernels and the
 /// parameters are written back in place — no host round trip (on an H200 the host path
 /// cost ~45 ms per step for 17.6M adapter values). Same arithmetic as [`AdamW::step_flat`]
-/// (f32, the same operation order), except that the gradient norm is summed in f32 on the
-/// device. [`DeviceAdamW::to_host`] gives the state back for checkpoints.
+/// (f32, the same operation order): with the host's gradient norm passed in
+/// ([`DeviceAdamW::step_flat_tensor`]) the same bits, otherwise the norm is summed in f32 on
+/// the device. [`DeviceAdamW::to_host`] gives the state back for checkpoints.
 #[derive(Debug)]
 pub struct DeviceAdamW {
     cfg: AdamWConfig,
@@ -369,6 +375,11 @@ impl DeviceAdamW {
         self.step
     }
 
+    /// Writes the state as [`AdamW::save`] does (the same file, loadable by either).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.to_host()?.save(path)
+    }
+
     /// One update of the model's adapters with `grads · grad_scale` at learning rate `lr`.
     pub fn step_model(
         &mut self,
@@ -377,10 +388,37 @@ impl DeviceAdamW {
         grad_scale: f64,
         lr: f64,
     ) -> Result<StepReport> {
-        if grads.layout() != &self.layout || model.param_layout() != &self.layout {
+        if grads.layout() != &self.layout {
             return Err(Error::ParamMismatch(
                 "gradients, model and optimizer state have different layouts".into(),
             ));
+        }
+        let mut g = grads.flat_tensor()?;
+        if grad_scale != 1.0 {
+            g = g.broadcast_mul(&Tensor::new(grad_scale as f32, g.device())?)?;
+        }
+        self.step_flat_tensor(model, g, None, lr)
+    }
+
+    /// One update of the model's adapters with the flat f32 gradient `g` (layout order, on
+    /// any device; moved to the state's) at learning rate `lr`. `grad_norm`, when given, is
+    /// used as the gradient's L2 norm instead of summing it on the device: pass the value
+    /// [`AdamW::grad_norm`] computes from the same gradient on the host, and the update
+    /// takes the same bits as [`AdamW::step_flat`] (each element-wise operation is one
+    /// IEEE-rounded f32 operation in the same order on either side).
+    pub fn step_flat_tensor(
+        &mut self,
+        model: &crate::LoraModel,
+        g: Tensor,
+        grad_norm: Option<f64>,
+        lr: f64,
+    ) -> Result<StepReport> {
+        if model.param_layout() != &self.layout || g.elem_count() != self.layout.numel() {
+            return Err(Error::ParamMismatch(format!(
+                "gradients ({} values), model and optimizer state ({} values) have different layouts",
+                g.elem_count(),
+                self.layout.numel()
+            )));
         }
         if !lr.is_finite() || lr < 0.0 {
             return Err(Error::ParamMismatch(format!(
@@ -399,16 +437,19 @@ impl DeviceAdamW {
                 .collect::<Result<Vec<_>>>()?;
             Ok(Tensor::cat(&parts, 0)?)
         };
-        let mut g = flat(grads.tensors().iter().map(|(_, t)| t.clone()).collect())?;
-        if grad_scale != 1.0 {
-            g = (g * grad_scale)?;
-        }
-        let grad_norm = g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?
-            .sqrt();
+        let mut g = g
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_device(&dev)?;
+        let grad_norm = match grad_norm {
+            Some(n) => n,
+            None => g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?
+                .sqrt(),
+        };
         if !grad_norm.is_finite() {
             return Err(Error::ParamMismatch(format!(
                 "gradient norm is {grad_norm} at step {}: refusing to update",
@@ -419,7 +460,7 @@ impl DeviceAdamW {
         if let Some(max) = self.cfg.max_grad_norm {
             let coef = max / (grad_norm + 1e-6);
             if coef < 1.0 {
-                g = (g * (coef as f32) as f64)?;
+                g = g.broadcast_mul(&Tensor::new(coef as f32, &dev)?)?;
                 clipped = true;
             }
         }

@@ -1124,3 +1124,64 @@ fn device_adamw_matches_the_host_adamw() {
         .fold(0f32, f32::max);
     assert!(worst <= 1e-4, "second moments differ by {worst:e}");
 }
+
+#[test]
+fn device_adamw_with_the_host_norm_takes_the_host_adamw_bits() {
+    // What a distributed rank on a GPU does: the all-reduced gradient is on the host
+    // anyway, so its norm comes from AdamW::grad_norm and only the element-wise update
+    // runs on the device. Those are single IEEE f32 operations in the host's order, so the
+    // parameters and moments must come out bit for bit, clipping and weight decay included.
+    use ringtune_model::{AdamW, AdamWConfig, DeviceAdamW, LossKind};
+    let cfg = ringtune_model::ModelPreset::Quickstart { vocab_size: 300 }.config();
+    let lora = LoraConfig::from_tinker(4, true, true, false);
+    let host_model = LoraModel::random(&cfg, &lora, &Device::Cpu, 12, 5).unwrap();
+    let dev_model = LoraModel::random(&cfg, &lora, &Device::Cpu, 12, 5).unwrap();
+    let ocfg = AdamWConfig {
+        weight_decay: 0.01,
+        max_grad_norm: Some(0.05),
+        ..AdamWConfig::default()
+    };
+    let mut host = AdamW::new(ocfg, host_model.param_layout().clone());
+    let mut dev = DeviceAdamW::from_host(&host, &Device::Cpu).unwrap();
+    let tokens: Vec<u32> = (0..2 * 9).map(|i| (i * 41 % 300) as u32).collect();
+    let weights = vec![1f32; 2 * 9];
+    let batch = ringtune_model::Batch::from_dense_tokens(2, 9, &tokens, &weights).unwrap();
+    let mut params = host_model.params_flat().unwrap();
+    let mut clipped_any = false;
+    for step in 0..4 {
+        let (out, g) = host_model
+            .forward_backward(&batch, LossKind::CrossEntropy)
+            .unwrap();
+        let inv = (1.0 / out.weight_sum) as f32;
+        let mut flat = g.to_flat().unwrap();
+        flat.iter_mut().for_each(|x| *x *= inv);
+        let norm = AdamW::grad_norm(&flat);
+        let g_dev = Tensor::from_slice(&flat, flat.len(), &Device::Cpu).unwrap();
+        let rh = host.step_flat(&mut params, &mut flat, 1e-2).unwrap();
+        host_model.set_params_flat(&params).unwrap();
+        let rd = dev
+            .step_flat_tensor(&dev_model, g_dev, Some(norm), 1e-2)
+            .unwrap();
+        assert_eq!((rh.grad_norm, rh.clipped), (rd.grad_norm, rd.clipped));
+        clipped_any |= rh.clipped;
+        let d = dev_model.params_flat().unwrap();
+        let same = params
+            .iter()
+            .zip(&d)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "step {step}: the parameters differ in their bits");
+    }
+    assert!(clipped_any, "the test should exercise clipping");
+    let back = dev.to_host().unwrap();
+    assert_eq!(back, host, "moments and step differ after 4 steps");
+    // Its checkpoint file is AdamW's.
+    let dir = tempfile::tempdir().unwrap();
+    dev.save(&dir.path().join("opt.safetensors")).unwrap();
+    let loaded = AdamW::load(
+        &dir.path().join("opt.safetensors"),
+        ocfg,
+        host_model.param_layout().clone(),
+    )
+    .unwrap();
+    assert_eq!(loaded, host);
+}

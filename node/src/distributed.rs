@@ -428,7 +428,7 @@ impl Work {
         }
     }
 
-    fn adapter_sha256(&self) -> [u8; 32] {
+    fn adapter_sha256(&self) -> Result<[u8; 32]> {
         match self {
             Work::Sft(t) => t.adapter_sha256(),
             Work::Rl(t) => t.adapter_sha256(),
@@ -943,6 +943,11 @@ fn serve(
                         Ok(d) => {
                             let total = started.elapsed();
                             let comm_t = comm.get();
+                            let adapter_hash = if o.report_hash {
+                                Some(AdapterHash(trainer.adapter_sha256()?))
+                            } else {
+                                None
+                            };
                             ctl.send(NodeMsg::StepDone(StepReport {
                                 generation: o.generation,
                                 step: o.step,
@@ -955,9 +960,7 @@ fn serve(
                                 compute: total.saturating_sub(comm_t),
                                 comm: comm_t,
                                 extra: d.extra,
-                                adapter_hash: o
-                                    .report_hash
-                                    .then(|| AdapterHash(trainer.adapter_sha256())),
+                                adapter_hash,
                                 eval_nll: d.eval_nll,
                             }))?;
                             if o.save_checkpoint {

@@ -28,11 +28,15 @@ use ringtune_model::{Adapters, Batch, DpoPair, LoraModel, LossKind};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::optim::StepGrads;
 use crate::trainer::{load_options, renderer_of};
 
 /// Sums after the pair count and Σ loss in a DPO step's buffer: Σ accuracy, Σ chosen
 /// reward, Σ rejected reward.
 pub const EXTRA: usize = 3;
+
+/// Scalars after the gradients in a DPO step's buffer: pairs, Σ loss, then the [`EXTRA`].
+pub(crate) const TAIL: usize = 2 + EXTRA;
 
 /// DPO's numbers in a metrics.jsonl line (flattened into it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,21 +212,20 @@ impl Dpo {
         &self.reports
     }
 
-    /// The step's local part over training pairs `indices`: the flat buffer (gradient of
-    /// Σ loss in layout order, then pairs, Σ loss and the [`EXTRA`] sums) and the target
+    /// The step's local part over training pairs `indices`, added to `sum` (the gradient of
+    /// Σ loss; its tail gets pairs, Σ loss and the [`EXTRA`] sums); returns the target
     /// tokens that carried gradient. Each pair costs a no-grad pass (plus the reference
     /// pass the first time) and a forward/backward of both sides.
-    pub fn accumulate(
+    pub(crate) fn accumulate(
         &mut self,
         model: &LoraModel,
         indices: &[usize],
         token_budget: usize,
         pad_id: u32,
-    ) -> Result<(Vec<f32>, u64)> {
-        let n = model.param_layout().numel();
-        let mut buf = vec![0f32; n + 2 + EXTRA];
+        sum: &mut StepGrads,
+    ) -> Result<u64> {
         if indices.is_empty() {
-            return Ok((buf, 0));
+            return Ok(0);
         }
         let (seqs, mbs, pairs) = score(
             model,
@@ -250,17 +253,16 @@ impl Dpo {
                 .collect();
             let b = b.with_advantages(a)?;
             let (out, grads) = model.forward_backward(&b, LossKind::Linear)?;
-            for (acc, g) in buf[..n].iter_mut().zip(grads.to_flat()?) {
-                *acc += g;
-            }
+            sum.add(&grads)?;
             tokens += out.tokens as u64;
         }
-        buf[n] = pairs.len() as f32;
-        buf[n + 1] = pairs.iter().map(|p| p.loss).sum::<f64>() as f32;
-        buf[n + 2] = pairs.iter().map(DpoPair::accuracy).sum::<f64>() as f32;
-        buf[n + 3] = pairs.iter().map(|p| p.chosen_reward).sum::<f64>() as f32;
-        buf[n + 4] = pairs.iter().map(|p| p.rejected_reward).sum::<f64>() as f32;
-        Ok((buf, tokens))
+        let tail = sum.tail_mut();
+        tail[0] = pairs.len() as f32;
+        tail[1] = pairs.iter().map(|p| p.loss).sum::<f64>() as f32;
+        tail[2] = pairs.iter().map(DpoPair::accuracy).sum::<f64>() as f32;
+        tail[3] = pairs.iter().map(|p| p.chosen_reward).sum::<f64>() as f32;
+        tail[4] = pairs.iter().map(|p| p.rejected_reward).sum::<f64>() as f32;
+        Ok(tokens)
     }
 
     /// The metrics from a step's all-reduced tail (`pairs`, Σ loss, then the [`EXTRA`]

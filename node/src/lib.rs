@@ -6,6 +6,7 @@
 //!   hook, AdamW, evaluation, checkpoints, exact resume.
 //! - [`checkpoint`]: the run folder, atomic checkpoint writes, `checkpoints.jsonl`.
 //! - [`metrics`]: `metrics.jsonl`, one line per step.
+//! - [`optim`]: where AdamW runs (host, or the model's GPU) and the step's gradient sum.
 //! - [`dpo`]: DPO in the trainer (`train.method = "dpo"`): preference pairs, the cached
 //!   reference (adapter off), the per-step gradient through the `linear` loss.
 //! - [`distributed`]: one rank of a distributed run (`ringtune node`): the control
@@ -23,6 +24,7 @@ pub mod dpo;
 pub mod error;
 pub mod init;
 pub mod metrics;
+pub mod optim;
 pub mod rl;
 pub mod trainer;
 

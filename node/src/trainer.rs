@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{write_file_atomic, CheckpointRecord, RunDir};
 use crate::error::{io_err, Error, Result};
 use crate::metrics::{MetricsLog, StepMetrics};
+use crate::optim::{Optimizer, StepGrads};
 
 /// Sums the step's flat buffer over every rank. The buffer holds the adapter gradients in
 /// layout order followed by Σw and Σ −logp·w. One rank: [`LocalSync`]. The distributed
@@ -45,6 +46,12 @@ use crate::metrics::{MetricsLog, StepMetrics};
 pub trait StepSync {
     /// Replaces `buf` by its element-wise sum over all ranks (identical on every rank).
     fn all_reduce_sum(&mut self, step: u64, buf: &mut [f32]) -> std::result::Result<(), String>;
+
+    /// Whether this process is the only rank (the sum is the local value, and gradients kept
+    /// on a GPU need not come to the host for it).
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// World size 1: the local sum is the global sum.
@@ -54,6 +61,10 @@ pub struct LocalSync;
 impl StepSync for LocalSync {
     fn all_reduce_sum(&mut self, _step: u64, _buf: &mut [f32]) -> std::result::Result<(), String> {
         Ok(())
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 }
 
@@ -128,9 +139,8 @@ pub struct Trainer {
     eval: Vec<Datum>,
     reports: Vec<DataReport>,
     sampler: BatchSampler,
-    opt: AdamW,
+    opt: Optimizer,
     schedule: LrSchedule,
-    params: Vec<f32>,
     step: u64,
     start_step: u64,
     total_steps: u64,
@@ -548,7 +558,7 @@ impl Trainer {
                 )
             }
         };
-        let params = model.params_flat()?;
+        let opt = Optimizer::new(opt, &model)?;
         Ok(Self {
             cfg,
             hash,
@@ -560,7 +570,6 @@ impl Trainer {
             sampler,
             opt,
             schedule,
-            params,
             step,
             start_step: step,
             total_steps,
@@ -696,8 +705,8 @@ impl Trainer {
 
     /// SHA-256 of the adapter parameters' bits (layout order, little-endian f32): equal on
     /// two ranks exactly when their adapters are bit-identical.
-    pub fn adapter_sha256(&self) -> [u8; 32] {
-        params_sha256(&self.params)
+    pub fn adapter_sha256(&self) -> Result<[u8; 32]> {
+        self.opt.params_sha256(&self.model)
     }
 
     /// This rank's own (Σ −logp·w, Σw) in the last step, before the all-reduce summed them.
@@ -706,74 +715,73 @@ impl Trainer {
     }
 
     /// The adapter parameters, flat in layout order.
-    pub fn params_flat(&self) -> &[f32] {
-        &self.params
+    pub fn params_flat(&self) -> Result<Vec<f32>> {
+        self.opt.params_flat(&self.model)
     }
 
     fn step_on(&mut self, indices: &[usize], epoch: u64) -> Result<StepMetrics> {
         let started = Instant::now();
         // DPO: the same buffer shape with the pair count as the normaliser, Σ pair loss, and
         // its own sums after them (see crate::dpo).
-        let (mut buf, tokens) = match self.dpo.as_mut() {
+        let (grads, tokens) = match self.dpo.as_mut() {
             Some(d) => {
                 let budget = self.cfg.train.micro_batch_tokens;
-                let r = d.accumulate(&self.model, indices, budget, self.pad_id)?;
+                let mut g = self.opt.new_step(&self.model, crate::dpo::TAIL);
+                let tokens = d.accumulate(&self.model, indices, budget, self.pad_id, &mut g)?;
                 self.dropout_passes = self.model.passes();
-                r
+                (g, tokens)
             }
             None => self.sft_accumulate(indices)?,
         };
-        self.finish_step(&mut buf, tokens, indices.len(), epoch, started)
+        self.finish_step(grads, tokens, indices.len(), epoch, started)
     }
 
     /// SFT's local part of a step: Σ of the micro-batches' cross-entropy gradients, then
     /// Σw and Σ −logp·w; and the target tokens.
-    fn sft_accumulate(&mut self, indices: &[usize]) -> Result<(Vec<f32>, u64)> {
+    fn sft_accumulate(&mut self, indices: &[usize]) -> Result<(StepGrads, u64)> {
         let mbs = micro_batches(
             &self.train,
             indices,
             self.cfg.train.micro_batch_tokens,
             self.pad_id,
         )?;
-        let n = self.params.len();
         // Gradients, then Σw and Σ −logp·w: one buffer, one all-reduce.
-        let mut buf = vec![0f32; n + 2];
+        let mut sum = self.opt.new_step(&self.model, 2);
         let mut tokens = 0u64;
         for mb in &mbs {
             let b = to_batch(mb)?;
             let (out, grads) = self.model.forward_backward(&b, LossKind::CrossEntropy)?;
             self.dropout_passes += 1;
-            let flat = grads.to_flat()?;
-            for (a, g) in buf[..n].iter_mut().zip(&flat) {
-                *a += g;
-            }
-            buf[n] += out.weight_sum as f32;
-            buf[n + 1] += out.loss_sum as f32;
+            sum.add(&grads)?;
+            let tail = sum.tail_mut();
+            tail[0] += out.weight_sum as f32;
+            tail[1] += out.loss_sum as f32;
             tokens += out.tokens as u64;
         }
-        Ok((buf, tokens))
+        Ok((sum, tokens))
     }
 
     /// The rest of a step, whatever the method: all-reduce the buffer, divide the
     /// gradient by the global normaliser (`buf[n]`: Σw, or DPO's pair count), AdamW.
     fn finish_step(
         &mut self,
-        buf: &mut [f32],
+        mut grads: StepGrads,
         tokens: u64,
         examples: usize,
         epoch: u64,
         started: Instant,
     ) -> Result<StepMetrics> {
-        let n = self.params.len();
-        self.last_local = (buf[n + 1] as f64, buf[n] as f64);
-        self.sync
-            .all_reduce_sum(self.step + 1, buf)
+        let tail = grads.tail();
+        self.last_local = (tail[1] as f64, tail[0] as f64);
+        grads
+            .all_reduce(self.sync.as_mut(), self.step + 1)
             .map_err(|message| Error::Sync {
                 step: self.step + 1,
                 message,
             })?;
-        let weight = buf[n] as f64;
-        let loss = buf[n + 1] as f64 / weight;
+        let tail = grads.tail();
+        let weight = tail[0] as f64;
+        let loss = tail[1] as f64 / weight;
         if weight <= 0.0 || !loss.is_finite() {
             return Err(Error::NonFinite {
                 step: self.step + 1,
@@ -781,16 +789,10 @@ impl Trainer {
                 value: loss,
             });
         }
-        let dpo = self
-            .dpo
-            .is_some()
-            .then(|| crate::dpo::Dpo::metrics(&buf[n..]));
+        let dpo = self.dpo.is_some().then(|| crate::dpo::Dpo::metrics(tail));
         let inv = (1.0 / weight) as f32;
-        let grads = &mut buf[..n];
-        grads.iter_mut().for_each(|g| *g *= inv);
         let lr = self.schedule.lr_at(self.step);
-        let rep = self.opt.step_flat(&mut self.params, grads, lr)?;
-        self.model.set_params_flat(&self.params)?;
+        let rep = self.opt.apply(&self.model, grads, Some(inv), lr)?;
         self.step += 1;
         self.last_loss = Some(loss);
         let dt = started.elapsed().as_secs_f64();

@@ -115,7 +115,7 @@ fn resume_continues_bit_exactly() {
     let resumed = run(cfg2, true);
     assert_eq!(resumed.step(), 3);
     assert!(
-        straight.params_flat() == resumed.params_flat(),
+        straight.params_flat().unwrap() == resumed.params_flat().unwrap(),
         "resumed adapter differs from the straight run's"
     );
     let (ma, mb) = (

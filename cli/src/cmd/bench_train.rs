@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use ringtune_model::{
-    AdamW, AdamWConfig, Batch, Device, LoraConfig, LoraModel, LossKind, ModelPreset,
+    AdamW, AdamWConfig, Batch, Device, DeviceAdamW, LoraConfig, LoraModel, LossKind, ModelPreset,
 };
 
 #[derive(clap::Args)]
@@ -149,6 +149,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let rss_after_init = peak_rss_bytes();
     let mut opt = AdamW::new(AdamWConfig::default(), model.param_layout().clone());
     let mut params = model.params_flat()?;
+    // On a GPU the AdamW state lives there, as in `ringtune train` (no host round trip).
+    let mut dev_opt = if device.is_cpu() {
+        None
+    } else {
+        Some(DeviceAdamW::from_host(&opt, &device)?)
+    };
 
     let mut rng = args.seed.wrapping_add(1);
     // t + 1 tokens per row: t input positions and t targets, so the model runs on exactly
@@ -165,10 +171,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let batch = Batch::from_dense_tokens(b, t + 1, &tokens, &weights)?;
         let t0 = Instant::now();
         let (out, mut grads) = model.forward_backward(&batch, LossKind::CrossEntropy)?;
-        grads.scale(1.0 / out.weight_sum)?;
-        let mut g = grads.to_flat()?;
-        opt.step_flat(&mut params, &mut g, opt.config().lr)?;
-        model.set_params_flat(&params)?;
+        let lr = opt.config().lr;
+        if let Some(o) = dev_opt.as_mut() {
+            o.step_model(&model, &grads, 1.0 / out.weight_sum, lr)?;
+            device.synchronize()?;
+        } else {
+            grads.scale(1.0 / out.weight_sum)?;
+            let mut g = grads.to_flat()?;
+            opt.step_flat(&mut params, &mut g, lr)?;
+            model.set_params_flat(&params)?;
+        }
         let dt = t0.elapsed().as_secs_f64();
         losses.push(out.mean());
         if step >= args.warmup {

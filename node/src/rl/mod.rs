@@ -48,6 +48,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{write_file_atomic, CheckpointRecord, RunDir};
 use crate::error::{io_err, Error, Result};
 use crate::metrics::MetricsLog;
+use crate::optim::Optimizer;
 use crate::trainer::{
     adamw_of, check_vocab, device_of, dtype_of, lora_of, prepare_model_dir, renderer_of,
     schedule_of, starting_checkpoint, Mode, StepSync,
@@ -178,9 +179,8 @@ pub struct RlTrainer {
     stop: StopCondition,
     env: Box<dyn Env>,
     loss: LossKind,
-    opt: AdamW,
+    opt: Optimizer,
     schedule: LrSchedule,
-    params: Vec<f32>,
     step: u64,
     start_step: u64,
     total_steps: u64,
@@ -360,7 +360,7 @@ impl RlTrainer {
                 },
             ),
         };
-        let params = model.params_flat()?;
+        let opt = Optimizer::new(opt, &model)?;
         let pad_id = tokenizer.pad_id();
         Ok(Self {
             cfg,
@@ -374,7 +374,6 @@ impl RlTrainer {
             loss,
             opt,
             schedule,
-            params,
             step,
             start_step: step,
             total_steps,
@@ -405,8 +404,8 @@ impl RlTrainer {
 
     /// SHA-256 of the adapter parameters' bits: equal on two ranks exactly when their
     /// adapters are bit-identical.
-    pub fn adapter_sha256(&self) -> [u8; 32] {
-        crate::trainer::params_sha256(&self.params)
+    pub fn adapter_sha256(&self) -> Result<[u8; 32]> {
+        self.opt.params_sha256(&self.model)
     }
 
     /// The run folder.
@@ -425,8 +424,8 @@ impl RlTrainer {
     }
 
     /// The adapter parameters, flat in layout order.
-    pub fn params_flat(&self) -> &[f32] {
-        &self.params
+    pub fn params_flat(&self) -> Result<Vec<f32>> {
+        self.opt.params_flat(&self.model)
     }
 
     /// Trains until `total_steps`, or until `stop` is set (checked between steps), writing a
@@ -699,19 +698,16 @@ impl RlTrainer {
         };
 
         // 5. One forward/backward over the datums, one AdamW step.
-        let n = self.params.len();
-        let mut buf = vec![0f32; n + 2];
+        let mut sum = self.opt.new_step(&self.model, 2);
         let mut train_tokens = 0u64;
         let mut diff_sum = 0.0f64;
         for mb in self.micro_batches(&rollouts) {
             let batch = self.batch_of(&rollouts, &mb)?;
             let (out, grads) = self.model.forward_backward(&batch, self.loss)?;
-            let flat = grads.to_flat()?;
-            for (a, g) in buf[..n].iter_mut().zip(&flat) {
-                *a += g;
-            }
-            buf[n] += out.weight_sum as f32;
-            buf[n + 1] += out.loss_sum as f32;
+            sum.add(&grads)?;
+            let tail = sum.tail_mut();
+            tail[0] += out.weight_sum as f32;
+            tail[1] += out.loss_sum as f32;
             let seq = batch.seq();
             for (row, &ri) in mb.iter().enumerate() {
                 let x = &rollouts[ri];
@@ -745,14 +741,13 @@ impl RlTrainer {
                 .fold((0.0, 0.0), |(s, c), v| (s + v, c + 1.0));
             stats.extend([sum, count]);
         }
-        buf.extend(stats.iter().map(|&x| x as f32));
-        self.sync
-            .all_reduce_sum(step, &mut buf)
+        sum.extend_tail(stats.iter().map(|&x| x as f32));
+        sum.all_reduce(self.sync.as_mut(), step)
             .map_err(|message| Error::Sync { step, message })?;
-        let global: Vec<f64> = buf[n + 2..].iter().map(|&x| x as f64).collect();
-        buf.truncate(n + 2);
-        let weight = buf[n] as f64;
-        let loss_sum = buf[n + 1] as f64;
+        let global: Vec<f64> = sum.tail()[2..].iter().map(|&x| x as f64).collect();
+        sum.truncate_tail(2);
+        let weight = sum.tail()[0] as f64;
+        let loss_sum = sum.tail()[1] as f64;
         let (loss, divide) = match self.loss.reduction() {
             Reduction::Sum => (loss_sum, 1.0),
             Reduction::WeightMean => (loss_sum / weight.max(1e-30), weight),
@@ -764,14 +759,9 @@ impl RlTrainer {
                 value: loss,
             });
         }
-        let grads = &mut buf[..n];
-        if divide != 1.0 && divide > 0.0 {
-            let inv = (1.0 / divide) as f32;
-            grads.iter_mut().for_each(|g| *g *= inv);
-        }
+        let scale = (divide != 1.0 && divide > 0.0).then(|| (1.0 / divide) as f32);
         let lr = self.schedule.lr_at(self.step);
-        let rep = self.opt.step_flat(&mut self.params, grads, lr)?;
-        self.model.set_params_flat(&self.params)?;
+        let rep = self.opt.apply(&self.model, sum, scale, lr)?;
         self.step = step;
         self.last_loss = Some(loss);
         let train_s = t_train.elapsed().as_secs_f64();
