@@ -5,6 +5,8 @@
 # 1b. ringtune bench train --device auto: device selection picks the GPU, a CUDA step runs
 #     (if .gpu/ringtune exists)
 # 1e. ringtune train configs/quickstart.toml on cuda:0: the whole trainer end to end
+# 1f. the same through ringtune coordinator --collective nccl + one ringtune node (NCCL
+#     through the node driver, world size 1)
 # 2. NCCL world-size-1 smoke test through ringtune-collectives (if .gpu/nccl_smoke exists)
 # 3. PyTorch + PEFT reference (gpu_peft_bench.py), last, so ringtune's numbers come first
 # Everything is also written to $OUT/ (or ./gpu-check-out when $OUT is unset).
@@ -81,6 +83,26 @@ if [ -x .gpu/ringtune ]; then
       --set model.path="$OUTDIR/qs-model" 2>&1 | tail -3
     echo "train exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
   fi
+  echo "== 1f. the same through the distributed runtime: ringtune coordinator --collective nccl"
+  echo "       + one ringtune node on cuda:0 (NCCL world size 1 through the node driver; a rank's"
+  echo "       AdamW on the GPU with the host norm; timeout ${TRAIN_S}s; expect loss ~1.5907)"
+  rm -rf "$OUTDIR/quickstart-nccl"
+  RINGTUNE_TOKEN=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n') && export RINGTUNE_TOKEN
+  timeout -k 5 "$TRAIN_S" .gpu/ringtune coordinator configs/quickstart.toml --plain \
+    --listen 127.0.0.1:29555 --collective nccl --set nodes=1 \
+    --set output_dir="$OUTDIR/quickstart-nccl" --set model.path="$OUTDIR/qs-model" \
+    >"$OUTDIR/nccl-coordinator.log" 2>&1 &
+  coord=$!
+  sleep 2
+  timeout -k 5 "$TRAIN_S" .gpu/ringtune node --coordinator 127.0.0.1:29555 --device cuda:0 \
+    >"$OUTDIR/nccl-node.log" 2>&1
+  echo "node exit: $?"
+  wait "$coord"
+  echo "coordinator exit: $?  (elapsed $(( $(date +%s) - t0 ))s)"
+  grep -E "^step [0-9]+/" "$OUTDIR/nccl-coordinator.log" | tail -1
+  tail -2 "$OUTDIR/nccl-coordinator.log"
+  tail -2 "$OUTDIR/nccl-node.log"
+  unset RINGTUNE_TOKEN
 else
   echo "== 1b. device-selection smoke skipped: .gpu/ringtune not built"
 fi
