@@ -3,7 +3,7 @@
 //! (the presets of ../shared/bench/gpu_peft_bench.py), ending with a markdown table.
 //!
 //!     gpu_check --device cuda:0 [--budget-s 200] [--quick] [--ops] [--no-throughput]
-//!               [--checkpointing] [--presets qwen05b,llama1b]
+//!               [--checkpointing] [--presets qwen05b,llama1b] [--parity-preset tiny|smol]
 //!
 //! `--quick` shrinks every shape so the whole thing runs in seconds on a CPU (`--device cpu`
 //! compares the CPU with itself; it exercises the code path, not the numerics). Built here
@@ -40,6 +40,9 @@ struct Args {
     no_throughput: bool,
     /// Activation checkpointing on in the throughput runs.
     checkpointing: bool,
+    /// The parity model: `tiny` (head size 32) or `smol` (head size 64, the size the flash
+    /// attention kernels take).
+    parity_preset: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -51,6 +54,7 @@ fn parse_args() -> Result<Args, String> {
         ops: false,
         no_throughput: false,
         checkpointing: false,
+        parity_preset: "tiny".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -69,9 +73,16 @@ fn parse_args() -> Result<Args, String> {
                 let v = it.next().ok_or("--presets needs a value")?;
                 a.presets = v.split(',').map(str::to_string).collect();
             }
+            "--parity-preset" => {
+                let v = it.next().ok_or("--parity-preset needs a value")?;
+                if v != "tiny" && v != "smol" {
+                    return Err(format!("--parity-preset {v:?}: tiny or smol"));
+                }
+                a.parity_preset = v;
+            }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (--device, --quick, --ops, --no-throughput, --checkpointing, --budget-s, --presets)"
+                    "unknown argument {other:?} (--device, --quick, --ops, --no-throughput, --checkpointing, --budget-s, --presets, --parity-preset)"
                 ))
             }
         }
@@ -356,12 +367,15 @@ fn device_name(device: &Device) -> String {
         .to_lowercase()
 }
 
-fn parity(device: &Device, quick: bool) -> Vec<Result<ParityRow, String>> {
+fn parity(device: &Device, quick: bool, preset: &str) -> Vec<Result<ParityRow, String>> {
     println!(
-        "## parity: tiny preset, LoRA r=32 on q/k/v/o/gate/up/down + lm_head, CPU f32 reference \
+        "## parity: {preset} preset, LoRA r=32 on q/k/v/o/gate/up/down + lm_head, CPU f32 reference \
          on the same base weights (bf16 rows: the weights rounded to bf16 once, for both sides)"
     );
-    let mut cfg = ModelPreset::Tiny.config();
+    let mut cfg = match ModelPreset::from_name(preset, None) {
+        Ok(p) => p.config(),
+        Err(e) => return vec![Err(format!("parity preset: {e}"))],
+    };
     let (rows, t) = if quick { (2, 32) } else { (4, 128) };
     if quick {
         cfg.vocab_size = 2000;
@@ -409,18 +423,40 @@ fn parity(device: &Device, quick: bool) -> Vec<Result<ParityRow, String>> {
         f64::INFINITY,
         0.0,
     );
+    // With head size 64 on a GPU the bf16 row runs twice: the default attention (flash
+    // forced off), then the flash-attention kernels, against the same reference.
+    let flash_rows = !device.is_cpu() && cfg.head_dim == 64;
     let mut cases = vec![
-        (device.clone(), DType::F32, &w32, &ref32, 1e-4),
-        (device.clone(), DType::BF16, &w16, &ref16, 1e-2),
+        (device.clone(), DType::F32, &w32, &ref32, 1e-4, None),
+        (
+            device.clone(),
+            DType::BF16,
+            &w16,
+            &ref16,
+            1e-2,
+            flash_rows.then_some(false),
+        ),
     ];
     if !device.is_cpu() {
+        if flash_rows {
+            cases.push((device.clone(), DType::BF16, &w16, &ref16, 1e-2, Some(true)));
+        }
         // The same mixed-precision numerics emulated on the CPU, next to the GPU's.
-        cases.push((Device::Cpu, DType::BF16, &w16, &ref16, 1e-2));
+        cases.push((Device::Cpu, DType::BF16, &w16, &ref16, 1e-2, None));
     }
     let mut rows_out = Vec::new();
-    for (dev, dtype, w, reference, target) in cases {
+    for (dev, dtype, w, reference, target, flash) in cases {
         let t0 = Instant::now();
-        let what = format!("{} {dtype:?}", device_name(&dev));
+        let what = format!(
+            "{} {dtype:?}{}",
+            device_name(&dev),
+            if flash == Some(true) {
+                " flash attention"
+            } else {
+                ""
+            }
+        );
+        ringtune_model::set_flash_attention(flash);
         let r = catch_unwind(AssertUnwindSafe(|| {
             run_one(w, &cfg, &lora, &dev, dtype, &params, &batch)
         }));
@@ -440,6 +476,7 @@ fn parity(device: &Device, quick: bool) -> Vec<Result<ParityRow, String>> {
         }
         rows_out.push(r);
     }
+    ringtune_model::set_flash_attention(None);
     rows_out
 }
 
@@ -660,7 +697,7 @@ fn main() {
         println!("GPU memory used at start (CUDA context): {g:.2} GiB");
     }
 
-    let par = parity(&device, args.quick);
+    let par = parity(&device, args.quick, &args.parity_preset);
 
     println!("\n## throughput: LoRA r=32 alpha 32 on q/k/v/o/gate/up/down, AdamW, half the positions weighted");
     println!("MFU formula: 4 * N_base * tokens/s / {:.0} TFLOP/s (bf16 dense peak, H200/H100 SXM), as gpu_peft_bench.py", PEAK_BF16 / 1e12);

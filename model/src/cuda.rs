@@ -1064,3 +1064,184 @@ pub(crate) fn attn_block_bwd_bf16(
     drop((f, h));
     Ok(out)
 }
+
+// ---------------------------------------------------------------------------------------
+// Flash attention (`src/cuda/flash.cu`): the block under a half-precision base with no
+// `T × T` buffer at all, behind `RINGTUNE_ATTN=flash` (head size 64).
+
+/// Whether the attention block runs the flash kernels: `RINGTUNE_ATTN=flash` and head size
+/// 64 (under a half-precision base; the caller checks that). Off by default: the kernels
+/// pass their CPU emulation (`tests/flash_emu.rs`) but have not yet run on a GPU.
+pub(crate) fn attn_flash(d: usize) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = match crate::ops::FLASH_ATTENTION.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => *ON.get_or_init(|| std::env::var("RINGTUNE_ATTN").is_ok_and(|v| v == "flash")),
+    };
+    d == 64 && on
+}
+
+/// `o4` (f32 `[bg, r, 64]`) and `lse` (f32 `[bg·r]`) from packed bf16 q4, k4, v4.
+fn flash_fwd(
+    dev: &CudaDevice,
+    cfg: &AttnCfg,
+    a: AttnDims,
+    (q4, k4, v4): (u64, u64, u64),
+    (o4, lse): (u64, u64),
+) -> Result<()> {
+    let kv = cfg.key_valid_ptr()?;
+    let (r, t, g, tq) = (a.r as i32, a.t as i32, a.groups as i32, cfg.tq as i32);
+    let w = cfg.window.unwrap_or(0) as i32;
+    let scale = cfg.scale;
+    let lc = LaunchConfig {
+        grid_dim: (a.r.div_ceil(64) as u32, a.bg as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        dev,
+        "flash_fwd_d64",
+        lc,
+        q4,
+        k4,
+        v4,
+        o4,
+        lse,
+        r,
+        t,
+        g,
+        tq,
+        w,
+        kv,
+        scale
+    );
+    Ok(())
+}
+
+/// The bf16 device pointer of a fresh buffer.
+fn bf16_ptr(dev: &CudaDevice, s: &mut CudaSlice<half::bf16>) -> u64 {
+    let stream = dev.cuda_stream();
+    let (p, _g) = s.device_ptr_mut(&stream);
+    p
+}
+
+/// [`attn_block_fwd_bf16`] through the flash kernel.
+pub(crate) fn attn_block_fwd_flash(
+    cfg: &AttnCfg,
+    x: BlockDims,
+    (q, k, v): (u64, u64, u64),
+    (cos, sin): (&Tensor, &Tensor),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<f32>> {
+    if x.d != 64 {
+        bail!("flash attention: head size {} (only 64)", x.d)
+    }
+    let (nq, nk) = (x.b * x.t * x.heads * x.d, x.b * x.t * x.kv * x.d);
+    let a = x.attn();
+    let tabs = (tensor_ptr(cos, "rope cos")?, tensor_ptr(sin, "rope sin")?);
+    // SAFETY: every buffer is fully written (pack kernels; the flash kernel writes every
+    // row of o4 and lse) before it is read. Layout: bf16 [q4 | k4 | v4], f32 [o4 | lse].
+    let mut h = unsafe { dev.alloc::<half::bf16>(nq + 2 * nk)? };
+    let mut f = unsafe { dev.alloc::<f32>(nq + a.bg * a.r)? };
+    let hb = bf16_ptr(dev, &mut h);
+    let fb = out_ptr(dev, &mut f);
+    let hat = |i: usize| hb + (i * 2) as u64;
+    let (q4, k4, v4) = (hat(0), hat(nq), hat(nq + nk));
+    let (o4, lse) = (fb, fb + (nq * 4) as u64);
+    pack_bf16(dev, x, x.heads, (q, q4), tabs, 1)?;
+    pack_bf16(dev, x, x.kv, (k, k4), tabs, 1)?;
+    pack_bf16(dev, x, x.kv, (v, v4), tabs, 0)?;
+    flash_fwd(dev, cfg, a, (q4, k4, v4), (o4, lse))?;
+    let mut o = unsafe { dev.alloc::<f32>(nq)? };
+    let op = out_ptr(dev, &mut o);
+    pack(dev, x, x.heads, (o4, op), tabs, 0, false)?;
+    drop((f, h));
+    Ok(o)
+}
+
+/// [`attn_block_bwd_bf16`] through the flash kernels: the forward again for the output and
+/// log-sum-exp, the rows' `Σ dO ⊙ O`, then one pass over the key tiles.
+pub(crate) fn attn_block_bwd_flash(
+    cfg: &AttnCfg,
+    x: BlockDims,
+    (q, k, v, g): (u64, u64, u64, u64),
+    (cos, sin): (&Tensor, &Tensor),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<f32>> {
+    if x.d != 64 {
+        bail!("flash attention: head size {} (only 64)", x.d)
+    }
+    let (nq, nk) = (x.b * x.t * x.heads * x.d, x.b * x.t * x.kv * x.d);
+    let a = x.attn();
+    let rows = a.bg * a.r;
+    let tabs = (tensor_ptr(cos, "rope cos")?, tensor_ptr(sin, "rope sin")?);
+    // SAFETY: every buffer is fully written before it is read (pack kernels; the forward
+    // writes o4 and lse, the delta kernel every row, the backward every key row of dk4 and
+    // dv4; dq4 is zeroed because the backward adds into it). Layout: bf16 [q4 | g4 | k4 |
+    // v4], f32 [o4 (nq) | lse | delta (rows each) | dk4 | dv4 (nk each)], dq4 alone.
+    let mut h = unsafe { dev.alloc::<half::bf16>(2 * nq + 2 * nk)? };
+    let mut f = unsafe { dev.alloc::<f32>(nq + 2 * rows + 2 * nk)? };
+    let mut dqb = dev.alloc_zeros::<f32>(nq)?;
+    let hb = bf16_ptr(dev, &mut h);
+    let fb = out_ptr(dev, &mut f);
+    let dq4 = out_ptr(dev, &mut dqb);
+    let hat = |i: usize| hb + (i * 2) as u64;
+    let fat = |i: usize| fb + (i * 4) as u64;
+    let (q4, g4, k4, v4) = (hat(0), hat(nq), hat(2 * nq), hat(2 * nq + nk));
+    let (o4, lse, delta) = (fat(0), fat(nq), fat(nq + rows));
+    let (dk4, dv4) = (fat(nq + 2 * rows), fat(nq + 2 * rows + nk));
+    pack_bf16(dev, x, x.heads, (q, q4), tabs, 1)?;
+    pack_bf16(dev, x, x.kv, (k, k4), tabs, 1)?;
+    pack_bf16(dev, x, x.kv, (v, v4), tabs, 0)?;
+    pack_bf16(dev, x, x.heads, (g, g4), tabs, 0)?;
+    flash_fwd(dev, cfg, a, (q4, k4, v4), (o4, lse))?;
+    let rows_i = rows as i32;
+    launch!(
+        dev,
+        "flash_bwd_delta_d64",
+        warp_cfg(rows),
+        g4,
+        o4,
+        delta,
+        rows_i
+    );
+    let kv = cfg.key_valid_ptr()?;
+    let (r, t, gr, tq) = (a.r as i32, a.t as i32, a.groups as i32, cfg.tq as i32);
+    let w = cfg.window.unwrap_or(0) as i32;
+    let scale = cfg.scale;
+    let lc = LaunchConfig {
+        grid_dim: (a.t.div_ceil(32) as u32, a.bg as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(
+        dev,
+        "flash_bwd_d64",
+        lc,
+        q4,
+        k4,
+        v4,
+        g4,
+        lse,
+        delta,
+        dq4,
+        dk4,
+        dv4,
+        r,
+        t,
+        gr,
+        tq,
+        w,
+        kv,
+        scale
+    );
+    let mut out = unsafe { dev.alloc::<f32>(nq + 2 * nk)? };
+    let op = out_ptr(dev, &mut out);
+    let (dq, dk, dv) = (op, op + (nq * 4) as u64, op + ((nq + nk) * 4) as u64);
+    pack(dev, x, x.heads, (dq4, dq), tabs, -1, false)?;
+    pack(dev, x, x.kv, (dk4, dk), tabs, -1, false)?;
+    pack(dev, x, x.kv, (dv4, dv), tabs, 0, false)?;
+    drop((f, h, dqb));
+    Ok(out)
+}

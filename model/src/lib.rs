@@ -55,7 +55,7 @@ pub use lora::{Adapters, LoraConfig, TargetModule};
 pub use loss::{Batch, DpoPair, LossKind, LossOutput, Reduction};
 pub use merge::{merge, merge_with, MergeOptions, MergeReport};
 pub use model::LoraModel;
-pub use ops::set_force_generic;
+pub use ops::{set_flash_attention, set_force_generic};
 pub use optim::{AdamW, AdamWConfig, DeviceAdamW, StepReport};
 pub use peft::AdapterConfig;
 pub use preset::{write_random_model, ModelPreset};

@@ -36,6 +36,24 @@ pub fn set_force_generic(on: bool) {
     FORCE_GENERIC.with(|f| f.set(on));
 }
 
+/// 0: `RINGTUNE_ATTN` decides whether the CUDA attention block uses the flash kernels;
+/// 1: on; 2: off. See [`set_flash_attention`].
+pub(crate) static FLASH_ATTENTION: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(0);
+
+/// Overrides `RINGTUNE_ATTN=flash` for the whole process (`None`: the environment decides),
+/// so `gpu_check` can compare the flash kernels with the default attention in one run.
+/// Affects CUDA builds only (head size 64, half-precision base). Not for production use.
+#[doc(hidden)]
+pub fn set_flash_attention(on: Option<bool>) {
+    let v = match on {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    FLASH_ATTENTION.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub(crate) fn force_generic() -> bool {
     FORCE_GENERIC.with(|f| f.get())
 }
@@ -1849,7 +1867,9 @@ mod cuda_attn {
                 crate::cuda::ptr(v, vl, "attention v")?,
             );
             let tabs = (&self.cos, &self.sin);
-            let o = if self.cfg.tf32 && crate::cuda::attn_bf16() {
+            let o = if self.cfg.tf32 && crate::cuda::attn_flash(self.dims.d) {
+                crate::cuda::attn_block_fwd_flash(&self.cfg, self.dims, p, tabs, &dev)?
+            } else if self.cfg.tf32 && crate::cuda::attn_bf16() {
                 crate::cuda::attn_block_fwd_bf16(&self.cfg, self.dims, p, tabs, &dev)?
             } else {
                 crate::cuda::attn_block_fwd(&self.cfg, self.dims, p, tabs, &dev)?
@@ -1931,7 +1951,9 @@ mod cuda_attn {
                 crate::cuda::ptr(g, gl, "attention grad")?,
             );
             let tabs = (&self.cos, &self.sin);
-            let out = if self.cfg.tf32 && crate::cuda::attn_bf16() {
+            let out = if self.cfg.tf32 && crate::cuda::attn_flash(self.dims.d) {
+                crate::cuda::attn_block_bwd_flash(&self.cfg, self.dims, p, tabs, &dev)?
+            } else if self.cfg.tf32 && crate::cuda::attn_bf16() {
                 crate::cuda::attn_block_bwd_bf16(&self.cfg, self.dims, p, tabs, &dev)?
             } else {
                 crate::cuda::attn_block_bwd(&self.cfg, self.dims, p, tabs, &dev)?

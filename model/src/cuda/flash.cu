@@ -1,0 +1,360 @@
+// Flash attention (forward and backward) for head size 64 on the tensor cores (WMMA, bf16
+// operands, f32 accumulation), on the packed layouts of kernels.cu: q [BG, R, 64] with
+// R = rep·tq query rows per (batch, kv head) block (row r is query position r % tq), k and v
+// [BG, T, 64], all bf16. The masks are attn_softmax_fwd's: key j is visible to query i when
+// j <= i, (window == 0 or i − j < window) and (key_valid == NULL or key_valid[b·T + j]),
+// b = block / groups; a row that sees no key gets output 0 and zero gradients.
+//
+// Nothing T × T is ever stored: the forward keeps a running max and sum per row (the online
+// softmax) and writes the output and each row's log-sum-exp; the backward recomputes the
+// probabilities tile by tile from that log-sum-exp (FlashAttention-2's algorithm: one block
+// per 32-key tile, looping over the query tiles that can see it, dK and dV accumulated in
+// registers, dQ added to an f32 buffer with atomics).
+//
+// Included by kernels.cu. Also compiled on the CPU by model/tests/flash_emu.rs with
+// model/src/cuda/emu.h (RINGTUNE_EMU), which runs every thread of a block as an OS thread,
+// so the indexing, masking, tiling and synchronisation are tested without a GPU.
+
+#ifndef RINGTUNE_EMU
+#include <mma.h>
+#include <cuda_bf16.h>
+#endif
+
+namespace flash {
+
+using namespace nvcuda;
+
+constexpr int D = 64;        // head size
+constexpr int QT = 64;       // query rows per tile (4 warps × 16)
+constexpr int KT = 32;       // keys per tile
+constexpr int THREADS = 128;
+
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> FragA;
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> FragAT;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> FragB;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> FragBT;
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> FragC;
+
+// The positions of query rows [r0, r0 + n) of a block (n >= 1): the smallest and largest.
+// Rows of one head are consecutive positions; a tile that crosses into the next head gets
+// the whole range (only used to skip work, so a wider range is safe).
+__device__ __forceinline__ void tile_positions(int r0, int n, int tq, int* lo, int* hi) {
+    int p = r0 % tq;
+    if (p + n - 1 < tq) {
+        *lo = p;
+        *hi = p + n - 1;
+    } else {
+        *lo = 0;
+        *hi = tq - 1;
+    }
+}
+
+__device__ __forceinline__ bool visible(int i, int j, int T, int window, const uint8_t* kv) {
+    return j < T && j <= i && (window == 0 || i - j < window) && (!kv || kv[j]);
+}
+
+// Copies rows [row0, row0 + rows) of a [*, 64] bf16 matrix into shared memory (ld 64),
+// rows at or past `limit` as zeros.
+__device__ __forceinline__ void load_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0,
+                                          int rows, int limit) {
+    for (int idx = threadIdx.x; idx < rows * D; idx += THREADS) {
+        int r = idx / D, c = idx % D;
+        dst[idx] = row0 + r < limit ? src[(size_t)(row0 + r) * D + c] : __float2bfloat16(0.f);
+    }
+}
+
+}  // namespace flash
+
+// Forward: o [BG, R, 64] f32 and lse [BG·R] f32 (log Σ exp(scale · q·k) over the visible
+// keys; +inf for a row that sees none). Grid (ceil(R / 64), BG), 128 threads.
+extern "C" __global__ void flash_fwd_d64(const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                         const __nv_bfloat16* v, float* o, float* lse, int R,
+                                         int T, int groups, int tq, int window,
+                                         const uint8_t* key_valid, float scale) {
+    using namespace flash;
+    __shared__ __align__(32) __nv_bfloat16 Qs[QT * D];
+    __shared__ __align__(32) __nv_bfloat16 Ks[KT * D];
+    __shared__ __align__(32) __nv_bfloat16 Vs[KT * D];
+    __shared__ __align__(32) float Ss[QT * KT];
+    __shared__ __align__(32) __nv_bfloat16 Ps[QT * KT];
+    __shared__ __align__(32) float Os[QT * D];
+    __shared__ float Ms[QT];
+    __shared__ float Ls[QT];
+
+    const int blk = blockIdx.y;
+    const int r0 = blockIdx.x * QT;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const __nv_bfloat16* qb = q + (size_t)blk * R * D;
+    const __nv_bfloat16* kb = k + (size_t)blk * T * D;
+    const __nv_bfloat16* vb = v + (size_t)blk * T * D;
+    const uint8_t* kv = key_valid ? key_valid + (size_t)(blk / groups) * T : nullptr;
+
+    load_rows(Qs, qb, r0, QT, R);
+    for (int idx = threadIdx.x; idx < QT * D; idx += THREADS) Os[idx] = 0.f;
+    if (threadIdx.x < QT) {
+        Ms[threadIdx.x] = NEG_INF;
+        Ls[threadIdx.x] = 0.f;
+    }
+    int plo, phi;
+    tile_positions(r0, min(QT, R - r0), tq, &plo, &phi);
+    const int khi = min(T, phi + 1);
+    const int klo = window > 0 ? max(0, plo + 1 - window) : 0;
+    __syncthreads();
+
+    FragA qa[D / 16];
+    for (int kk = 0; kk < D / 16; kk++) wmma::load_matrix_sync(qa[kk], Qs + warp * 16 * D + kk * 16, D);
+
+    // This lane's row of the warp's 16 and its half of a row's columns.
+    const int row = warp * 16 + lane / 2, half = lane % 2;
+    const int rg = r0 + row;
+    const int pos = rg < R ? rg % tq : -1;
+
+    for (int j0 = klo; j0 < khi; j0 += KT) {
+        __syncthreads();  // the previous tile's K and V are no longer read
+        load_rows(Ks, kb, j0, KT, T);
+        load_rows(Vs, vb, j0, KT, T);
+        __syncthreads();
+        // S = Q·Kᵀ for the warp's 16 rows.
+        for (int n = 0; n < KT / 16; n++) {
+            FragC c;
+            wmma::fill_fragment(c, 0.f);
+            for (int kk = 0; kk < D / 16; kk++) {
+                FragBT b;
+                wmma::load_matrix_sync(b, Ks + n * 16 * D + kk * 16, D);
+                wmma::mma_sync(c, qa[kk], b, c);
+            }
+            wmma::store_matrix_sync(Ss + warp * 16 * KT + n * 16, c, KT, wmma::mem_row_major);
+        }
+        __syncwarp();
+        // Online softmax: two lanes per row, 16 columns each.
+        float* srow = Ss + row * KT + half * 16;
+        float mx = NEG_INF;
+        for (int c = 0; c < 16; c++) {
+            int j = j0 + half * 16 + c;
+            float s = (pos >= 0 && visible(pos, j, T, window, kv)) ? srow[c] * scale : NEG_INF;
+            srow[c] = s;
+            mx = fmaxf(mx, s);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        const float m_old = Ms[row];
+        const float m_new = fmaxf(m_old, mx);
+        const float alpha = m_new == NEG_INF ? 1.f : expf(m_old - m_new);
+        float sum = 0.f;
+        __nv_bfloat16* prow = Ps + row * KT + half * 16;
+        for (int c = 0; c < 16; c++) {
+            float p = srow[c] == NEG_INF ? 0.f : expf(srow[c] - m_new);
+            prow[c] = __float2bfloat16(p);
+            sum += p;
+        }
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        float* orow = Os + row * D + half * (D / 2);
+        for (int c = 0; c < D / 2; c++) orow[c] *= alpha;
+        __syncwarp();  // both lanes of a row have read Ms[row]
+        if (half == 0) {
+            Ms[row] = m_new;
+            Ls[row] = Ls[row] * alpha + sum;
+        }
+        __syncwarp();
+        // O += P·V for the warp's 16 rows.
+        for (int n = 0; n < D / 16; n++) {
+            FragC c;
+            wmma::load_matrix_sync(c, Os + warp * 16 * D + n * 16, D, wmma::mem_row_major);
+            for (int kk = 0; kk < KT / 16; kk++) {
+                FragA a;
+                FragB b;
+                wmma::load_matrix_sync(a, Ps + warp * 16 * KT + kk * 16, KT);
+                wmma::load_matrix_sync(b, Vs + kk * 16 * D + n * 16, D);
+                wmma::mma_sync(c, a, b, c);
+            }
+            wmma::store_matrix_sync(Os + warp * 16 * D + n * 16, c, D, wmma::mem_row_major);
+        }
+        __syncwarp();
+    }
+    __syncwarp();
+    if (rg < R) {
+        const float l = Ls[row];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        float* out = o + ((size_t)blk * R + rg) * D + half * (D / 2);
+        const float* orow = Os + row * D + half * (D / 2);
+        for (int c = 0; c < D / 2; c++) out[c] = orow[c] * inv;
+        if (half == 0) lse[(size_t)blk * R + rg] = l > 0.f ? Ms[row] + logf(l) : INFINITY;
+    }
+}
+
+// delta[row] = Σ_c dO[row, c] · O[row, c] (the softmax backward's row term), one warp per
+// row, 8 rows per 256-thread block.
+extern "C" __global__ void flash_bwd_delta_d64(const __nv_bfloat16* dout, const float* o,
+                                               float* delta, int rows) {
+    int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const __nv_bfloat16* g = dout + (size_t)row * flash::D;
+    const float* x = o + (size_t)row * flash::D;
+    float s = __bfloat162float(g[lane]) * x[lane] + __bfloat162float(g[lane + 32]) * x[lane + 32];
+    for (int m = 16; m > 0; m >>= 1) s += __shfl_xor_sync(0xffffffff, s, m);
+    if (lane == 0) delta[row] = s;
+}
+
+// Backward: dq [BG, R, 64] f32 (accumulated with atomics: zero it first), dk and dv
+// [BG, T, 64] f32 (written). Grid (ceil(T / 32), BG), 128 threads. `lse` and `delta` are
+// the forward's and flash_bwd_delta_d64's.
+extern "C" __global__ void flash_bwd_d64(const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                         const __nv_bfloat16* v, const __nv_bfloat16* dout,
+                                         const float* lse, const float* delta, float* dq,
+                                         float* dk, float* dv, int R, int T, int groups, int tq,
+                                         int window, const uint8_t* key_valid, float scale) {
+    using namespace flash;
+    // [S, then dP (QT·KT f32) | dO (QT·D bf16)] are together the dQ staging area (QT·D f32)
+    // once both are dead, and at the end the dK and dV staging area (2·KT·D f32).
+    __shared__ __align__(32) unsigned char raw[QT * KT * 4 + QT * D * 2];
+    __shared__ __align__(32) __nv_bfloat16 Qs[QT * D];
+    __shared__ __align__(32) __nv_bfloat16 Ks[KT * D];
+    __shared__ __align__(32) __nv_bfloat16 Vs[KT * D];
+    __shared__ __align__(32) __nv_bfloat16 Ps[QT * KT];
+    __shared__ float Lse[QT];
+    __shared__ float Dl[QT];
+    float* Ss = (float*)raw;
+    __nv_bfloat16* dOs = (__nv_bfloat16*)(raw + QT * KT * 4);
+    float* stage = (float*)raw;
+
+    const int blk = blockIdx.y;
+    const int j0 = blockIdx.x * KT;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const __nv_bfloat16* qb = q + (size_t)blk * R * D;
+    const __nv_bfloat16* gb = dout + (size_t)blk * R * D;
+    const uint8_t* kv = key_valid ? key_valid + (size_t)(blk / groups) * T : nullptr;
+
+    load_rows(Ks, k + (size_t)blk * T * D, j0, KT, T);
+    load_rows(Vs, v + (size_t)blk * T * D, j0, KT, T);
+
+    // This warp's share of dK and dV: key rows kbk·16.., head columns (nb0 + t)·16...
+    const int kbk = warp / 2, nb0 = (warp % 2) * 2;
+    FragC dk_acc[2], dv_acc[2];
+    for (int t = 0; t < 2; t++) {
+        wmma::fill_fragment(dk_acc[t], 0.f);
+        wmma::fill_fragment(dv_acc[t], 0.f);
+    }
+    const int row = warp * 16 + lane / 2, half = lane % 2;
+    const int jhi = min(T, j0 + KT) - 1;  // this tile's last key
+
+    for (int i0 = 0; i0 < R; i0 += QT) {
+        int plo, phi;
+        tile_positions(i0, min(QT, R - i0), tq, &plo, &phi);
+        if (phi < j0) continue;                              // causal: no row sees a key here
+        if (window > 0 && plo - (window - 1) > jhi) continue;  // all keys left the window
+        __syncthreads();  // the previous tile's shared buffers are no longer read
+        load_rows(Qs, qb, i0, QT, R);
+        load_rows(dOs, gb, i0, QT, R);
+        if (threadIdx.x < QT) {
+            int r = i0 + threadIdx.x;
+            Lse[threadIdx.x] = r < R ? lse[(size_t)blk * R + r] : INFINITY;
+            Dl[threadIdx.x] = r < R ? delta[(size_t)blk * R + r] : 0.f;
+        }
+        __syncthreads();
+        // S = Q·Kᵀ (warp's 16 rows), then P = exp(scale·S − lse) on the visible keys.
+        for (int n = 0; n < KT / 16; n++) {
+            FragC c;
+            wmma::fill_fragment(c, 0.f);
+            for (int kk = 0; kk < D / 16; kk++) {
+                FragA a;
+                FragBT b;
+                wmma::load_matrix_sync(a, Qs + warp * 16 * D + kk * 16, D);
+                wmma::load_matrix_sync(b, Ks + n * 16 * D + kk * 16, D);
+                wmma::mma_sync(c, a, b, c);
+            }
+            wmma::store_matrix_sync(Ss + warp * 16 * KT + n * 16, c, KT, wmma::mem_row_major);
+        }
+        __syncwarp();
+        const int rg = i0 + row;
+        const int pos = rg < R ? rg % tq : -1;
+        {
+            const float* srow = Ss + row * KT + half * 16;
+            __nv_bfloat16* prow = Ps + row * KT + half * 16;
+            const float l = Lse[row];
+            for (int c = 0; c < 16; c++) {
+                int j = j0 + half * 16 + c;
+                bool ok = pos >= 0 && l != INFINITY && visible(pos, j, T, window, kv);
+                prow[c] = __float2bfloat16(ok ? expf(srow[c] * scale - l) : 0.f);
+            }
+        }
+        __syncthreads();  // all of P is written
+        // dV += Pᵀ·dO (this warp's two tiles).
+        for (int t = 0; t < 2; t++) {
+            for (int kk = 0; kk < QT / 16; kk++) {
+                FragAT a;
+                FragB b;
+                wmma::load_matrix_sync(a, Ps + kk * 16 * KT + kbk * 16, KT);
+                wmma::load_matrix_sync(b, dOs + kk * 16 * D + (nb0 + t) * 16, D);
+                wmma::mma_sync(dv_acc[t], a, b, dv_acc[t]);
+            }
+        }
+        // dP = dO·Vᵀ (warp's 16 rows), into S's place.
+        for (int n = 0; n < KT / 16; n++) {
+            FragC c;
+            wmma::fill_fragment(c, 0.f);
+            for (int kk = 0; kk < D / 16; kk++) {
+                FragA a;
+                FragBT b;
+                wmma::load_matrix_sync(a, dOs + warp * 16 * D + kk * 16, D);
+                wmma::load_matrix_sync(b, Vs + n * 16 * D + kk * 16, D);
+                wmma::mma_sync(c, a, b, c);
+            }
+            wmma::store_matrix_sync(Ss + warp * 16 * KT + n * 16, c, KT, wmma::mem_row_major);
+        }
+        __syncthreads();  // every warp is done reading P for dV
+        // dS = scale · P ⊙ (dP − delta), in P's place.
+        {
+            const float* dprow = Ss + row * KT + half * 16;
+            __nv_bfloat16* prow = Ps + row * KT + half * 16;
+            const float dl = Dl[row];
+            for (int c = 0; c < 16; c++) {
+                float p = __bfloat162float(prow[c]);
+                prow[c] = __float2bfloat16(scale * p * (dprow[c] - dl));
+            }
+        }
+        __syncthreads();  // all of dS is written; S/dP and dO are dead from here on
+        // dK += dSᵀ·Q (this warp's two tiles).
+        for (int t = 0; t < 2; t++) {
+            for (int kk = 0; kk < QT / 16; kk++) {
+                FragAT a;
+                FragB b;
+                wmma::load_matrix_sync(a, Ps + kk * 16 * KT + kbk * 16, KT);
+                wmma::load_matrix_sync(b, Qs + kk * 16 * D + (nb0 + t) * 16, D);
+                wmma::mma_sync(dk_acc[t], a, b, dk_acc[t]);
+            }
+        }
+        // dQ (warp's 16 rows) = dS·K, staged in shared memory, then added to dq.
+        for (int n = 0; n < D / 16; n++) {
+            FragC c;
+            wmma::fill_fragment(c, 0.f);
+            for (int kk = 0; kk < KT / 16; kk++) {
+                FragA a;
+                FragB b;
+                wmma::load_matrix_sync(a, Ps + warp * 16 * KT + kk * 16, KT);
+                wmma::load_matrix_sync(b, Ks + kk * 16 * D + n * 16, D);
+                wmma::mma_sync(c, a, b, c);
+            }
+            wmma::store_matrix_sync(stage + warp * 16 * D + n * 16, c, D, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (int idx = lane; idx < 16 * D; idx += 32) {
+            int r = i0 + warp * 16 + idx / D;
+            if (r < R) atomicAdd(dq + ((size_t)blk * R + r) * D + idx % D, stage[warp * 16 * D + idx]);
+        }
+    }
+    __syncthreads();  // the staging area is free
+    float* sk = stage;
+    float* sv = stage + KT * D;
+    for (int t = 0; t < 2; t++) {
+        wmma::store_matrix_sync(sk + kbk * 16 * D + (nb0 + t) * 16, dk_acc[t], D, wmma::mem_row_major);
+        wmma::store_matrix_sync(sv + kbk * 16 * D + (nb0 + t) * 16, dv_acc[t], D, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < KT * D; idx += THREADS) {
+        int j = j0 + idx / D;
+        if (j < T) {
+            dk[((size_t)blk * T + j) * D + idx % D] = sk[idx];
+            dv[((size_t)blk * T + j) * D + idx % D] = sv[idx];
+        }
+    }
+}
