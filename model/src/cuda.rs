@@ -483,6 +483,25 @@ fn pack(
     Ok(())
 }
 
+/// `[dq | dk | dv]` in the projection layouts from the packed f32 gradients (the
+/// rotation's transpose is the rotation by −θ).
+fn unpack_grads(
+    dev: &CudaDevice,
+    x: BlockDims,
+    (dq4, dk4, dv4): (u64, u64, u64),
+    tabs: (u64, u64),
+) -> Result<CudaSlice<f32>> {
+    let (nq, nk) = (x.b * x.t * x.heads * x.d, x.b * x.t * x.kv * x.d);
+    // SAFETY: the three pack kernels write every element.
+    let mut out = unsafe { dev.alloc::<f32>(nq + 2 * nk)? };
+    let op = out_ptr(dev, &mut out);
+    let (dq, dk, dv) = (op, op + (nq * 4) as u64, op + ((nq + nk) * 4) as u64);
+    pack(dev, x, x.heads, (dq4, dq), tabs, -1, false)?;
+    pack(dev, x, x.kv, (dk4, dk), tabs, -1, false)?;
+    pack(dev, x, x.kv, (dv4, dv), tabs, 0, false)?;
+    Ok(out)
+}
+
 /// Forward of the block: q `[b·t, heads·d]`, k and v `[b·t, kv·d]` (contiguous), RoPE
 /// tables `[t, d/2]` → o `[b·t, heads·d]`.
 pub(crate) fn attn_block_fwd(
@@ -540,13 +559,7 @@ pub(crate) fn attn_block_bwd(
     pack(dev, x, x.kv, (v, v4), tabs, 0, true)?;
     pack(dev, x, x.heads, (g, g4), tabs, 0, true)?;
     attention_bwd_ptrs(dev, cfg, x.attn(), (q4, k4, v4, g4), (dq4, dk4, dv4))?;
-    let mut out = unsafe { dev.alloc::<f32>(nq + 2 * nk)? };
-    let op = out_ptr(dev, &mut out);
-    let (dq, dk, dv) = (op, op + (nq * 4) as u64, op + ((nq + nk) * 4) as u64);
-    // The rotation's transpose is the rotation by −θ.
-    pack(dev, x, x.heads, (dq4, dq), tabs, -1, false)?;
-    pack(dev, x, x.kv, (dk4, dk), tabs, -1, false)?;
-    pack(dev, x, x.kv, (dv4, dv), tabs, 0, false)?;
+    let out = unpack_grads(dev, x, (dq4, dk4, dv4), tabs)?;
     drop(tmp);
     Ok(out)
 }
@@ -869,9 +882,25 @@ fn pack_bf16(
     Ok(())
 }
 
+/// q, k (RoPE applied) and v from the projection layouts into packed bf16.
+fn pack_qkv_bf16(
+    dev: &CudaDevice,
+    x: BlockDims,
+    (q, k, v): (u64, u64, u64),
+    (q4, k4, v4): (u64, u64, u64),
+    tabs: (u64, u64),
+) -> Result<()> {
+    pack_bf16(dev, x, x.heads, (q, q4), tabs, 1)?;
+    pack_bf16(dev, x, x.kv, (k, k4), tabs, 1)?;
+    pack_bf16(dev, x, x.kv, (v, v4), tabs, 0)
+}
+
+/// A kernel-name suffix and its launch shape for a number of rows.
+type WarpVariant = (&'static str, fn(usize) -> LaunchConfig);
+
 /// The warp-per-row softmax variant for rows of `t` keys and its launch shape (`None`:
 /// longer than 2048 keys, or `RINGTUNE_SOFTMAX=block`; the block-per-row kernels run).
-fn warp_kernel(t: usize) -> Option<(&'static str, fn(usize) -> LaunchConfig)> {
+fn warp_kernel(t: usize) -> Option<WarpVariant> {
     static BLOCK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *BLOCK.get_or_init(|| std::env::var("RINGTUNE_SOFTMAX").is_ok_and(|v| v == "block")) {
         return None;
@@ -948,9 +977,7 @@ pub(crate) fn attn_block_fwd_bf16(
     let (sp, o4) = (fb, fb + (ns * 4) as u64);
     let hat = |i: usize| hb + (i * 2) as u64;
     let (q4, k4, v4, pp) = (hat(0), hat(nq), hat(nq + nk), hat(nq + 2 * nk));
-    pack_bf16(dev, x, x.heads, (q, q4), tabs, 1)?;
-    pack_bf16(dev, x, x.kv, (k, k4), tabs, 1)?;
-    pack_bf16(dev, x, x.kv, (v, v4), tabs, 0)?;
+    pack_qkv_bf16(dev, x, (q, k, v), (q4, k4, v4), tabs)?;
     probs_bf16(dev, cfg, a, (q4, k4), (sp, pp))?;
     gemm_bf16(
         dev,
@@ -1001,9 +1028,7 @@ pub(crate) fn attn_block_bwd_bf16(
         hat(2 * nq + nk),
         hat(2 * nq + 2 * nk),
     );
-    pack_bf16(dev, x, x.heads, (q, q4), tabs, 1)?;
-    pack_bf16(dev, x, x.kv, (k, k4), tabs, 1)?;
-    pack_bf16(dev, x, x.kv, (v, v4), tabs, 0)?;
+    pack_qkv_bf16(dev, x, (q, k, v), (q4, k4, v4), tabs)?;
     pack_bf16(dev, x, x.heads, (g, g4), tabs, 0)?;
     probs_bf16(dev, cfg, a, (q4, k4), (sp, pp))?;
     // dV = Pᵀ · dO
@@ -1055,12 +1080,7 @@ pub(crate) fn attn_block_bwd_bf16(
         (dk4, a.t * a.d),
         1.0,
     )?;
-    let mut out = unsafe { dev.alloc::<f32>(nq + 2 * nk)? };
-    let op = out_ptr(dev, &mut out);
-    let (dq, dk, dv) = (op, op + (nq * 4) as u64, op + ((nq + nk) * 4) as u64);
-    pack(dev, x, x.heads, (dq4, dq), tabs, -1, false)?;
-    pack(dev, x, x.kv, (dk4, dk), tabs, -1, false)?;
-    pack(dev, x, x.kv, (dv4, dv), tabs, 0, false)?;
+    let out = unpack_grads(dev, x, (dq4, dk4, dv4), tabs)?;
     drop((f, h));
     Ok(out)
 }
@@ -1149,9 +1169,7 @@ pub(crate) fn attn_block_fwd_flash(
     let hat = |i: usize| hb + (i * 2) as u64;
     let (q4, k4, v4) = (hat(0), hat(nq), hat(nq + nk));
     let (o4, lse) = (fb, fb + (nq * 4) as u64);
-    pack_bf16(dev, x, x.heads, (q, q4), tabs, 1)?;
-    pack_bf16(dev, x, x.kv, (k, k4), tabs, 1)?;
-    pack_bf16(dev, x, x.kv, (v, v4), tabs, 0)?;
+    pack_qkv_bf16(dev, x, (q, k, v), (q4, k4, v4), tabs)?;
     flash_fwd(dev, cfg, a, (q4, k4, v4), (o4, lse))?;
     let mut o = unsafe { dev.alloc::<f32>(nq)? };
     let op = out_ptr(dev, &mut o);
@@ -1191,9 +1209,7 @@ pub(crate) fn attn_block_bwd_flash(
     let (q4, g4, k4, v4) = (hat(0), hat(nq), hat(2 * nq), hat(2 * nq + nk));
     let (o4, lse, delta) = (fat(0), fat(nq), fat(nq + rows));
     let (dk4, dv4) = (fat(nq + 2 * rows), fat(nq + 2 * rows + nk));
-    pack_bf16(dev, x, x.heads, (q, q4), tabs, 1)?;
-    pack_bf16(dev, x, x.kv, (k, k4), tabs, 1)?;
-    pack_bf16(dev, x, x.kv, (v, v4), tabs, 0)?;
+    pack_qkv_bf16(dev, x, (q, k, v), (q4, k4, v4), tabs)?;
     pack_bf16(dev, x, x.heads, (g, g4), tabs, 0)?;
     flash_fwd(dev, cfg, a, (q4, k4, v4), (o4, lse))?;
     let rows_i = rows as i32;
@@ -1236,12 +1252,7 @@ pub(crate) fn attn_block_bwd_flash(
         kv,
         scale
     );
-    let mut out = unsafe { dev.alloc::<f32>(nq + 2 * nk)? };
-    let op = out_ptr(dev, &mut out);
-    let (dq, dk, dv) = (op, op + (nq * 4) as u64, op + ((nq + nk) * 4) as u64);
-    pack(dev, x, x.heads, (dq4, dq), tabs, -1, false)?;
-    pack(dev, x, x.kv, (dk4, dk), tabs, -1, false)?;
-    pack(dev, x, x.kv, (dv4, dv), tabs, 0, false)?;
+    let out = unpack_grads(dev, x, (dq4, dk4, dv4), tabs)?;
     drop((f, h, dqb));
     Ok(out)
 }

@@ -1062,26 +1062,56 @@ fn step_model_is_step_flat() {
     ));
 }
 
+/// Two identical quickstart-shaped models (seed `seed`), a host AdamW and a DeviceAdamW on
+/// the CPU with weight decay and tight clipping, and a 2 × 9 batch (tokens `i · mul`).
+struct AdamPair {
+    host_model: LoraModel,
+    dev_model: LoraModel,
+    host: ringtune_model::AdamW,
+    dev: ringtune_model::DeviceAdamW,
+    batch: ringtune_model::Batch,
+    ocfg: ringtune_model::AdamWConfig,
+}
+
+fn adam_pair(seed: u64, mul: usize) -> AdamPair {
+    let cfg = ringtune_model::ModelPreset::Quickstart { vocab_size: 300 }.config();
+    let lora = LoraConfig::from_tinker(4, true, true, false);
+    let host_model = LoraModel::random(&cfg, &lora, &Device::Cpu, seed, 5).unwrap();
+    let dev_model = LoraModel::random(&cfg, &lora, &Device::Cpu, seed, 5).unwrap();
+    let ocfg = ringtune_model::AdamWConfig {
+        weight_decay: 0.01,
+        max_grad_norm: Some(0.05),
+        ..ringtune_model::AdamWConfig::default()
+    };
+    let host = ringtune_model::AdamW::new(ocfg, host_model.param_layout().clone());
+    let dev = ringtune_model::DeviceAdamW::from_host(&host, &Device::Cpu).unwrap();
+    let tokens: Vec<u32> = (0..2 * 9).map(|i| (i * mul % 300) as u32).collect();
+    let weights = vec![1f32; 2 * 9];
+    let batch = ringtune_model::Batch::from_dense_tokens(2, 9, &tokens, &weights).unwrap();
+    AdamPair {
+        host_model,
+        dev_model,
+        host,
+        dev,
+        batch,
+        ocfg,
+    }
+}
+
 #[test]
 fn device_adamw_matches_the_host_adamw() {
     // DeviceAdamW (the GPU training path) runs here on the CPU device: the same candle
     // ops as on a GPU, checked against the host AdamW over steps with weight decay and
     // clipping, then its state handed back.
-    use ringtune_model::{AdamW, AdamWConfig, DeviceAdamW, LossKind};
-    let cfg = ringtune_model::ModelPreset::Quickstart { vocab_size: 300 }.config();
-    let lora = LoraConfig::from_tinker(4, true, true, false);
-    let host_model = LoraModel::random(&cfg, &lora, &Device::Cpu, 11, 5).unwrap();
-    let dev_model = LoraModel::random(&cfg, &lora, &Device::Cpu, 11, 5).unwrap();
-    let ocfg = AdamWConfig {
-        weight_decay: 0.01,
-        max_grad_norm: Some(0.05),
-        ..AdamWConfig::default()
-    };
-    let mut host = AdamW::new(ocfg, host_model.param_layout().clone());
-    let mut dev = DeviceAdamW::from_host(&host, &Device::Cpu).unwrap();
-    let tokens: Vec<u32> = (0..2 * 9).map(|i| (i * 37 % 300) as u32).collect();
-    let weights = vec![1f32; 2 * 9];
-    let batch = ringtune_model::Batch::from_dense_tokens(2, 9, &tokens, &weights).unwrap();
+    use ringtune_model::LossKind;
+    let AdamPair {
+        host_model,
+        dev_model,
+        mut host,
+        mut dev,
+        batch,
+        ..
+    } = adam_pair(11, 37);
     for step in 0..3 {
         let (_, mut g) = host_model
             .forward_backward(&batch, LossKind::CrossEntropy)
@@ -1131,21 +1161,15 @@ fn device_adamw_with_the_host_norm_takes_the_host_adamw_bits() {
     // anyway, so its norm comes from AdamW::grad_norm and only the element-wise update
     // runs on the device. Those are single IEEE f32 operations in the host's order, so the
     // parameters and moments must come out bit for bit, clipping and weight decay included.
-    use ringtune_model::{AdamW, AdamWConfig, DeviceAdamW, LossKind};
-    let cfg = ringtune_model::ModelPreset::Quickstart { vocab_size: 300 }.config();
-    let lora = LoraConfig::from_tinker(4, true, true, false);
-    let host_model = LoraModel::random(&cfg, &lora, &Device::Cpu, 12, 5).unwrap();
-    let dev_model = LoraModel::random(&cfg, &lora, &Device::Cpu, 12, 5).unwrap();
-    let ocfg = AdamWConfig {
-        weight_decay: 0.01,
-        max_grad_norm: Some(0.05),
-        ..AdamWConfig::default()
-    };
-    let mut host = AdamW::new(ocfg, host_model.param_layout().clone());
-    let mut dev = DeviceAdamW::from_host(&host, &Device::Cpu).unwrap();
-    let tokens: Vec<u32> = (0..2 * 9).map(|i| (i * 41 % 300) as u32).collect();
-    let weights = vec![1f32; 2 * 9];
-    let batch = ringtune_model::Batch::from_dense_tokens(2, 9, &tokens, &weights).unwrap();
+    use ringtune_model::{AdamW, LossKind};
+    let AdamPair {
+        host_model,
+        dev_model,
+        mut host,
+        mut dev,
+        batch,
+        ocfg,
+    } = adam_pair(12, 41);
     let mut params = host_model.params_flat().unwrap();
     let mut clipped_any = false;
     for step in 0..4 {

@@ -63,6 +63,57 @@ __device__ __forceinline__ void load_rows(__nv_bfloat16* dst, const __nv_bfloat1
     }
 }
 
+// out[16 × KT] (ld KT) = A[16 × D] (ld D) · B[KT × D]ᵀ (ld D), for one warp.
+__device__ __forceinline__ void warp_abt(float* out, const __nv_bfloat16* a,
+                                         const __nv_bfloat16* b) {
+    for (int n = 0; n < KT / 16; n++) {
+        FragC c;
+        wmma::fill_fragment(c, 0.f);
+        for (int kk = 0; kk < D / 16; kk++) {
+            FragA fa;
+            FragBT fb;
+            wmma::load_matrix_sync(fa, a + kk * 16, D);
+            wmma::load_matrix_sync(fb, b + n * 16 * D + kk * 16, D);
+            wmma::mma_sync(c, fa, fb, c);
+        }
+        wmma::store_matrix_sync(out + n * 16, c, KT, wmma::mem_row_major);
+    }
+}
+
+// acc[t] += Aᵀ · B over the QT rows: A [QT × KT] (ld KT) from column kcol, B [QT × D]
+// (ld D) from columns (nb0 + t)·16 — a warp's two 16 × 16 tiles of dK or dV.
+__device__ __forceinline__ void warp_atb(FragC* acc, const __nv_bfloat16* a, int kcol,
+                                         const __nv_bfloat16* b, int nb0) {
+    for (int t = 0; t < 2; t++) {
+        for (int kk = 0; kk < QT / 16; kk++) {
+            FragAT fa;
+            FragB fb;
+            wmma::load_matrix_sync(fa, a + kk * 16 * KT + kcol, KT);
+            wmma::load_matrix_sync(fb, b + kk * 16 * D + (nb0 + t) * 16, D);
+            wmma::mma_sync(acc[t], fa, fb, acc[t]);
+        }
+    }
+}
+
+// out[16 × D] (ld D) = A[16 × KT] (ld KT) · B[KT × D] (ld D), added to what `out` holds
+// when `accumulate`, for one warp.
+__device__ __forceinline__ void warp_ab(float* out, const __nv_bfloat16* a,
+                                        const __nv_bfloat16* b, bool accumulate) {
+    for (int n = 0; n < D / 16; n++) {
+        FragC c;
+        if (accumulate) wmma::load_matrix_sync(c, out + n * 16, D, wmma::mem_row_major);
+        else wmma::fill_fragment(c, 0.f);
+        for (int kk = 0; kk < KT / 16; kk++) {
+            FragA fa;
+            FragB fb;
+            wmma::load_matrix_sync(fa, a + kk * 16, KT);
+            wmma::load_matrix_sync(fb, b + kk * 16 * D + n * 16, D);
+            wmma::mma_sync(c, fa, fb, c);
+        }
+        wmma::store_matrix_sync(out + n * 16, c, D, wmma::mem_row_major);
+    }
+}
+
 }  // namespace flash
 
 // Forward: o [BG, R, 64] f32 and lse [BG·R] f32 (log Σ exp(scale · q·k) over the visible
@@ -101,9 +152,6 @@ extern "C" __global__ void flash_fwd_d64(const __nv_bfloat16* q, const __nv_bflo
     const int klo = window > 0 ? max(0, plo + 1 - window) : 0;
     __syncthreads();
 
-    FragA qa[D / 16];
-    for (int kk = 0; kk < D / 16; kk++) wmma::load_matrix_sync(qa[kk], Qs + warp * 16 * D + kk * 16, D);
-
     // This lane's row of the warp's 16 and its half of a row's columns.
     const int row = warp * 16 + lane / 2, half = lane % 2;
     const int rg = r0 + row;
@@ -115,16 +163,7 @@ extern "C" __global__ void flash_fwd_d64(const __nv_bfloat16* q, const __nv_bflo
         load_rows(Vs, vb, j0, KT, T);
         __syncthreads();
         // S = Q·Kᵀ for the warp's 16 rows.
-        for (int n = 0; n < KT / 16; n++) {
-            FragC c;
-            wmma::fill_fragment(c, 0.f);
-            for (int kk = 0; kk < D / 16; kk++) {
-                FragBT b;
-                wmma::load_matrix_sync(b, Ks + n * 16 * D + kk * 16, D);
-                wmma::mma_sync(c, qa[kk], b, c);
-            }
-            wmma::store_matrix_sync(Ss + warp * 16 * KT + n * 16, c, KT, wmma::mem_row_major);
-        }
+        warp_abt(Ss + warp * 16 * KT, Qs + warp * 16 * D, Ks);
         __syncwarp();
         // Online softmax: two lanes per row, 16 columns each.
         float* srow = Ss + row * KT + half * 16;
@@ -156,18 +195,7 @@ extern "C" __global__ void flash_fwd_d64(const __nv_bfloat16* q, const __nv_bflo
         }
         __syncwarp();
         // O += P·V for the warp's 16 rows.
-        for (int n = 0; n < D / 16; n++) {
-            FragC c;
-            wmma::load_matrix_sync(c, Os + warp * 16 * D + n * 16, D, wmma::mem_row_major);
-            for (int kk = 0; kk < KT / 16; kk++) {
-                FragA a;
-                FragB b;
-                wmma::load_matrix_sync(a, Ps + warp * 16 * KT + kk * 16, KT);
-                wmma::load_matrix_sync(b, Vs + kk * 16 * D + n * 16, D);
-                wmma::mma_sync(c, a, b, c);
-            }
-            wmma::store_matrix_sync(Os + warp * 16 * D + n * 16, c, D, wmma::mem_row_major);
-        }
+        warp_ab(Os + warp * 16 * D, Ps + warp * 16 * KT, Vs, true);
         __syncwarp();
     }
     __syncwarp();
@@ -252,18 +280,7 @@ extern "C" __global__ void flash_bwd_d64(const __nv_bfloat16* q, const __nv_bflo
         }
         __syncthreads();
         // S = Q·Kᵀ (warp's 16 rows), then P = exp(scale·S − lse) on the visible keys.
-        for (int n = 0; n < KT / 16; n++) {
-            FragC c;
-            wmma::fill_fragment(c, 0.f);
-            for (int kk = 0; kk < D / 16; kk++) {
-                FragA a;
-                FragBT b;
-                wmma::load_matrix_sync(a, Qs + warp * 16 * D + kk * 16, D);
-                wmma::load_matrix_sync(b, Ks + n * 16 * D + kk * 16, D);
-                wmma::mma_sync(c, a, b, c);
-            }
-            wmma::store_matrix_sync(Ss + warp * 16 * KT + n * 16, c, KT, wmma::mem_row_major);
-        }
+        warp_abt(Ss + warp * 16 * KT, Qs + warp * 16 * D, Ks);
         __syncwarp();
         const int rg = i0 + row;
         const int pos = rg < R ? rg % tq : -1;
@@ -279,28 +296,9 @@ extern "C" __global__ void flash_bwd_d64(const __nv_bfloat16* q, const __nv_bflo
         }
         __syncthreads();  // all of P is written
         // dV += Pᵀ·dO (this warp's two tiles).
-        for (int t = 0; t < 2; t++) {
-            for (int kk = 0; kk < QT / 16; kk++) {
-                FragAT a;
-                FragB b;
-                wmma::load_matrix_sync(a, Ps + kk * 16 * KT + kbk * 16, KT);
-                wmma::load_matrix_sync(b, dOs + kk * 16 * D + (nb0 + t) * 16, D);
-                wmma::mma_sync(dv_acc[t], a, b, dv_acc[t]);
-            }
-        }
+        warp_atb(dv_acc, Ps, kbk * 16, dOs, nb0);
         // dP = dO·Vᵀ (warp's 16 rows), into S's place.
-        for (int n = 0; n < KT / 16; n++) {
-            FragC c;
-            wmma::fill_fragment(c, 0.f);
-            for (int kk = 0; kk < D / 16; kk++) {
-                FragA a;
-                FragBT b;
-                wmma::load_matrix_sync(a, dOs + warp * 16 * D + kk * 16, D);
-                wmma::load_matrix_sync(b, Vs + n * 16 * D + kk * 16, D);
-                wmma::mma_sync(c, a, b, c);
-            }
-            wmma::store_matrix_sync(Ss + warp * 16 * KT + n * 16, c, KT, wmma::mem_row_major);
-        }
+        warp_abt(Ss + warp * 16 * KT, dOs + warp * 16 * D, Vs);
         __syncthreads();  // every warp is done reading P for dV
         // dS = scale · P ⊙ (dP − delta), in P's place.
         {
@@ -314,28 +312,9 @@ extern "C" __global__ void flash_bwd_d64(const __nv_bfloat16* q, const __nv_bflo
         }
         __syncthreads();  // all of dS is written; S/dP and dO are dead from here on
         // dK += dSᵀ·Q (this warp's two tiles).
-        for (int t = 0; t < 2; t++) {
-            for (int kk = 0; kk < QT / 16; kk++) {
-                FragAT a;
-                FragB b;
-                wmma::load_matrix_sync(a, Ps + kk * 16 * KT + kbk * 16, KT);
-                wmma::load_matrix_sync(b, Qs + kk * 16 * D + (nb0 + t) * 16, D);
-                wmma::mma_sync(dk_acc[t], a, b, dk_acc[t]);
-            }
-        }
+        warp_atb(dk_acc, Ps, kbk * 16, Qs, nb0);
         // dQ (warp's 16 rows) = dS·K, staged in shared memory, then added to dq.
-        for (int n = 0; n < D / 16; n++) {
-            FragC c;
-            wmma::fill_fragment(c, 0.f);
-            for (int kk = 0; kk < KT / 16; kk++) {
-                FragA a;
-                FragB b;
-                wmma::load_matrix_sync(a, Ps + warp * 16 * KT + kk * 16, KT);
-                wmma::load_matrix_sync(b, Ks + kk * 16 * D + n * 16, D);
-                wmma::mma_sync(c, a, b, c);
-            }
-            wmma::store_matrix_sync(stage + warp * 16 * D + n * 16, c, D, wmma::mem_row_major);
-        }
+        warp_ab(stage + warp * 16 * D, Ps + warp * 16 * KT, Ks, false);
         __syncwarp();
         for (int idx = lane; idx < 16 * D; idx += 32) {
             int r = i0 + warp * 16 + idx / D;
