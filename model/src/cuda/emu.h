@@ -6,6 +6,7 @@
 // barriers. WMMA fragments hold the whole 16×16 tile in every lane: loads read it, mma_sync
 // computes it (bf16 operands widened to f32, f32 accumulation, k in order), and a store is
 // done by lane 0 only — so, as on a GPU, the other lanes see it only after a __syncwarp.
+// Loads and stores abort on a pointer or leading dimension that breaks WMMA's alignment rules.
 // It checks semantics (indexing, masking, tiling, synchronisation), not speed.
 #pragma once
 
@@ -14,6 +15,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -90,6 +93,17 @@ struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
+// What the CUDA docs require of a WMMA load or store, checked here since a GPU would not say:
+// a 256-bit aligned pointer and a leading dimension that is a multiple of 16 bytes.
+template <typename T>
+void check_wmma_ptr(const T* p, unsigned ldm) {
+    if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ldm * sizeof(T)) % 16 != 0) {
+        std::fprintf(stderr, "WMMA pointer %p (ldm %u) breaks the alignment rules\n",
+                     (const void*)p, ldm);
+        std::abort();
+    }
+}
+
 inline float widen(float x) { return x; }
 inline float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
 
@@ -101,6 +115,7 @@ struct fragment {
 
 template <typename Use, typename T, typename Layout>
 void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+    check_wmma_ptr(p, ldm);
     bool col = std::is_same_v<Layout, col_major>;
     for (int r = 0; r < 16; r++)
         for (int c = 0; c < 16; c++) f.x[r * 16 + c] = widen(col ? p[c * ldm + r] : p[r * ldm + c]);
@@ -108,6 +123,7 @@ void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsig
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
                              unsigned ldm, layout_t l) {
+    check_wmma_ptr(p, ldm);
     for (int r = 0; r < 16; r++)
         for (int c = 0; c < 16; c++)
             f.x[r * 16 + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
@@ -115,6 +131,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
                               unsigned ldm, layout_t l) {
+    check_wmma_ptr(p, ldm);
     if (threadIdx.x % 32 != 0) return;
     for (int r = 0; r < 16; r++)
         for (int c = 0; c < 16; c++)
