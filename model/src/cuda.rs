@@ -1195,20 +1195,20 @@ pub(crate) fn attn_block_bwd_flash(
     let rows = a.bg * a.r;
     let tabs = (tensor_ptr(cos, "rope cos")?, tensor_ptr(sin, "rope sin")?);
     // SAFETY: every buffer is fully written before it is read (pack kernels; the forward
-    // writes o4 and lse, the delta kernel every row, the backward every key row of dk4 and
-    // dv4; dq4 is zeroed because the backward adds into it). Layout: bf16 [q4 | g4 | k4 |
-    // v4], f32 [o4 (nq) | lse | delta (rows each) | dk4 | dv4 (nk each)], dq4 alone.
+    // writes o4 and lse, the delta kernel every row). The gradients are zeroed: the
+    // backward adds into them. Layout: bf16 [q4 | g4 | k4 | v4], f32 [o4 (nq) | lse | delta
+    // (rows each)], zeroed f32 [dq4 (nq) | dk4 | dv4 (nk each)].
     let mut h = unsafe { dev.alloc::<half::bf16>(2 * nq + 2 * nk)? };
-    let mut f = unsafe { dev.alloc::<f32>(nq + 2 * rows + 2 * nk)? };
-    let mut dqb = dev.alloc_zeros::<f32>(nq)?;
+    let mut f = unsafe { dev.alloc::<f32>(nq + 2 * rows)? };
+    let mut grads = dev.alloc_zeros::<f32>(nq + 2 * nk)?;
     let hb = bf16_ptr(dev, &mut h);
     let fb = out_ptr(dev, &mut f);
-    let dq4 = out_ptr(dev, &mut dqb);
+    let gz = out_ptr(dev, &mut grads);
     let hat = |i: usize| hb + (i * 2) as u64;
     let fat = |i: usize| fb + (i * 4) as u64;
     let (q4, g4, k4, v4) = (hat(0), hat(nq), hat(2 * nq), hat(2 * nq + nk));
     let (o4, lse, delta) = (fat(0), fat(nq), fat(nq + rows));
-    let (dk4, dv4) = (fat(nq + 2 * rows), fat(nq + 2 * rows + nk));
+    let (dq4, dk4, dv4) = (gz, gz + (nq * 4) as u64, gz + ((nq + nk) * 4) as u64);
     pack_qkv_bf16(dev, x, (q, k, v), (q4, k4, v4), tabs)?;
     pack_bf16(dev, x, x.heads, (g, g4), tabs, 0)?;
     flash_fwd(dev, cfg, a, (q4, k4, v4), (o4, lse))?;
@@ -1226,8 +1226,11 @@ pub(crate) fn attn_block_bwd_flash(
     let (r, t, gr, tq) = (a.r as i32, a.t as i32, a.groups as i32, cfg.tq as i32);
     let w = cfg.window.unwrap_or(0) as i32;
     let scale = cfg.scale;
+    // Up to 4 blocks per key tile, one per 16 query tiles: the first key tiles are seen by
+    // every query, and one block looping over all of them would be the critical path.
+    let splits = (a.r.div_ceil(64) / 16).clamp(1, 4) as u32;
     let lc = LaunchConfig {
-        grid_dim: (a.t.div_ceil(32) as u32, a.bg as u32, 1),
+        grid_dim: (a.t.div_ceil(32) as u32, a.bg as u32, splits),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -1253,6 +1256,6 @@ pub(crate) fn attn_block_bwd_flash(
         scale
     );
     let out = unpack_grads(dev, x, (dq4, dk4, dv4), tabs)?;
-    drop((f, h, dqb));
+    drop((f, h, grads));
     Ok(out)
 }

@@ -163,6 +163,7 @@ inline void emu_launch(Dim3 grid, Dim3 block, const std::function<void()>& kerne
     gridDim = grid;
     blockDim = block;
     unsigned n = block.x;
+    for (unsigned bz = 0; bz < grid.z; bz++)
     for (unsigned by = 0; by < grid.y; by++)
         for (unsigned bx = 0; bx < grid.x; bx++) {
             EmuBlock b;
@@ -175,7 +176,7 @@ inline void emu_launch(Dim3 grid, Dim3 block, const std::function<void()>& kerne
             for (unsigned t = 0; t < n; t++)
                 ts.emplace_back([&, t] {
                     threadIdx = {t, 0, 0};
-                    blockIdx = {bx, by, 0};
+                    blockIdx = {bx, by, bz};
                     kernel();
                 });
             for (auto& t : ts) t.join();

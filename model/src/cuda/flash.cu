@@ -223,9 +223,11 @@ extern "C" __global__ void flash_bwd_delta_d64(const __nv_bfloat16* dout, const 
     if (lane == 0) delta[row] = s;
 }
 
-// Backward: dq [BG, R, 64] f32 (accumulated with atomics: zero it first), dk and dv
-// [BG, T, 64] f32 (written). Grid (ceil(T / 32), BG), 128 threads. `lse` and `delta` are
-// the forward's and flash_bwd_delta_d64's.
+// Backward: dq [BG, R, 64], dk and dv [BG, T, 64], all f32 and accumulated with atomics
+// (zero them first). Grid (ceil(T / 32), BG, splits), 128 threads: block z of a key tile
+// takes every splits-th query tile, so the first key tiles — which every later query sees,
+// and which would otherwise each loop over all R / 64 query tiles in one block — spread
+// over several blocks. `lse` and `delta` are the forward's and flash_bwd_delta_d64's.
 extern "C" __global__ void flash_bwd_d64(const __nv_bfloat16* q, const __nv_bfloat16* k,
                                          const __nv_bfloat16* v, const __nv_bfloat16* dout,
                                          const float* lse, const float* delta, float* dq,
@@ -265,7 +267,7 @@ extern "C" __global__ void flash_bwd_d64(const __nv_bfloat16* q, const __nv_bflo
     const int row = warp * 16 + lane / 2, half = lane % 2;
     const int jhi = min(T, j0 + KT) - 1;  // this tile's last key
 
-    for (int i0 = 0; i0 < R; i0 += QT) {
+    for (int i0 = blockIdx.z * QT; i0 < R; i0 += QT * gridDim.z) {
         int plo, phi;
         tile_positions(i0, min(QT, R - i0), tq, &plo, &phi);
         if (phi < j0) continue;                              // causal: no row sees a key here
@@ -332,8 +334,8 @@ extern "C" __global__ void flash_bwd_d64(const __nv_bfloat16* q, const __nv_bflo
     for (int idx = threadIdx.x; idx < KT * D; idx += THREADS) {
         int j = j0 + idx / D;
         if (j < T) {
-            dk[((size_t)blk * T + j) * D + idx % D] = sk[idx];
-            dv[((size_t)blk * T + j) * D + idx % D] = sv[idx];
+            atomicAdd(dk + ((size_t)blk * T + j) * D + idx % D, sk[idx]);
+            atomicAdd(dv + ((size_t)blk * T + j) * D + idx % D, sv[idx]);
         }
     }
 }
