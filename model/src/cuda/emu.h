@@ -66,6 +66,15 @@ inline float atomicAdd(float* p, float v) {
     return std::atomic_ref<float>(*p).fetch_add(v);
 }
 
+#ifdef RINGTUNE_EMU_EXACT
+// bf16 that keeps the whole f32: with the inputs already bf16 values, the kernels' only
+// rounding (P and dS) is gone and what is left of the error is the algorithm's.
+struct __nv_bfloat16 {
+    float v;
+};
+inline __nv_bfloat16 __float2bfloat16(float f) { return {f}; }
+inline float __bfloat162float(__nv_bfloat16 h) { return h.v; }
+#else
 struct __nv_bfloat16 {
     uint16_t bits;
 };
@@ -84,6 +93,7 @@ inline float __bfloat162float(__nv_bfloat16 h) {
     std::memcpy(&f, &u, 4);
     return f;
 }
+#endif
 
 namespace nvcuda::wmma {
 struct matrix_a {};
