@@ -95,8 +95,9 @@ if [ -x .gpu/ringtune ]; then
     echo "train exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
   fi
   echo "== 1f. the same through the distributed runtime: ringtune coordinator --collective nccl"
-  echo "       + one ringtune node on cuda:0 (NCCL world size 1 through the node driver; a rank's"
-  echo "       AdamW on the GPU with the host norm; timeout ${TRAIN_S}s; expect loss ~1.5907)"
+  echo "       + one ringtune node on cuda:0 (NCCL world size 1 through the node driver, the"
+  echo "       gradient summed in GPU memory, AdamW on the GPU; timeout ${TRAIN_S}s; expect loss"
+  echo "       ~1.5907; if it fails, RINGTUNE_NCCL_DEVICE=0 sends the sum through the host)"
   rm -rf "$OUTDIR/quickstart-nccl"
   RINGTUNE_TOKEN=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n') && export RINGTUNE_TOKEN
   timeout -k 5 "$TRAIN_S" .gpu/ringtune coordinator configs/quickstart.toml --plain \

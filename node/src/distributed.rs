@@ -279,11 +279,96 @@ fn join_nccl(
         id,
     )
     .map_err(nccl_err)?;
-    Ok(Joined::Sync(Box::new(CollectiveSync {
+    Ok(Joined::Sync(Box::new(NcclStepSync(CollectiveSync {
         sync,
         timeout,
         comm,
-    })))
+    }))))
+}
+
+/// [`StepSync`] over NCCL: host buffers as [`CollectiveSync`] does, and the gradient
+/// sum in GPU memory without a host round trip ([`StepSync::all_reduce_device`];
+/// `RINGTUNE_NCCL_DEVICE=0` sends it through the host instead, for A/B runs).
+#[cfg(feature = "nccl")]
+struct NcclStepSync(CollectiveSync<ringtune_collectives::nccl::NcclSync>);
+
+#[cfg(feature = "nccl")]
+impl StepSync for NcclStepSync {
+    fn all_reduce_sum(&mut self, step: u64, buf: &mut [f32]) -> std::result::Result<(), String> {
+        self.0.all_reduce_sum(step, buf)
+    }
+
+    fn all_reduce_device(
+        &mut self,
+        step: u64,
+        grads: &ringtune_model::Tensor,
+        tail: &mut [f32],
+    ) -> Option<std::result::Result<ringtune_model::Tensor, String>> {
+        if std::env::var("RINGTUNE_NCCL_DEVICE").as_deref() == Ok("0") {
+            return None;
+        }
+        let t = Instant::now();
+        let call = Call::new(step, self.0.timeout);
+        let r = nccl_device_sum(&mut self.0.sync, call, grads, tail);
+        self.0.comm.set(self.0.comm.get() + t.elapsed());
+        r
+    }
+}
+
+/// `grads` (contiguous f32 on a GPU, else `None`) and `tail` summed over the NCCL ranks
+/// as one buffer in GPU memory: the gradients copied into it on the GPU, the scalars
+/// appended from the host, one all-reduce, the scalars read back.
+#[cfg(feature = "nccl")]
+fn nccl_device_sum(
+    sync: &mut ringtune_collectives::nccl::NcclSync,
+    call: Call,
+    grads: &ringtune_model::Tensor,
+    tail: &mut [f32],
+) -> Option<std::result::Result<ringtune_model::Tensor, String>> {
+    use candle_core::backend::BackendDevice;
+    use candle_core::{CudaStorage, DType, Storage};
+    let candle_core::Device::Cuda(dev) = grads.device() else {
+        return None;
+    };
+    let dev = dev.clone();
+    let (n, m) = (grads.elem_count(), tail.len());
+    let (storage, layout) = grads.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return None;
+    };
+    if grads.dtype() != DType::F32 || !layout.is_contiguous() {
+        return None;
+    }
+    let mut run = || -> std::result::Result<ringtune_model::Tensor, String> {
+        let e = |what: &str, err: &dyn std::fmt::Display| format!("NCCL device sum, {what}: {err}");
+        let src = cs.as_cuda_slice::<f32>().map_err(|x| e("gradient", &x))?;
+        let off = layout.start_offset();
+        let stream = dev.cuda_stream();
+        // SAFETY: the two copies below write all n + m values before anything reads them.
+        let mut buf = unsafe { dev.alloc::<f32>(n + m) }.map_err(|x| e("alloc", &x))?;
+        stream
+            .memcpy_dtod(&src.slice(off..off + n), &mut buf.slice_mut(0..n))
+            .map_err(|x| e("copy", &x))?;
+        stream
+            .memcpy_htod(&*tail, &mut buf.slice_mut(n..n + m))
+            .map_err(|x| e("scalars in", &x))?;
+        // NCCL runs on its own stream: everything on candle's must be done first.
+        dev.synchronize().map_err(|x| e("synchronize", &x))?;
+        sync.all_reduce_sum_device(&mut buf, call)
+            .map_err(|x| x.to_string())?;
+        stream
+            .memcpy_dtoh(&buf.slice(n..n + m), tail)
+            .map_err(|x| e("scalars out", &x))?;
+        dev.synchronize().map_err(|x| e("synchronize", &x))?;
+        let summed = candle_core::Tensor::from_storage(
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(buf, dev.clone())),
+            n + m,
+            candle_core::op::BackpropOp::none(),
+            false,
+        );
+        summed.narrow(0, 0, n).map_err(|x| e("narrow", &x))
+    };
+    Some(run())
 }
 
 #[cfg(not(feature = "nccl"))]

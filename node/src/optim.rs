@@ -11,11 +11,14 @@
 //! ([`DeviceAdamW`]):
 //! - one process (`ringtune train` with `nodes = 1`): the gradient sum never leaves the
 //!   device; only the scalars (Σw, Σ loss, …) are host values;
-//! - a rank of a distributed run: the sum goes to the host once for the ring (as before),
-//!   its norm is taken there with [`AdamW::grad_norm`], and only the element-wise update
-//!   runs on the device. Given the host's norm the device update is the host's bit for bit
-//!   (single IEEE f32 operations in the same order), so ranks agree whatever device each
-//!   one has, and the coordinator's adapter-hash check still holds.
+//! - a rank of a distributed run over the QUIC/TCP ring: the sum goes to the host once for
+//!   the ring (as before), its norm is taken there with [`AdamW::grad_norm`], and only the
+//!   element-wise update runs on the device. Given the host's norm the device update is the
+//!   host's bit for bit (single IEEE f32 operations in the same order), so ranks agree
+//!   whatever device each one has, and the coordinator's adapter-hash check still holds;
+//! - a rank of an NCCL run: the sum (with the scalars appended) is all-reduced in GPU
+//!   memory ([`StepSync::all_reduce_device`]) and never reaches the host; every rank then
+//!   holds the same bits and takes the same device norm.
 //!
 //! `RINGTUNE_DEVICE_ADAMW=0` keeps AdamW on the host on a GPU (for A/B runs);
 //! `RINGTUNE_DEVICE_ADAMW=1` uses the device path even on the CPU (which is how the tests
@@ -217,13 +220,21 @@ impl StepGrads {
 
     /// Sums gradients and tail over every rank with one all-reduce of one host buffer
     /// (gradients in layout order, then the tail). When `sync` is this process alone, a sum
-    /// kept on the device stays there and only the tail goes through `sync`.
+    /// kept on the device stays there and only the tail goes through `sync`; when `sync`
+    /// can sum device memory (NCCL), it stays there too, and the update then takes the norm
+    /// on the device — the same bits on every rank, which all hold the same sum.
     pub(crate) fn all_reduce(
         &mut self,
         sync: &mut dyn StepSync,
         step: u64,
     ) -> std::result::Result<(), String> {
         if self.tail_at == 0 && self.n > 0 && !sync.is_local() {
+            if let Some(t) = self.dev.as_ref() {
+                if let Some(summed) = sync.all_reduce_device(step, t, &mut self.buf) {
+                    self.dev = Some(summed?);
+                    return Ok(());
+                }
+            }
             let mut buf = match self.dev.take() {
                 Some(t) => t.to_vec1::<f32>().map_err(|e| e.to_string())?,
                 None => vec![0.0; self.n],

@@ -52,6 +52,19 @@ pub trait StepSync {
     fn is_local(&self) -> bool {
         false
     }
+
+    /// Sums `grads` (the step's flat f32 gradient on the model's GPU) and `tail` (its host
+    /// scalars) over every rank in one collective, without a host round trip, where this
+    /// sync can (NCCL): `Some` with the summed gradient (and `tail` summed in place). `None`:
+    /// it cannot, and the caller sums one host buffer with [`StepSync::all_reduce_sum`].
+    fn all_reduce_device(
+        &mut self,
+        _step: u64,
+        _grads: &ringtune_model::Tensor,
+        _tail: &mut [f32],
+    ) -> Option<std::result::Result<ringtune_model::Tensor, String>> {
+        None
+    }
 }
 
 /// World size 1: the local sum is the global sum.

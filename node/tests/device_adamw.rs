@@ -3,7 +3,9 @@
 //! - one process: the gradient sum stays on the device (only the scalars are all-reduced),
 //!   the run follows the host optimizer's to rounding, and resumes bit-exactly;
 //! - a rank of a distributed run: the update is the host optimizer's bit for bit (SFT, DPO
-//!   and RL), so ranks on different devices still agree.
+//!   and RL), so ranks on different devices still agree;
+//! - a rank whose sync sums device memory (NCCL's path, here a CPU stand-in): the gradient
+//!   never goes through the host buffer, and training follows the host run to rounding.
 //!
 //! One test function: the switch is an environment variable read when a trainer is built,
 //! and this binary has no other test that could build one meanwhile.
@@ -31,6 +33,32 @@ impl StepSync for Recorder {
 
     fn is_local(&self) -> bool {
         self.local
+    }
+}
+
+/// Two ranks holding identical data, summed in "device memory" the way NCCL does it (here
+/// a CPU tensor): the gradient and the tail are doubled without a host buffer. Records
+/// which path each step took.
+struct DeviceTwin {
+    calls: Arc<Mutex<Vec<&'static str>>>,
+}
+
+impl StepSync for DeviceTwin {
+    fn all_reduce_sum(&mut self, _step: u64, buf: &mut [f32]) -> Result<(), String> {
+        self.calls.lock().unwrap().push("host");
+        buf.iter_mut().for_each(|x| *x *= 2.0);
+        Ok(())
+    }
+
+    fn all_reduce_device(
+        &mut self,
+        _step: u64,
+        grads: &ringtune_model::Tensor,
+        tail: &mut [f32],
+    ) -> Option<Result<ringtune_model::Tensor, String>> {
+        self.calls.lock().unwrap().push("device");
+        tail.iter_mut().for_each(|x| *x *= 2.0);
+        Some((grads * 2.0).map_err(|e| e.to_string()))
     }
 }
 
@@ -206,6 +234,31 @@ fn device_adamw_in_the_trainers() {
         bits(&dp),
         "the resumed device-AdamW run differs from the straight one"
     );
+
+    // A rank whose sync sums device memory (NCCL's path): one device collective per step,
+    // never the host buffer; the gradient doubled and Σw doubled cancel, so it follows the
+    // one-process host run (its norm is the device's f32 sum, so to rounding).
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let d5 = tempfile::tempdir().unwrap();
+    let mut twin = Trainer::new(
+        sft(d5.path(), &model),
+        false,
+        Box::new(DeviceTwin {
+            calls: calls.clone(),
+        }),
+    )
+    .unwrap();
+    for _ in 0..4 {
+        twin.train_step().unwrap();
+    }
+    assert_eq!(*calls.lock().unwrap(), vec!["device"; 4]);
+    let tp = twin.params_flat().unwrap();
+    let worst = hp
+        .iter()
+        .zip(&tp)
+        .map(|(a, b)| (a - b).abs() / a.abs().max(1e-3))
+        .fold(0f32, f32::max);
+    assert!(worst <= 1e-3, "the device-summed rank drifted by {worst:e}");
 
     // DPO as a rank: bit for bit.
     let pair: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
