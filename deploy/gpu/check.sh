@@ -20,12 +20,15 @@ cd "$(dirname "$0")/../.."
 OUTDIR="${OUT:-./gpu-check-out}"
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/check.log"
-GPU_CHECK_S="${GPU_CHECK_S:-180}"
-NCCL_S="${NCCL_S:-40}"
-DEVICE_S="${DEVICE_S:-40}"
-TRAIN_S="${TRAIN_S:-60}"
-FLASH_S="${FLASH_S:-150}"
-TORCH_S="${TORCH_S:-130}"
+# Worst case with every step at its timeout: 160 + 130 + 30 + 2 × 45 + 30 + 120 = 560 s,
+# inside one 600 s device call (CHECK_AB / CHECK_CKPT add up to ~5 min more: run them in
+# a second call).
+GPU_CHECK_S="${GPU_CHECK_S:-160}"
+NCCL_S="${NCCL_S:-30}"
+DEVICE_S="${DEVICE_S:-30}"
+TRAIN_S="${TRAIN_S:-45}"
+FLASH_S="${FLASH_S:-130}"
+TORCH_S="${TORCH_S:-120}"
 t0=$(date +%s)
 {
 echo "== ringtune GPU check $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
