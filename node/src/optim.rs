@@ -82,12 +82,14 @@ impl Optimizer {
             Optimizer::Host { .. } => StepGrads {
                 n,
                 dev: None,
+                device: model.device().clone(),
                 buf: vec![0.0; n + tail],
                 tail_at: n,
             },
             Optimizer::Device(_) => StepGrads {
                 n,
                 dev: None,
+                device: model.device().clone(),
                 buf: vec![0.0; tail],
                 tail_at: 0,
             },
@@ -174,6 +176,8 @@ pub(crate) struct StepGrads {
     n: usize,
     /// The sum while it stays on the model's device (`None`: nothing added yet).
     dev: Option<Tensor>,
+    /// The model's device.
+    device: ringtune_model::Device,
     /// The sum's host values when it is on the host (`tail_at == n`), then the tail.
     buf: Vec<f32>,
     /// Where the tail starts in `buf`: `n` with the gradients on the host, else 0.
@@ -229,12 +233,18 @@ impl StepGrads {
         step: u64,
     ) -> std::result::Result<(), String> {
         if self.tail_at == 0 && self.n > 0 && !sync.is_local() {
-            if let Some(t) = self.dev.as_ref() {
-                if let Some(summed) = sync.all_reduce_device(step, t, &mut self.buf) {
-                    self.dev = Some(summed?);
-                    return Ok(());
-                }
+            // A rank with no micro-batches this step sums zeros the same way as the others,
+            // so that every rank takes the same path (and the same norm) to the same bits.
+            let t = match self.dev.take() {
+                Some(t) => t,
+                None => Tensor::zeros(self.n, ringtune_model::DType::F32, &self.device)
+                    .map_err(|e| e.to_string())?,
+            };
+            if let Some(summed) = sync.all_reduce_device(step, &t, &mut self.buf) {
+                self.dev = Some(summed?);
+                return Ok(());
             }
+            self.dev = Some(t);
             let mut buf = match self.dev.take() {
                 Some(t) => t.to_vec1::<f32>().map_err(|e| e.to_string())?,
                 None => vec![0.0; self.n],
