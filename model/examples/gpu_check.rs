@@ -477,6 +477,34 @@ fn parity(device: &Device, quick: bool, preset: &str) -> Vec<Result<ParityRow, S
         rows_out.push(r);
     }
     ringtune_model::set_flash_attention(None);
+    if flash_rows {
+        // The flash kernels' own verdict: as accurate as the default attention against the
+        // same reference (deep presets can exceed the 1e-2 target with either, since the
+        // bf16 roundings add up over the layers).
+        let find = |flash: bool| {
+            rows_out.iter().flatten().find(|r| {
+                r.what.starts_with("cuda") && r.what.contains("BF16") && {
+                    r.what.ends_with("flash attention") == flash
+                }
+            })
+        };
+        if let (Some(d), Some(f)) = (find(false), find(true)) {
+            let ratio = f.grad_rel / d.grad_rel.max(1e-30);
+            println!(
+                "  flash vs default attention: worst LoRA grad error {:.2e} vs {:.2e} ({ratio:.2}x), \
+                 loss error {:.2e} vs {:.2e}: {}",
+                f.grad_rel,
+                d.grad_rel,
+                f.loss_rel,
+                d.loss_rel,
+                if ratio <= 1.5 {
+                    "as accurate (<= 1.5x)"
+                } else {
+                    "LESS ACCURATE than the default: do not switch"
+                }
+            );
+        }
+    }
     rows_out
 }
 
