@@ -483,6 +483,15 @@ fn pack(
     Ok(())
 }
 
+/// The attention output in the projection layout (`[b·t, heads·d]`) from the packed f32 one.
+fn unpack_out(dev: &CudaDevice, x: BlockDims, o4: u64, tabs: (u64, u64)) -> Result<CudaSlice<f32>> {
+    // SAFETY: the pack kernel writes every element.
+    let mut o = unsafe { dev.alloc::<f32>(x.b * x.t * x.heads * x.d)? };
+    let op = out_ptr(dev, &mut o);
+    pack(dev, x, x.heads, (o4, op), tabs, 0, false)?;
+    Ok(o)
+}
+
 /// `[dq | dk | dv]` in the projection layouts from the packed f32 gradients (the
 /// rotation's transpose is the rotation by −θ).
 fn unpack_grads(
@@ -526,9 +535,7 @@ pub(crate) fn attn_block_fwd(
     pack(dev, x, x.kv, (k, k4), tabs, 1, true)?;
     pack(dev, x, x.kv, (v, v4), tabs, 0, true)?;
     attention_fwd_ptrs(dev, cfg, x.attn(), q4, k4, v4, o4)?;
-    let mut o = unsafe { dev.alloc::<f32>(nq)? };
-    let op = out_ptr(dev, &mut o);
-    pack(dev, x, x.heads, (o4, op), tabs, 0, false)?;
+    let o = unpack_out(dev, x, o4, tabs)?;
     drop(tmp);
     Ok(o)
 }
@@ -988,9 +995,7 @@ pub(crate) fn attn_block_fwd_bf16(
         (o4, a.r * a.d),
         1.0,
     )?;
-    let mut o = unsafe { dev.alloc::<f32>(nq)? };
-    let op = out_ptr(dev, &mut o);
-    pack(dev, x, x.heads, (o4, op), tabs, 0, false)?;
+    let o = unpack_out(dev, x, o4, tabs)?;
     drop((f, h));
     Ok(o)
 }
@@ -1171,9 +1176,7 @@ pub(crate) fn attn_block_fwd_flash(
     let (o4, lse) = (fb, fb + (nq * 4) as u64);
     pack_qkv_bf16(dev, x, (q, k, v), (q4, k4, v4), tabs)?;
     flash_fwd(dev, cfg, a, (q4, k4, v4), (o4, lse))?;
-    let mut o = unsafe { dev.alloc::<f32>(nq)? };
-    let op = out_ptr(dev, &mut o);
-    pack(dev, x, x.heads, (o4, op), tabs, 0, false)?;
+    let o = unpack_out(dev, x, o4, tabs)?;
     drop((f, h));
     Ok(o)
 }
