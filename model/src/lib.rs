@@ -97,4 +97,4 @@ pub fn init_cpu_runtime(threads: Option<usize>) {
 }
 
 /// Re-exported so callers name devices and dtypes without depending on candle directly.
-pub use candle_core::{DType, Device, Tensor};
+pub use candle_core::{DType, Device, DeviceLocation, Tensor};

@@ -142,6 +142,14 @@ impl Optimizer {
         Ok(opt.step_flat_tensor(model, t, None, lr)?)
     }
 
+    /// Where the update runs, for logs: `host` or `device`.
+    pub(crate) fn placement(&self) -> &'static str {
+        match self {
+            Optimizer::Host { .. } => "host",
+            Optimizer::Device(_) => "device",
+        }
+    }
+
     /// Writes the state (the same file either way).
     pub(crate) fn save(&self, path: &Path) -> Result<()> {
         match self {

@@ -732,6 +732,11 @@ impl Trainer {
         self.opt.params_flat(&self.model)
     }
 
+    /// Where AdamW runs: `host`, or `device` (the model's GPU; see [`crate::optim`]).
+    pub fn optimizer_placement(&self) -> &'static str {
+        self.opt.placement()
+    }
+
     fn step_on(&mut self, indices: &[usize], epoch: u64) -> Result<StepMetrics> {
         let started = Instant::now();
         // DPO: the same buffer shape with the pair count as the normaliser, Σ pair loss, and

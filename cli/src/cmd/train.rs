@@ -96,6 +96,12 @@ pub fn run(args: Args) -> Result<()> {
         n_train,
         n_eval,
     );
+    eprintln!(
+        "device: {}, {:?} base weights; AdamW on the {}",
+        device_label(m.device()),
+        m.dtype(),
+        trainer.optimizer_placement()
+    );
     if trainer.start_step() > 0 {
         eprintln!("resuming at step {}", trainer.start_step());
     }
@@ -139,6 +145,12 @@ fn run_rl(cfg: RunConfig, args: &Args, stop: &AtomicBool) -> Result<()> {
     let mut trainer = RlTrainer::new(cfg, args.resume, Box::new(LocalSync))
         .with_context(|| format!("cannot start RL training from {config_path}"))?;
     let m = trainer.model();
+    eprintln!(
+        "device: {}, {:?} base weights; AdamW on the {}",
+        device_label(m.device()),
+        m.dtype(),
+        trainer.optimizer_placement()
+    );
     eprintln!(
         "model: {} ({} layers, hidden {}, vocab {}), {} LoRA parameters; env {}: {} groups x {} \
          samples per step, max_tokens {}",
@@ -441,5 +453,14 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
         Err(e) => Err(e),
         Ok(()) if !failed.is_empty() => anyhow::bail!("{}", failed.join("; ")),
         Ok(()) => Ok(()),
+    }
+}
+
+/// `cpu` or `cuda:N`, for the start-up lines.
+fn device_label(d: &ringtune_model::Device) -> String {
+    match d.location() {
+        ringtune_model::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        ringtune_model::DeviceLocation::Cpu => "cpu".into(),
+        other => format!("{other:?}"),
     }
 }

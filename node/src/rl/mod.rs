@@ -428,6 +428,11 @@ impl RlTrainer {
         self.opt.params_flat(&self.model)
     }
 
+    /// Where AdamW runs: `host`, or `device` (the model's GPU; see [`crate::optim`]).
+    pub fn optimizer_placement(&self) -> &'static str {
+        self.opt.placement()
+    }
+
     /// Trains until `total_steps`, or until `stop` is set (checked between steps), writing a
     /// checkpoint at the save cadence and at the end either way.
     pub fn run(
