@@ -27,6 +27,12 @@ using namespace nvcuda;
 constexpr int D = 64;        // head size
 constexpr int QT = 64;       // query rows per tile (4 warps × 16)
 constexpr int KT = 32;       // keys per tile
+// Row strides in shared memory, padded so that the softmax loops' lanes (two per row,
+// interleaved columns) fall in different banks: without the padding every row starts in
+// the same bank and those loops serialise 16- to 32-fold. Multiples of 16 bytes (WMMA).
+constexpr int SLD = KT + 4;  // scores / dP, f32
+constexpr int PLD = KT + 8;  // probabilities / dS, bf16
+constexpr int OLD = D + 4;   // the forward's output accumulator, f32
 constexpr int THREADS = 128;
 
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> FragA;
@@ -63,7 +69,7 @@ __device__ __forceinline__ void load_rows(__nv_bfloat16* dst, const __nv_bfloat1
     }
 }
 
-// out[16 × KT] (ld KT) = A[16 × D] (ld D) · B[KT × D]ᵀ (ld D), for one warp.
+// out[16 × KT] (ld SLD) = A[16 × D] (ld D) · B[KT × D]ᵀ (ld D), for one warp.
 __device__ __forceinline__ void warp_abt(float* out, const __nv_bfloat16* a,
                                          const __nv_bfloat16* b) {
     for (int n = 0; n < KT / 16; n++) {
@@ -76,11 +82,11 @@ __device__ __forceinline__ void warp_abt(float* out, const __nv_bfloat16* a,
             wmma::load_matrix_sync(fb, b + n * 16 * D + kk * 16, D);
             wmma::mma_sync(c, fa, fb, c);
         }
-        wmma::store_matrix_sync(out + n * 16, c, KT, wmma::mem_row_major);
+        wmma::store_matrix_sync(out + n * 16, c, SLD, wmma::mem_row_major);
     }
 }
 
-// acc[t] += Aᵀ · B over the QT rows: A [QT × KT] (ld KT) from column kcol, B [QT × D]
+// acc[t] += Aᵀ · B over the QT rows: A [QT × KT] (ld PLD) from column kcol, B [QT × D]
 // (ld D) from columns (nb0 + t)·16 — a warp's two 16 × 16 tiles of dK or dV.
 __device__ __forceinline__ void warp_atb(FragC* acc, const __nv_bfloat16* a, int kcol,
                                          const __nv_bfloat16* b, int nb0) {
@@ -88,29 +94,29 @@ __device__ __forceinline__ void warp_atb(FragC* acc, const __nv_bfloat16* a, int
         for (int kk = 0; kk < QT / 16; kk++) {
             FragAT fa;
             FragB fb;
-            wmma::load_matrix_sync(fa, a + kk * 16 * KT + kcol, KT);
+            wmma::load_matrix_sync(fa, a + kk * 16 * PLD + kcol, PLD);
             wmma::load_matrix_sync(fb, b + kk * 16 * D + (nb0 + t) * 16, D);
             wmma::mma_sync(acc[t], fa, fb, acc[t]);
         }
     }
 }
 
-// out[16 × D] (ld D) = A[16 × KT] (ld KT) · B[KT × D] (ld D), added to what `out` holds
+// out[16 × D] (ld ldo) = A[16 × KT] (ld PLD) · B[KT × D] (ld D), added to what `out` holds
 // when `accumulate`, for one warp.
-__device__ __forceinline__ void warp_ab(float* out, const __nv_bfloat16* a,
+__device__ __forceinline__ void warp_ab(float* out, int ldo, const __nv_bfloat16* a,
                                         const __nv_bfloat16* b, bool accumulate) {
     for (int n = 0; n < D / 16; n++) {
         FragC c;
-        if (accumulate) wmma::load_matrix_sync(c, out + n * 16, D, wmma::mem_row_major);
+        if (accumulate) wmma::load_matrix_sync(c, out + n * 16, ldo, wmma::mem_row_major);
         else wmma::fill_fragment(c, 0.f);
         for (int kk = 0; kk < KT / 16; kk++) {
             FragA fa;
             FragB fb;
-            wmma::load_matrix_sync(fa, a + kk * 16, KT);
+            wmma::load_matrix_sync(fa, a + kk * 16, PLD);
             wmma::load_matrix_sync(fb, b + kk * 16 * D + n * 16, D);
             wmma::mma_sync(c, fa, fb, c);
         }
-        wmma::store_matrix_sync(out + n * 16, c, D, wmma::mem_row_major);
+        wmma::store_matrix_sync(out + n * 16, c, ldo, wmma::mem_row_major);
     }
 }
 
@@ -126,9 +132,9 @@ extern "C" __global__ void flash_fwd_d64(const __nv_bfloat16* q, const __nv_bflo
     __shared__ __align__(32) __nv_bfloat16 Qs[QT * D];
     __shared__ __align__(32) __nv_bfloat16 Ks[KT * D];
     __shared__ __align__(32) __nv_bfloat16 Vs[KT * D];
-    __shared__ __align__(32) float Ss[QT * KT];
-    __shared__ __align__(32) __nv_bfloat16 Ps[QT * KT];
-    __shared__ __align__(32) float Os[QT * D];
+    __shared__ __align__(32) float Ss[QT * SLD];
+    __shared__ __align__(32) __nv_bfloat16 Ps[QT * PLD];
+    __shared__ __align__(32) float Os[QT * OLD];
     __shared__ float Ms[QT];
     __shared__ float Ls[QT];
 
@@ -141,7 +147,7 @@ extern "C" __global__ void flash_fwd_d64(const __nv_bfloat16* q, const __nv_bflo
     const uint8_t* kv = key_valid ? key_valid + (size_t)(blk / groups) * T : nullptr;
 
     load_rows(Qs, qb, r0, QT, R);
-    for (int idx = threadIdx.x; idx < QT * D; idx += THREADS) Os[idx] = 0.f;
+    for (int idx = threadIdx.x; idx < QT * OLD; idx += THREADS) Os[idx] = 0.f;
     if (threadIdx.x < QT) {
         Ms[threadIdx.x] = NEG_INF;
         Ls[threadIdx.x] = 0.f;
@@ -152,7 +158,8 @@ extern "C" __global__ void flash_fwd_d64(const __nv_bfloat16* q, const __nv_bflo
     const int klo = window > 0 ? max(0, plo + 1 - window) : 0;
     __syncthreads();
 
-    // This lane's row of the warp's 16 and its half of a row's columns.
+    // This lane's row of the warp's 16, and which of the row's columns (every other one,
+    // from `half`) it handles.
     const int row = warp * 16 + lane / 2, half = lane % 2;
     const int rg = r0 + row;
     const int pos = rg < R ? rg % tq : -1;
@@ -163,13 +170,13 @@ extern "C" __global__ void flash_fwd_d64(const __nv_bfloat16* q, const __nv_bflo
         load_rows(Vs, vb, j0, KT, T);
         __syncthreads();
         // S = Q·Kᵀ for the warp's 16 rows.
-        warp_abt(Ss + warp * 16 * KT, Qs + warp * 16 * D, Ks);
+        warp_abt(Ss + warp * 16 * SLD, Qs + warp * 16 * D, Ks);
         __syncwarp();
-        // Online softmax: two lanes per row, 16 columns each.
-        float* srow = Ss + row * KT + half * 16;
+        // Online softmax: two lanes per row, every other column each.
+        float* srow = Ss + row * SLD;
         float mx = NEG_INF;
-        for (int c = 0; c < 16; c++) {
-            int j = j0 + half * 16 + c;
+        for (int c = half; c < KT; c += 2) {
+            int j = j0 + c;
             float s = (pos >= 0 && visible(pos, j, T, window, kv)) ? srow[c] * scale : NEG_INF;
             srow[c] = s;
             mx = fmaxf(mx, s);
@@ -179,15 +186,15 @@ extern "C" __global__ void flash_fwd_d64(const __nv_bfloat16* q, const __nv_bflo
         const float m_new = fmaxf(m_old, mx);
         const float alpha = m_new == NEG_INF ? 1.f : expf(m_old - m_new);
         float sum = 0.f;
-        __nv_bfloat16* prow = Ps + row * KT + half * 16;
-        for (int c = 0; c < 16; c++) {
+        __nv_bfloat16* prow = Ps + row * PLD;
+        for (int c = half; c < KT; c += 2) {
             float p = srow[c] == NEG_INF ? 0.f : expf(srow[c] - m_new);
             prow[c] = __float2bfloat16(p);
             sum += p;
         }
         sum += __shfl_xor_sync(0xffffffff, sum, 1);
-        float* orow = Os + row * D + half * (D / 2);
-        for (int c = 0; c < D / 2; c++) orow[c] *= alpha;
+        float* orow = Os + row * OLD;
+        for (int c = half; c < D; c += 2) orow[c] *= alpha;
         __syncwarp();  // both lanes of a row have read Ms[row]
         if (half == 0) {
             Ms[row] = m_new;
@@ -195,16 +202,16 @@ extern "C" __global__ void flash_fwd_d64(const __nv_bfloat16* q, const __nv_bflo
         }
         __syncwarp();
         // O += P·V for the warp's 16 rows.
-        warp_ab(Os + warp * 16 * D, Ps + warp * 16 * KT, Vs, true);
+        warp_ab(Os + warp * 16 * OLD, OLD, Ps + warp * 16 * PLD, Vs, true);
         __syncwarp();
     }
     __syncwarp();
     if (rg < R) {
         const float l = Ls[row];
         const float inv = l > 0.f ? 1.f / l : 0.f;
-        float* out = o + ((size_t)blk * R + rg) * D + half * (D / 2);
-        const float* orow = Os + row * D + half * (D / 2);
-        for (int c = 0; c < D / 2; c++) out[c] = orow[c] * inv;
+        float* out = o + ((size_t)blk * R + rg) * D;
+        const float* orow = Os + row * OLD;
+        for (int c = half; c < D; c += 2) out[c] = orow[c] * inv;
         if (half == 0) lse[(size_t)blk * R + rg] = l > 0.f ? Ms[row] + logf(l) : INFINITY;
     }
 }
@@ -234,17 +241,17 @@ extern "C" __global__ void flash_bwd_d64(const __nv_bfloat16* q, const __nv_bflo
                                          float* dk, float* dv, int R, int T, int groups, int tq,
                                          int window, const uint8_t* key_valid, float scale) {
     using namespace flash;
-    // [S, then dP (QT·KT f32) | dO (QT·D bf16)] are together the dQ staging area (QT·D f32)
-    // once both are dead, and at the end the dK and dV staging area (2·KT·D f32).
-    __shared__ __align__(32) unsigned char raw[QT * KT * 4 + QT * D * 2];
+    // [S, then dP (QT·SLD f32) | dO (QT·D bf16)] are together the dQ staging area (QT·D
+    // f32) once both are dead, and at the end the dK and dV staging area (2·KT·D f32).
+    __shared__ __align__(32) unsigned char raw[QT * SLD * 4 + QT * D * 2];
     __shared__ __align__(32) __nv_bfloat16 Qs[QT * D];
     __shared__ __align__(32) __nv_bfloat16 Ks[KT * D];
     __shared__ __align__(32) __nv_bfloat16 Vs[KT * D];
-    __shared__ __align__(32) __nv_bfloat16 Ps[QT * KT];
+    __shared__ __align__(32) __nv_bfloat16 Ps[QT * PLD];
     __shared__ float Lse[QT];
     __shared__ float Dl[QT];
     float* Ss = (float*)raw;
-    __nv_bfloat16* dOs = (__nv_bfloat16*)(raw + QT * KT * 4);
+    __nv_bfloat16* dOs = (__nv_bfloat16*)(raw + QT * SLD * 4);
     float* stage = (float*)raw;
 
     const int blk = blockIdx.y;
@@ -282,16 +289,16 @@ extern "C" __global__ void flash_bwd_d64(const __nv_bfloat16* q, const __nv_bflo
         }
         __syncthreads();
         // S = Q·Kᵀ (warp's 16 rows), then P = exp(scale·S − lse) on the visible keys.
-        warp_abt(Ss + warp * 16 * KT, Qs + warp * 16 * D, Ks);
+        warp_abt(Ss + warp * 16 * SLD, Qs + warp * 16 * D, Ks);
         __syncwarp();
         const int rg = i0 + row;
         const int pos = rg < R ? rg % tq : -1;
         {
-            const float* srow = Ss + row * KT + half * 16;
-            __nv_bfloat16* prow = Ps + row * KT + half * 16;
+            const float* srow = Ss + row * SLD;
+            __nv_bfloat16* prow = Ps + row * PLD;
             const float l = Lse[row];
-            for (int c = 0; c < 16; c++) {
-                int j = j0 + half * 16 + c;
+            for (int c = half; c < KT; c += 2) {
+                int j = j0 + c;
                 bool ok = pos >= 0 && l != INFINITY && visible(pos, j, T, window, kv);
                 prow[c] = __float2bfloat16(ok ? expf(srow[c] * scale - l) : 0.f);
             }
@@ -300,14 +307,14 @@ extern "C" __global__ void flash_bwd_d64(const __nv_bfloat16* q, const __nv_bflo
         // dV += Pᵀ·dO (this warp's two tiles).
         warp_atb(dv_acc, Ps, kbk * 16, dOs, nb0);
         // dP = dO·Vᵀ (warp's 16 rows), into S's place.
-        warp_abt(Ss + warp * 16 * KT, dOs + warp * 16 * D, Vs);
+        warp_abt(Ss + warp * 16 * SLD, dOs + warp * 16 * D, Vs);
         __syncthreads();  // every warp is done reading P for dV
         // dS = scale · P ⊙ (dP − delta), in P's place.
         {
-            const float* dprow = Ss + row * KT + half * 16;
-            __nv_bfloat16* prow = Ps + row * KT + half * 16;
+            const float* dprow = Ss + row * SLD;
+            __nv_bfloat16* prow = Ps + row * PLD;
             const float dl = Dl[row];
-            for (int c = 0; c < 16; c++) {
+            for (int c = half; c < KT; c += 2) {
                 float p = __bfloat162float(prow[c]);
                 prow[c] = __float2bfloat16(scale * p * (dprow[c] - dl));
             }
@@ -316,7 +323,7 @@ extern "C" __global__ void flash_bwd_d64(const __nv_bfloat16* q, const __nv_bflo
         // dK += dSᵀ·Q (this warp's two tiles).
         warp_atb(dk_acc, Ps, kbk * 16, Qs, nb0);
         // dQ (warp's 16 rows) = dS·K, staged in shared memory, then added to dq.
-        warp_ab(stage + warp * 16 * D, Ps + warp * 16 * KT, Ks, false);
+        warp_ab(stage + warp * 16 * D, D, Ps + warp * 16 * PLD, Ks, false);
         __syncwarp();
         for (int idx = lane; idx < 16 * D; idx += 32) {
             int r = i0 + warp * 16 + idx / D;
