@@ -6,11 +6,14 @@
 //!    micro-batches under the token budget;
 //! 2. each micro-batch's forward_backward gives the gradient of its loss *sum*; they are
 //!    summed into one flat f32 buffer, followed by two scalars: Σw (the loss normaliser)
-//!    and Σ −logp·w;
-//! 3. [`StepSync::all_reduce_sum`] sums that buffer over ranks (a no-op for one rank);
+//!    and Σ −logp·w (on a GPU the gradient part of that buffer stays in device memory:
+//!    see [`crate::optim`]);
+//! 3. [`StepSync::all_reduce_sum`] sums that buffer over ranks (a no-op for one rank;
+//!    [`StepSync::all_reduce_device`] where the sync sums device memory);
 //! 4. gradients are divided by the global Σw, so the step follows the gradient of
 //!    `Σ −logp·w / Σ w` over the whole global batch, however it was split;
-//! 5. AdamW steps the flat parameters at the schedule's learning rate.
+//! 5. AdamW steps the flat parameters at the schedule's learning rate (on the host, or on
+//!    the model's GPU).
 //!
 //! Everything a step depends on — adapter bits, AdamW moments and step, the data cursor,
 //! the dropout pass counter — is in the checkpoint, so a resumed run continues bit-exactly.
