@@ -7,7 +7,7 @@
 //!
 //! With the model on a GPU that round trip cost 42 ms per step on qwen05b (H200): the
 //! gradients came to the host, AdamW ran there over 17.6M values, and the parameters went
-//! back. [`Optimizer::Device`] keeps the AdamW state on the model's device
+//! back. `Optimizer::Device` keeps the AdamW state on the model's device
 //! ([`DeviceAdamW`]):
 //! - one process (`ringtune train` with `nodes = 1`): the gradient sum never leaves the
 //!   device; only the scalars (Σw, Σ loss, …) are host values;
