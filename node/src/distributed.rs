@@ -4,7 +4,7 @@
 //! proves the cluster token, and gets the run config and the per-run ring certificate in
 //! the welcome. It registers (identity, config hash, a data-plane address), waits for its
 //! [`Assignment`], joins the QUIC ring (`ringtune_collectives::net`), loads the model
-//! through [`Trainer::for_node`], says `Ready`, and then runs each [`StepOrder`]: the
+//! through [`Trainer::for_node`], says `Ready`, and then runs each [`StepOrder`](ringtune_coordinator::StepOrder): the
 //! forward/backward over its shard, one all-reduce of gradients + loss normaliser, AdamW,
 //! a report with compute vs communication time (and the adapter hash when asked); rank 0
 //! writes the checkpoints it is told to. `Restart` drops the ring and the trainer and
