@@ -56,7 +56,7 @@ echo "== 1g. flash attention (RINGTUNE_ATTN=flash, not yet run on a GPU): parity
 echo "       size 64; the cuda BF16 row without flash next to the one with it — smol's 30 layers"
 echo "       put bf16 near 1e-2 even without it: 1.34e-2 in the CPU's emulation at --quick), then"
 echo "       qwen05b and llama1b throughput with it (timeout ${FLASH_S}s)"
-RINGTUNE_ATTN=flash timeout -k 5 "$FLASH_S" .gpu/gpu_check --device cuda:0 --parity-preset smol \
+RINGTUNE_ATTN=flash timeout -k 5 "$FLASH_S" .gpu/gpu_check --device cuda:0 --parity-preset smol --ops \
   --budget-s $((FLASH_S - 60)) 2>&1 | tee "$OUTDIR/gpu_check_flash.txt" | grep -E '^\| |^  '
 echo "gpu_check (flash) exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
 echo
