@@ -4,14 +4,16 @@
 # 1. ringtune gpu_check: CUDA-vs-CPU parity (tiny preset) + LoRA throughput (qwen05b, llama1b)
 # 1b. ringtune bench train --device auto: device selection picks the GPU, a CUDA step runs
 #     (if .gpu/ringtune exists)
-# 1g. flash attention: parity on smol with and without it, qwen05b/llama1b throughput with it
+# 1g. flash attention: parity on smol with and without it; 1g'. qwen05b/llama1b throughput
+#     and the op profile with it
 # 1e. ringtune train configs/quickstart.toml on cuda:0: the whole trainer end to end
 # 1f. the same through ringtune coordinator --collective nccl + one ringtune node (NCCL
 #     through the node driver, world size 1)
 # 2. NCCL world-size-1 smoke test through ringtune-collectives (if .gpu/nccl_smoke exists)
 # 3. PyTorch + PEFT reference (gpu_peft_bench.py), last, so ringtune's numbers come first
 # Everything is also written to $OUT/ (or ./gpu-check-out when $OUT is unset).
-# Budgets (seconds) can be overridden: GPU_CHECK_S, FLASH_S, DEVICE_S, TRAIN_S, NCCL_S, TORCH_S.
+# Budgets (seconds) can be overridden: GPU_CHECK_S, FLASH_PARITY_S, FLASH_S, DEVICE_S, TRAIN_S,
+# NCCL_S, TORCH_S.
 # CHECK_AB=1 adds A/B runs of the attention variants (1c: TF32 attention, block softmax)
 # and of the trainer's optimizer placement (1e': AdamW on the host).
 # CHECK_CKPT=1 adds qwen05b with activation checkpointing (1d: tokens/s and peak memory).
@@ -20,14 +22,15 @@ cd "$(dirname "$0")/../.."
 OUTDIR="${OUT:-./gpu-check-out}"
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/check.log"
-# Worst case with every step at its timeout: 160 + 130 + 30 + 2 × 45 + 30 + 120 = 560 s,
-# inside one 600 s device call (CHECK_AB / CHECK_CKPT add up to ~5 min more: run them in
-# a second call).
-GPU_CHECK_S="${GPU_CHECK_S:-160}"
+# Worst case with every step at its timeout: 150 + 60 + 100 + 30 + 2 × 45 + 30 + 120
+# = 580 s, inside one 600 s device call (CHECK_AB / CHECK_CKPT add up to ~5 min more: run
+# them in a second call).
+GPU_CHECK_S="${GPU_CHECK_S:-150}"
 NCCL_S="${NCCL_S:-30}"
 DEVICE_S="${DEVICE_S:-30}"
 TRAIN_S="${TRAIN_S:-45}"
-FLASH_S="${FLASH_S:-130}"
+FLASH_PARITY_S="${FLASH_PARITY_S:-60}"
+FLASH_S="${FLASH_S:-100}"
 TORCH_S="${TORCH_S:-120}"
 t0=$(date +%s)
 {
@@ -53,12 +56,17 @@ if grep -qE '^\| .*\| (FAIL|ERROR) \|$' "$OUTDIR/gpu_check.txt" 2>/dev/null; the
 fi
 
 echo "== 1g. flash attention (RINGTUNE_ATTN=flash, not yet run on a GPU): parity on smol (head"
-echo "       size 64; the cuda BF16 row without flash next to the one with it — smol's 30 layers"
-echo "       put bf16 near 1e-2 even without it: 1.34e-2 in the CPU's emulation at --quick), then"
-echo "       qwen05b and llama1b throughput with it (timeout ${FLASH_S}s)"
-RINGTUNE_ATTN=flash timeout -k 5 "$FLASH_S" .gpu/gpu_check --device cuda:0 --parity-preset smol --ops \
-  --budget-s $((FLASH_S - 60)) 2>&1 | tee "$OUTDIR/gpu_check_flash.txt" | grep -E '^\| |^  '
-echo "gpu_check (flash) exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
+echo "       size 64; the cuda BF16 row without flash next to the one with it, and a verdict"
+echo "       line — smol's 30 layers put bf16 near 1e-2 even without flash: 1.34e-2 in the CPU's"
+echo "       emulation at --quick; timeout ${FLASH_PARITY_S}s)"
+RINGTUNE_ATTN=flash timeout -k 5 "$FLASH_PARITY_S" .gpu/gpu_check --device cuda:0 \
+  --parity-preset smol --no-throughput 2>&1 | tee "$OUTDIR/gpu_check_flash_parity.txt" \
+  | grep -E '^\| |^  '
+echo "gpu_check (flash parity) exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
+echo "== 1g'. qwen05b and llama1b throughput and the op profile with flash attention (timeout ${FLASH_S}s)"
+RINGTUNE_ATTN=flash timeout -k 5 "$FLASH_S" .gpu/gpu_check --device cuda:0 --no-parity --ops \
+  --budget-s $((FLASH_S - 30)) 2>&1 | tee "$OUTDIR/gpu_check_flash.txt" | grep -E '^\| |^  '
+echo "gpu_check (flash throughput) exit: ${PIPESTATUS[0]}  (elapsed $(( $(date +%s) - t0 ))s)"
 echo
 
 if [ "${CHECK_AB:-0}" = 1 ]; then

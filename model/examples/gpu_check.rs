@@ -2,7 +2,7 @@
 //! `tiny` preset, then LoRA training throughput on the Qwen2.5-0.5B and Llama-3.2-1B shapes
 //! (the presets of ../shared/bench/gpu_peft_bench.py), ending with a markdown table.
 //!
-//!     gpu_check --device cuda:0 [--budget-s 200] [--quick] [--ops] [--no-throughput]
+//!     gpu_check --device cuda:0 [--budget-s 200] [--quick] [--ops] [--no-throughput] [--no-parity]
 //!               [--checkpointing] [--presets qwen05b,llama1b] [--parity-preset tiny|smol]
 //!
 //! `--quick` shrinks every shape so the whole thing runs in seconds on a CPU (`--device cpu`
@@ -38,6 +38,8 @@ struct Args {
     ops: bool,
     /// Parity only (no throughput presets).
     no_throughput: bool,
+    /// Throughput only (no parity).
+    no_parity: bool,
     /// Activation checkpointing on in the throughput runs.
     checkpointing: bool,
     /// The parity model: `tiny` (head size 32) or `smol` (head size 64, the size the flash
@@ -53,6 +55,7 @@ fn parse_args() -> Result<Args, String> {
         presets: vec!["qwen05b".into(), "llama1b".into()],
         ops: false,
         no_throughput: false,
+        no_parity: false,
         checkpointing: false,
         parity_preset: "tiny".into(),
     };
@@ -63,6 +66,7 @@ fn parse_args() -> Result<Args, String> {
             "--quick" => a.quick = true,
             "--ops" => a.ops = true,
             "--no-throughput" => a.no_throughput = true,
+            "--no-parity" => a.no_parity = true,
             "--checkpointing" => a.checkpointing = true,
             "--budget-s" => {
                 let v = it.next().ok_or("--budget-s needs a value")?;
@@ -82,7 +86,7 @@ fn parse_args() -> Result<Args, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown argument {other:?} (--device, --quick, --ops, --no-throughput, --checkpointing, --budget-s, --presets, --parity-preset)"
+                    "unknown argument {other:?} (--device, --quick, --ops, --no-throughput, --no-parity, --checkpointing, --budget-s, --presets, --parity-preset)"
                 ))
             }
         }
@@ -725,7 +729,11 @@ fn main() {
         println!("GPU memory used at start (CUDA context): {g:.2} GiB");
     }
 
-    let par = parity(&device, args.quick, &args.parity_preset);
+    let par = if args.no_parity {
+        Vec::new()
+    } else {
+        parity(&device, args.quick, &args.parity_preset)
+    };
 
     println!("\n## throughput: LoRA r=32 alpha 32 on q/k/v/o/gate/up/down, AdamW, half the positions weighted");
     println!("MFU formula: 4 * N_base * tokens/s / {:.0} TFLOP/s (bf16 dense peak, H200/H100 SXM), as gpu_peft_bench.py", PEAK_BF16 / 1e12);
