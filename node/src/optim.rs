@@ -168,7 +168,7 @@ impl Optimizer {
         }
     }
 
-    /// SHA-256 of the adapter parameters' bits.
+    /// The adapter parameters' digest (`trainer::params_sha256`).
     pub(crate) fn params_sha256(&self, model: &LoraModel) -> Result<[u8; 32]> {
         Ok(match self {
             Optimizer::Host { params, .. } => crate::trainer::params_sha256(params),

@@ -719,8 +719,8 @@ impl Trainer {
         self.step_on(shard, global.epoch)
     }
 
-    /// SHA-256 of the adapter parameters' bits (layout order, little-endian f32): equal on
-    /// two ranks exactly when their adapters are bit-identical.
+    /// The adapter parameters' digest ([`params_sha256`]'s SHA-256 tree over their bits):
+    /// equal on two ranks exactly when their adapters are bit-identical.
     pub fn adapter_sha256(&self) -> Result<[u8; 32]> {
         self.opt.params_sha256(&self.model)
     }
@@ -986,15 +986,50 @@ pub(crate) fn starting_checkpoint(out_dir: &Path, mode: Mode) -> Result<Option<C
     })
 }
 
-/// SHA-256 of flat adapter parameters' bits (little-endian f32, layout order).
+/// Floats per leaf of [`params_sha256`]'s tree: 4 MiB of bits.
+const HASH_LEAF: usize = 1 << 20;
+
+/// A SHA-256 tree over flat adapter parameters' bits (little-endian f32, layout order):
+/// SHA-256 of each 4 MiB leaf, in parallel, then SHA-256 of a domain tag, the float count
+/// and the leaves' digests in order. Equal on two ranks exactly when their adapters are
+/// bit-identical (up to SHA-256 collisions), and independent of the thread count. One
+/// serial SHA-256 over qwen05b's 17.6 M adapter floats at r = 32 took 58 ms on a 2-core
+/// Xeon: a third of a GPU step, paid after every step at `--hash-every 1`.
 pub(crate) fn params_sha256(params: &[f32]) -> [u8; 32] {
+    use rayon::prelude::*;
     use sha2::{Digest, Sha256};
+    let leaves: Vec<[u8; 32]> = params
+        .par_chunks(HASH_LEAF)
+        .map(|leaf| {
+            let mut h = Sha256::new();
+            update_le(&mut h, leaf);
+            h.finalize().into()
+        })
+        .collect();
     let mut h = Sha256::new();
-    for chunk in params.chunks(4096) {
+    h.update(b"ringtune adapter sha256 tree v1\0");
+    h.update((params.len() as u64).to_le_bytes());
+    for d in &leaves {
+        h.update(d);
+    }
+    h.finalize().into()
+}
+
+/// Feeds `xs`' little-endian bits to `h` without a copy where the target is little-endian.
+fn update_le(h: &mut sha2::Sha256, xs: &[f32]) {
+    use sha2::Digest;
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: f32 has no padding and any byte is a valid u8; the slice covers exactly
+        // the floats' bytes, which on a little-endian target are their LE encodings.
+        let bytes = unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<u8>(), 4 * xs.len()) };
+        h.update(bytes);
+    }
+    #[cfg(not(target_endian = "little"))]
+    for chunk in xs.chunks(4096) {
         let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
         h.update(&bytes);
     }
-    h.finalize().into()
 }
 
 pub(crate) fn read_state(path: &Path) -> Result<TrainState> {
@@ -1015,4 +1050,75 @@ pub(crate) fn read_state(path: &Path) -> Result<TrainState> {
         });
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{params_sha256, HASH_LEAF};
+    use sha2::{Digest, Sha256};
+
+    /// The tree written out serially, one float at a time.
+    fn reference(params: &[f32]) -> [u8; 32] {
+        let mut top = Sha256::new();
+        top.update(b"ringtune adapter sha256 tree v1\0");
+        top.update((params.len() as u64).to_le_bytes());
+        for leaf in params.chunks(HASH_LEAF) {
+            let mut h = Sha256::new();
+            for x in leaf {
+                h.update(x.to_le_bytes());
+            }
+            top.update(h.finalize());
+        }
+        top.finalize().into()
+    }
+
+    fn params(n: usize) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37).sin()).collect()
+    }
+
+    #[test]
+    fn the_tree_matches_its_serial_definition_at_leaf_edges() {
+        for n in [0, 1, 5, HASH_LEAF - 1, HASH_LEAF, 2 * HASH_LEAF + 3] {
+            assert_eq!(params_sha256(&params(n)), reference(&params(n)), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn any_changed_bit_or_order_or_length_changes_the_digest() {
+        let base = params(2 * HASH_LEAF + 3);
+        let d = params_sha256(&base);
+        for i in [0, HASH_LEAF - 1, HASH_LEAF, 2 * HASH_LEAF + 2] {
+            let mut p = base.clone();
+            p[i] = f32::from_bits(p[i].to_bits() ^ 1);
+            assert_ne!(params_sha256(&p), d, "flipped the low bit of float {i}");
+        }
+        // -0.0 and 0.0 compare equal as floats but not as bits.
+        let mut z = vec![0f32; 8];
+        let dz = params_sha256(&z);
+        z[3] = -0.0;
+        assert_ne!(params_sha256(&z), dz);
+        // Two whole leaves swapped: every leaf digest is still there, in another order.
+        let mut swapped = base[HASH_LEAF..2 * HASH_LEAF].to_vec();
+        swapped.extend_from_slice(&base[..HASH_LEAF]);
+        swapped.extend_from_slice(&base[2 * HASH_LEAF..]);
+        assert_ne!(params_sha256(&swapped), d);
+        // One float more, past a leaf boundary.
+        let mut longer = base[..HASH_LEAF].to_vec();
+        let short = params_sha256(&longer);
+        longer.push(0.0);
+        assert_ne!(params_sha256(&longer), short);
+    }
+
+    #[test]
+    fn the_digest_does_not_depend_on_the_thread_count() {
+        let p = params(3 * HASH_LEAF + 11);
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| params_sha256(&p))
+        };
+        assert_eq!(on(1), on(4));
+    }
 }

@@ -402,8 +402,8 @@ impl RlTrainer {
         self.total_steps
     }
 
-    /// SHA-256 of the adapter parameters' bits: equal on two ranks exactly when their
-    /// adapters are bit-identical.
+    /// The adapter parameters' digest (the SHA-256 tree of `trainer::params_sha256`): equal
+    /// on two ranks exactly when their adapters are bit-identical.
     pub fn adapter_sha256(&self) -> Result<[u8; 32]> {
         self.opt.params_sha256(&self.model)
     }
