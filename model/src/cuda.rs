@@ -738,13 +738,6 @@ pub(crate) fn add_bias_rows(
     Ok(())
 }
 
-/// `y += x` over `n` f32 values (device pointers).
-pub(crate) fn axpy(dev: &CudaDevice, y: u64, x: u64, n: usize) -> Result<()> {
-    let n_i = n as i64;
-    launch!(dev, "axpy", elems_cfg(n), y, x, n_i);
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------
 // The head's token loss.
 

@@ -391,7 +391,7 @@ mod cuda_half_gemm {
     use super::HalfGemm;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys};
-    use candle_core::cuda::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::cuda::cudarc::driver::DevicePtr;
     use candle_core::{bail, CudaStorage, DType, Layout, Shape, Storage};
 
     pub(super) fn fwd(
@@ -399,10 +399,28 @@ mod cuda_half_gemm {
         s: &CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (m, n, _, shape) = op.dims(l)?;
+        let dev = s.device().clone();
+        // SAFETY: written by the GEMM (beta = 0) before anything reads it.
+        let mut y = unsafe { dev.alloc::<f32>(m * n)? };
+        let yp = crate::cuda::out_ptr(&dev, &mut y);
+        into(op, s, l, yp, 0.0)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
+    }
+
+    /// `Y = X·op(W) + beta·Y` into the f32 buffer at `yp`, which holds `m × n` (the output
+    /// shape of [`HalfGemm::dims`]) on `s`'s device.
+    pub(super) fn into(
+        op: &HalfGemm,
+        s: &CudaStorage,
+        l: &Layout,
+        yp: u64,
+        beta: f32,
+    ) -> candle_core::Result<()> {
         if !l.is_contiguous() {
             bail!("half-gemm expects a contiguous input")
         }
-        let (m, n, k, shape) = op.dims(l)?;
+        let (m, n, k, _) = op.dims(l)?;
         let wdt = op.w.dtype();
         let dtype = match wdt {
             DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
@@ -419,11 +437,9 @@ mod cuda_half_gemm {
         if !wl.is_contiguous() {
             bail!("half-gemm: weight is not contiguous")
         }
-        // SAFETY: written by the GEMM (beta = 0) before anything reads it.
-        let mut y = unsafe { dev.alloc::<f32>(m * n)? };
         let stream = dev.cuda_stream();
         let blas = dev.cublas_handle();
-        let (alpha, beta) = (1f32, 0f32);
+        let alpha = 1f32;
         // Row-major C[m, n] is column-major Cᵀ[n, m]; W row-major [out, in] is column-major
         // Wᵀ with leading dimension `in`.
         //   forward  C = X·Wᵀ: Cᵀ = W·Xᵀ → op(A) = Aᵀ on W's buffer (lda = k), B = X (ldb = k)
@@ -439,9 +455,8 @@ mod cuda_half_gemm {
                 let w = ws.as_cuda_slice::<$t>()?.slice(wl.start_offset()..);
                 let (xp, _gx) = x.device_ptr(&stream);
                 let (wp, _gw) = w.device_ptr(&stream);
-                let (yp, _gy) = y.device_ptr_mut(&stream);
                 // SAFETY: extents follow from the checked shapes (W [out, in] contiguous,
-                // X [m, k] contiguous, Y [m, n] freshly allocated); all on `stream`.
+                // X [m, k] contiguous, Y [m, n] as the caller promises); all on `stream`.
                 unsafe {
                     gemm_ex(
                         *blas.handle(),
@@ -472,7 +487,7 @@ mod cuda_half_gemm {
             DType::BF16 => run!(half::bf16),
             _ => run!(half::f16),
         }
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
+        Ok(())
     }
 }
 
@@ -801,76 +816,75 @@ mod cuda_lora {
     //! buffers (TF32 under a half-precision base).
     use super::*;
     use crate::cuda::{add_bias_rows, gemm, out_ptr, ptr, tensor_ptr};
+    use candle_core::cuda::cudarc::driver::CudaSlice;
     use candle_core::cuda_backend::CudaDevice;
+    use std::sync::Mutex;
 
     pub(super) struct CudaLoraLinear {
         pub w: Tensor,
         /// f32 `[out]`.
         pub bias: Option<Tensor>,
         pub scale: f32,
+        /// `t = x·Aᵀ [m, r]` from the forward, for the backward (which otherwise reads all
+        /// of `x` again to recompute it).
+        pub t: Mutex<Option<CudaSlice<f32>>>,
+    }
+
+    /// `Y = x·Wᵀ + beta·Y` (`backward == false`, `[m, k]` → `[m, n]`) or `Y = g·W + beta·Y`
+    /// (`[m, n]` → `[m, k]`) for the frozen `W [n, k]`, into the f32 buffer at `yp`.
+    #[allow(clippy::too_many_arguments)]
+    fn frozen_into(
+        w: &Tensor,
+        dev: &CudaDevice,
+        s: &CudaStorage,
+        l: &Layout,
+        m: usize,
+        backward: bool,
+        yp: u64,
+        beta: f32,
+    ) -> candle_core::Result<()> {
+        if w.dtype() != DType::F32 {
+            let op = HalfGemm {
+                w: w.clone(),
+                backward,
+            };
+            return super::cuda_half_gemm::into(&op, s, l, yp, beta);
+        }
+        let (n, k) = w.dims2()?;
+        let wp = tensor_ptr(w, "lora-linear weight")?;
+        let xp = ptr(s, l, "lora-linear input")?;
+        if backward {
+            gemm(
+                dev,
+                (m, k, n),
+                1,
+                (xp, false, 0),
+                (wp, false, 0),
+                (yp, 0),
+                1.0,
+                beta,
+                false,
+            )?;
+        } else {
+            gemm(
+                dev,
+                (m, n, k),
+                1,
+                (xp, false, 0),
+                (wp, true, 0),
+                (yp, 0),
+                1.0,
+                beta,
+                false,
+            )?;
+        }
+        Ok(())
     }
 
     impl CudaLoraLinear {
         fn half(&self) -> bool {
             self.w.dtype() != DType::F32
         }
-
-        /// `x·Wᵀ` (`backward == false`, `[m, k]` → `[m, n]`) or `g·W` (`[m, n]` → `[m, k]`)
-        /// into a new f32 buffer.
-        fn frozen(
-            &self,
-            dev: &CudaDevice,
-            s: &CudaStorage,
-            l: &Layout,
-            m: usize,
-            backward: bool,
-        ) -> candle_core::Result<CudaStorage> {
-            if self.half() {
-                let op = HalfGemm {
-                    w: self.w.clone(),
-                    backward,
-                };
-                return Ok(super::cuda_half_gemm::fwd(&op, s, l)?.0);
-            }
-            let (n, k) = self.w.dims2()?;
-            let wp = tensor_ptr(&self.w, "lora-linear weight")?;
-            let xp = ptr(s, l, "lora-linear input")?;
-            let cols = if backward { k } else { n };
-            // SAFETY: written by the GEMM (beta = 0) before anything reads it.
-            let mut y = unsafe { dev.alloc::<f32>(m * cols)? };
-            let yp = out_ptr(dev, &mut y);
-            if backward {
-                gemm(
-                    dev,
-                    (m, k, n),
-                    1,
-                    (xp, false, 0),
-                    (wp, false, 0),
-                    (yp, 0),
-                    1.0,
-                    0.0,
-                    false,
-                )?;
-            } else {
-                gemm(
-                    dev,
-                    (m, n, k),
-                    1,
-                    (xp, false, 0),
-                    (wp, true, 0),
-                    (yp, 0),
-                    1.0,
-                    0.0,
-                    false,
-                )?;
-            }
-            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
-        }
-    }
-
-    fn storage_ptr(s: &CudaStorage) -> candle_core::Result<u64> {
-        let l = Layout::contiguous(s.as_cuda_slice::<f32>()?.len());
-        ptr(s, &l, "lora-linear buffer")
     }
 
     impl CustomOp3 for CudaLoraLinear {
@@ -912,8 +926,10 @@ mod cuda_lora {
                     self.w.dims()
                 )
             }
-            let y = self.frozen(&dev, sx, lx, m, false)?;
-            let yp = storage_ptr(&y)?;
+            // SAFETY: written by the frozen GEMM (beta = 0) before anything reads it.
+            let mut y = unsafe { dev.alloc::<f32>(m * n)? };
+            let yp = out_ptr(&dev, &mut y);
+            frozen_into(&self.w, &dev, sx, lx, m, false, yp, 0.0)?;
             if let Some(b) = &self.bias {
                 add_bias_rows(&dev, yp, b, m, n)?;
             }
@@ -949,8 +965,8 @@ mod cuda_lora {
                 1.0,
                 tf32,
             )?;
-            drop(t);
-            Ok((y, Shape::from((m, n))))
+            *self.t.lock().expect("lora-linear cache poisoned") = Some(t);
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((m, n))))
         }
 
         fn bwd(
@@ -963,15 +979,22 @@ mod cuda_lora {
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
             let g = grad.contiguous()?;
             let want_dx = x.track_op();
+            let (m, k) = x.dims2()?;
+            let t = self
+                .t
+                .lock()
+                .expect("lora-linear cache poisoned")
+                .take()
+                .filter(|t| t.len() == m * a.dim(0).unwrap_or(0));
             let op = CudaLoraLinearBwd {
                 w: self.w.clone(),
                 a: a.clone(),
                 b: b.clone(),
                 scale: self.scale,
                 want_dx,
+                t: Mutex::new(t),
             };
             let all = x.apply_op2_no_bwd(&g, &op)?;
-            let (m, k) = x.dims2()?;
             let (na, nb) = (a.elem_count(), b.elem_count());
             let da = all.narrow(0, 0, na)?.reshape(a.shape())?;
             let db = all.narrow(0, na, nb)?.reshape(b.shape())?;
@@ -991,6 +1014,8 @@ mod cuda_lora {
         b: Tensor,
         scale: f32,
         want_dx: bool,
+        /// `t = x·Aᵀ` kept from the forward (`None`: recompute it).
+        t: Mutex<Option<CudaSlice<f32>>>,
     }
 
     impl CustomOp2 for CudaLoraLinearBwd {
@@ -1032,13 +1057,34 @@ mod cuda_lora {
             let total = na + nb + if self.want_dx { m * k } else { 0 };
             // SAFETY: every part is written by a GEMM with beta = 0 before being read.
             let mut out = unsafe { dev.alloc::<f32>(total)? };
-            let mut tu = unsafe { dev.alloc::<f32>(2 * m * r)? };
+            let mut u = unsafe { dev.alloc::<f32>(m * r)? };
             let op = out_ptr(&dev, &mut out);
-            let tp = out_ptr(&dev, &mut tu);
-            let up = tp + (m * r * 4) as u64;
+            let up = out_ptr(&dev, &mut u);
             let (dap, dbp, dxp) = (op, op + (na * 4) as u64, op + ((na + nb) * 4) as u64);
             let s = self.scale;
-            // u = G·B [m, r]; t = x·Aᵀ [m, r]
+            // t = x·Aᵀ [m, r], kept from the forward or recomputed
+            let mut t = match self.t.lock().expect("lora-linear cache poisoned").take() {
+                Some(t) => t,
+                None => {
+                    // SAFETY: written by the GEMM (beta = 0) before anything reads it.
+                    let mut t = unsafe { dev.alloc::<f32>(m * r)? };
+                    let tp = out_ptr(&dev, &mut t);
+                    gemm(
+                        &dev,
+                        (m, r, k),
+                        1,
+                        (xp, false, 0),
+                        (ap, true, 0),
+                        (tp, 0),
+                        1.0,
+                        0.0,
+                        half,
+                    )?;
+                    t
+                }
+            };
+            let tp = out_ptr(&dev, &mut t);
+            // u = G·B [m, r]
             gemm(
                 &dev,
                 (m, r, n),
@@ -1046,17 +1092,6 @@ mod cuda_lora {
                 (gp, false, 0),
                 (bp, false, 0),
                 (up, 0),
-                1.0,
-                0.0,
-                half,
-            )?;
-            gemm(
-                &dev,
-                (m, r, k),
-                1,
-                (xp, false, 0),
-                (ap, true, 0),
-                (tp, 0),
                 1.0,
                 0.0,
                 half,
@@ -1085,15 +1120,8 @@ mod cuda_lora {
                 half,
             )?;
             if self.want_dx {
-                // dx = G·W (frozen GEMM) + s·u·A
-                let op = CudaLoraLinear {
-                    w: self.w.clone(),
-                    bias: None,
-                    scale: s,
-                };
-                let base = op.frozen(&dev, sg, lg, m, true)?;
-                let basep = storage_ptr(&base)?;
-                // Copy into place, then accumulate the adapter's part there.
+                // dx = s·u·A, then the frozen GEMM adds G·W in place (beta = 1): no
+                // separate [m, k] buffer and no extra pass to add it.
                 gemm(
                     &dev,
                     (m, k, r),
@@ -1105,10 +1133,9 @@ mod cuda_lora {
                     0.0,
                     half,
                 )?;
-                crate::cuda::axpy(&dev, dxp, basep, m * k)?;
-                drop(base);
+                frozen_into(&self.w, &dev, sg, lg, m, true, dxp, 1.0)?;
             }
-            drop(tu);
+            drop((t, u));
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
         }
     }
@@ -1136,6 +1163,7 @@ pub(crate) fn lora_linear_fused(
             w: w.clone(),
             bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
             scale: scale as f32,
+            t: Default::default(),
         };
         let (a, b) = (a.contiguous()?, b.contiguous()?);
         return Ok(Some(x.apply_op3_arc(&a, &b, Arc::new(Box::new(op)))?));

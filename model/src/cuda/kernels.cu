@@ -183,13 +183,6 @@ extern "C" __global__ void add_bias_rows(float* y, const float* b, long long m, 
         y[i] += b[i % n];
 }
 
-// y += x, n elements.
-extern "C" __global__ void axpy(float* y, const float* x, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        y[i] += x[i];
-}
-
 // Token loss, per row of logits x [rows, V] (one block per row): out[2·row] = log p(target)
 // = (x_t − max) − log Σ exp(x − max), as PyTorch's log_softmax; out[2·row + 1] = the
 // log-sum-exp (max + log Σ).
