@@ -1144,14 +1144,15 @@ fn bf16_ptr(dev: &CudaDevice, s: &mut CudaSlice<half::bf16>) -> u64 {
     p
 }
 
-/// [`attn_block_fwd_bf16`] through the flash kernel.
+/// [`attn_block_fwd_bf16`] through the flash kernel; also each row's log-sum-exp (f32,
+/// `[bg·r]`), which lets the backward skip running the forward again.
 pub(crate) fn attn_block_fwd_flash(
     cfg: &AttnCfg,
     x: BlockDims,
     (q, k, v): (u64, u64, u64),
     (cos, sin): (&Tensor, &Tensor),
     dev: &CudaDevice,
-) -> Result<CudaSlice<f32>> {
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
     if x.d != 64 {
         bail!("flash attention: head size {} (only 64)", x.d)
     }
@@ -1159,28 +1160,30 @@ pub(crate) fn attn_block_fwd_flash(
     let a = x.attn();
     let tabs = (tensor_ptr(cos, "rope cos")?, tensor_ptr(sin, "rope sin")?);
     // SAFETY: every buffer is fully written (pack kernels; the flash kernel writes every
-    // row of o4 and lse) before it is read. Layout: bf16 [q4 | k4 | v4], f32 [o4 | lse].
+    // row of o4 and lse) before it is read. Layout: bf16 [q4 | k4 | v4].
     let mut h = unsafe { dev.alloc::<half::bf16>(nq + 2 * nk)? };
-    let mut f = unsafe { dev.alloc::<f32>(nq + a.bg * a.r)? };
+    let mut o4 = unsafe { dev.alloc::<f32>(nq)? };
+    let mut lse = unsafe { dev.alloc::<f32>(a.bg * a.r)? };
     let hb = bf16_ptr(dev, &mut h);
-    let fb = out_ptr(dev, &mut f);
     let hat = |i: usize| hb + (i * 2) as u64;
     let (q4, k4, v4) = (hat(0), hat(nq), hat(nq + nk));
-    let (o4, lse) = (fb, fb + (nq * 4) as u64);
+    let (o4p, lsep) = (out_ptr(dev, &mut o4), out_ptr(dev, &mut lse));
     pack_qkv_bf16(dev, x, (q, k, v), (q4, k4, v4), tabs)?;
-    flash_fwd(dev, cfg, a, (q4, k4, v4), (o4, lse))?;
-    let o = unpack_out(dev, x, o4, tabs)?;
-    drop((f, h));
-    Ok(o)
+    flash_fwd(dev, cfg, a, (q4, k4, v4), (o4p, lsep))?;
+    let o = unpack_out(dev, x, o4p, tabs)?;
+    drop((o4, h));
+    Ok((o, lse))
 }
 
-/// [`attn_block_bwd_bf16`] through the flash kernels: the forward again for the output and
-/// log-sum-exp, the rows' `Σ dO ⊙ O`, then one pass over the key tiles.
+/// [`attn_block_bwd_bf16`] through the flash kernels: the output and log-sum-exp (from
+/// `saved` = the forward's output `o` in the projection layout and its log-sum-exp, else by
+/// running the forward again), the rows' `Σ dO ⊙ O`, then one pass over the key tiles.
 pub(crate) fn attn_block_bwd_flash(
     cfg: &AttnCfg,
     x: BlockDims,
     (q, k, v, g): (u64, u64, u64, u64),
     (cos, sin): (&Tensor, &Tensor),
+    saved: Option<(u64, u64)>,
     dev: &CudaDevice,
 ) -> Result<CudaSlice<f32>> {
     if x.d != 64 {
@@ -1191,9 +1194,10 @@ pub(crate) fn attn_block_bwd_flash(
     let rows = a.bg * a.r;
     let tabs = (tensor_ptr(cos, "rope cos")?, tensor_ptr(sin, "rope sin")?);
     // SAFETY: every buffer is fully written before it is read (pack kernels; the forward
-    // writes o4 and lse, the delta kernel every row). The gradients are zeroed: the
-    // backward adds into them. Layout: bf16 [q4 | g4 | k4 | v4], f32 [o4 (nq) | lse | delta
-    // (rows each)], zeroed f32 [dq4 (nq) | dk4 | dv4 (nk each)].
+    // or the pack of `saved`'s output writes o4, the forward lse when nothing is saved, the
+    // delta kernel every row). The gradients are zeroed: the backward adds into them.
+    // Layout: bf16 [q4 | g4 | k4 | v4], f32 [o4 (nq) | lse | delta (rows each)], zeroed
+    // f32 [dq4 (nq) | dk4 | dv4 (nk each)].
     let mut h = unsafe { dev.alloc::<half::bf16>(2 * nq + 2 * nk)? };
     let mut f = unsafe { dev.alloc::<f32>(nq + 2 * rows)? };
     let mut grads = dev.alloc_zeros::<f32>(nq + 2 * nk)?;
@@ -1203,11 +1207,23 @@ pub(crate) fn attn_block_bwd_flash(
     let hat = |i: usize| hb + (i * 2) as u64;
     let fat = |i: usize| fb + (i * 4) as u64;
     let (q4, g4, k4, v4) = (hat(0), hat(nq), hat(2 * nq), hat(2 * nq + nk));
-    let (o4, lse, delta) = (fat(0), fat(nq), fat(nq + rows));
+    let (o4, delta) = (fat(0), fat(nq + rows));
     let (dq4, dk4, dv4) = (gz, gz + (nq * 4) as u64, gz + ((nq + nk) * 4) as u64);
     pack_qkv_bf16(dev, x, (q, k, v), (q4, k4, v4), tabs)?;
     pack_bf16(dev, x, x.heads, (g, g4), tabs, 0)?;
-    flash_fwd(dev, cfg, a, (q4, k4, v4), (o4, lse))?;
+    let lse = match saved {
+        // The output back in the packed layout (the inverse of `unpack_out`'s permutation,
+        // so the forward's o4 exactly), and the forward's log-sum-exp as it is.
+        Some((o, lse)) => {
+            pack(dev, x, x.heads, (o, o4), tabs, 0, true)?;
+            lse
+        }
+        None => {
+            let lse = fat(nq);
+            flash_fwd(dev, cfg, a, (q4, k4, v4), (o4, lse))?;
+            lse
+        }
+    };
     let rows_i = rows as i32;
     launch!(
         dev,

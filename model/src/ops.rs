@@ -1805,6 +1805,8 @@ pub(crate) fn attention_block(
 mod cuda_attn {
     use super::*;
     use crate::cuda::{AttnCfg, BlockDims};
+    use candle_core::cuda::cudarc::driver::CudaSlice;
+    use std::sync::Mutex;
 
     fn cfg_of(
         dev: &candle_core::Device,
@@ -1851,6 +1853,7 @@ mod cuda_attn {
             dims: BlockDims { b, t, heads, kv, d },
             cos: cos.contiguous()?,
             sin: sin.contiguous()?,
+            lse: Default::default(),
         };
         Ok(q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))?)
     }
@@ -1860,6 +1863,9 @@ mod cuda_attn {
         dims: BlockDims,
         cos: Tensor,
         sin: Tensor,
+        /// The flash forward's per-row log-sum-exp, for the backward (with the op's output,
+        /// it spares the backward a second forward).
+        lse: Mutex<Option<CudaSlice<f32>>>,
     }
 
     impl CustomOp3 for AttnBlock {
@@ -1896,7 +1902,10 @@ mod cuda_attn {
             );
             let tabs = (&self.cos, &self.sin);
             let o = if self.cfg.tf32 && crate::cuda::attn_flash(self.dims.d) {
-                crate::cuda::attn_block_fwd_flash(&self.cfg, self.dims, p, tabs, &dev)?
+                let (o, lse) =
+                    crate::cuda::attn_block_fwd_flash(&self.cfg, self.dims, p, tabs, &dev)?;
+                *self.lse.lock().expect("attention lse poisoned") = Some(lse);
+                o
             } else if self.cfg.tf32 && crate::cuda::attn_bf16() {
                 crate::cuda::attn_block_fwd_bf16(&self.cfg, self.dims, p, tabs, &dev)?
             } else {
@@ -1910,10 +1919,11 @@ mod cuda_attn {
             q: &Tensor,
             k: &Tensor,
             v: &Tensor,
-            _res: &Tensor,
+            res: &Tensor,
             grad: &Tensor,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
             let g = grad.contiguous()?;
+            let lse = self.lse.lock().expect("attention lse poisoned").take();
             let op = AttnBlockBwd {
                 cfg: self.cfg.clone(),
                 dims: self.dims,
@@ -1921,6 +1931,7 @@ mod cuda_attn {
                 sin: self.sin.clone(),
                 k: k.clone(),
                 v: v.clone(),
+                saved: Mutex::new(lse.map(|l| (res.clone(), l))),
             };
             let all = q.apply_op2_no_bwd(&g, &op)?;
             let (nq, nk) = (q.elem_count(), k.elem_count());
@@ -1940,6 +1951,9 @@ mod cuda_attn {
         sin: Tensor,
         k: Tensor,
         v: Tensor,
+        /// The forward's output and the flash forward's log-sum-exp (`None`: the flash
+        /// backward runs the forward again; the other paths need neither).
+        saved: Mutex<Option<(Tensor, CudaSlice<f32>)>>,
     }
 
     impl CustomOp2 for AttnBlockBwd {
@@ -1980,7 +1994,19 @@ mod cuda_attn {
             );
             let tabs = (&self.cos, &self.sin);
             let out = if self.cfg.tf32 && crate::cuda::attn_flash(self.dims.d) {
-                crate::cuda::attn_block_bwd_flash(&self.cfg, self.dims, p, tabs, &dev)?
+                let mut saved = self.saved.lock().expect("attention lse poisoned").take();
+                let saved_ptrs = match &mut saved {
+                    Some((o, lse)) if lse.len() == self.dims.b * self.dims.heads * self.dims.t => {
+                        let o = crate::cuda::tensor_ptr(o, "attention output")?;
+                        Some((o, crate::cuda::out_ptr(&dev, lse)))
+                    }
+                    _ => None,
+                };
+                let out = crate::cuda::attn_block_bwd_flash(
+                    &self.cfg, self.dims, p, tabs, saved_ptrs, &dev,
+                )?;
+                drop(saved);
+                out
             } else if self.cfg.tf32 && crate::cuda::attn_bf16() {
                 crate::cuda::attn_block_bwd_bf16(&self.cfg, self.dims, p, tabs, &dev)?
             } else {
