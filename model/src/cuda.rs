@@ -774,13 +774,12 @@ pub(crate) fn ce_row_stats(
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
-/// The logits' gradient in place: `coef · (onehot − softmax)` per row, `lc [rows, 2]` =
-/// (log-sum-exp, coef).
-pub(crate) fn ce_row_grad(
-    (x, xl): (&mut CudaStorage, &Layout),
+/// Rows, vocabulary, and the targets' and coefficients' pointers of a gradient call.
+fn ce_grad_args(
+    xl: &Layout,
     (t, tl): (&CudaStorage, &Layout),
     (lc, ll): (&CudaStorage, &Layout),
-) -> Result<()> {
+) -> Result<(usize, usize, u64, u64)> {
     let (rows, v) = xl.shape().dims2()?;
     if tl.shape().elem_count() != rows || ll.shape().elem_count() != 2 * rows {
         bail!(
@@ -791,6 +790,17 @@ pub(crate) fn ce_row_grad(
     }
     let tp = ptr_of::<u32>(t, tl, "token-loss targets")?;
     let lp = ptr(lc, ll, "token-loss coefs")?;
+    Ok((rows, v, tp, lp))
+}
+
+/// The logits' gradient in place: `coef · (onehot − softmax)` per row, `lc [rows, 2]` =
+/// (log-sum-exp, coef).
+pub(crate) fn ce_row_grad(
+    (x, xl): (&mut CudaStorage, &Layout),
+    t: (&CudaStorage, &Layout),
+    lc: (&CudaStorage, &Layout),
+) -> Result<()> {
+    let (rows, v, tp, lp) = ce_grad_args(xl, t, lc)?;
     let xp = ptr(x, xl, "token-loss logits")?;
     let dev = x.device().clone();
     let (rows_i, v_i) = (rows as i32, v as i32);
@@ -805,6 +815,33 @@ pub(crate) fn ce_row_grad(
         v_i
     );
     Ok(())
+}
+
+/// [`ce_row_grad`] into a new bf16 `[rows, V]` buffer, the logits left as they are.
+pub(crate) fn ce_row_grad_bf16(
+    (x, xl): (&CudaStorage, &Layout),
+    t: (&CudaStorage, &Layout),
+    lc: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let (rows, v, tp, lp) = ce_grad_args(xl, t, lc)?;
+    let xp = ptr(x, xl, "token-loss logits")?;
+    let dev = x.device().clone();
+    // SAFETY: the kernel writes every element of every row.
+    let mut y = unsafe { dev.alloc::<half::bf16>(rows * v)? };
+    let yp = bf16_ptr(&dev, &mut y);
+    let (rows_i, v_i) = (rows as i32, v as i32);
+    launch!(
+        &dev,
+        "ce_row_grad_bf16",
+        rows_cfg(rows, 1 << 20),
+        xp,
+        yp,
+        tp,
+        lp,
+        rows_i,
+        v_i
+    );
+    Ok(CudaStorage::wrap_cuda_slice(y, dev))
 }
 
 /// Makes the device's default memory pool keep freed memory (release threshold ∞), as

@@ -206,7 +206,12 @@ fn run_chunked(
         } else if cuda_head(&logits) {
             #[cfg(feature = "cuda")]
             {
-                cuda_rows::rows(&logits, tg, wt, qc, ac, vd, kind, want_grad)?
+                // A bf16 lm_head without an adapter needs the gradient only as the bf16
+                // operand of ∂L/∂h's GEMM: the kernel writes that directly (the same values
+                // as the f32 gradient cast to bf16), saving an f32 write and the cast's
+                // read of every logit.
+                let grad_half = adapter.is_none() && w.dtype() == DType::BF16;
+                cuda_rows::rows(&logits, tg, wt, qc, ac, vd, kind, want_grad, grad_half)?
             }
             #[cfg(not(feature = "cuda"))]
             unreachable!("cuda_head is false without the cuda feature")
@@ -247,7 +252,16 @@ fn run_chunked(
                 };
                 // The weight stays in its dtype: converting a bf16 lm_head to f32 per
                 // chunk would cost more than the matmul (ops::matmul_w: f32 result).
-                let mut gh = ops::matmul_w(&g, w)?.to_dtype(DType::F32)?;
+                let mut gh = if g.dtype() == DType::F32 {
+                    ops::matmul_w(&g, w)?.to_dtype(DType::F32)?
+                } else {
+                    #[cfg(feature = "cuda")]
+                    {
+                        ops::matmul_w_half(&g, w)?
+                    }
+                    #[cfg(not(feature = "cuda"))]
+                    unreachable!("bf16 logit gradients come from the CUDA kernel only")
+                };
                 if let (Some(ad), Some(hs), Some(xs)) = (adapter, hsel, xsel) {
                     let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
                     // logits += s · (h Aᵀ) Bᵀ:
@@ -334,7 +348,7 @@ mod cuda_rows {
     //! log-sum-exp, the loss terms on the host (they are per row), one kernel that turns
     //! the logits into their gradient in place — two passes over the chunk's logits.
     use super::*;
-    use candle_core::{CpuStorage, CudaStorage, CustomOp2, InplaceOp3, Shape};
+    use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, InplaceOp3, Shape};
 
     struct Stats;
 
@@ -363,6 +377,40 @@ mod cuda_rows {
             let rows = l1.dims()[0];
             let out = crate::cuda::ce_row_stats((s1, l1), (s2, l2))?;
             Ok((out, Shape::from((rows, 2))))
+        }
+    }
+
+    /// [`Grad`] into a new bf16 tensor (see `ce_row_grad_bf16`).
+    struct GradBf16;
+
+    impl CustomOp3 for GradBf16 {
+        fn name(&self) -> &'static str {
+            "token-loss-grad-bf16"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("token-loss-grad-bf16: GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let g = crate::cuda::ce_row_grad_bf16((s1, l1), (s2, l2), (s3, l3))?;
+            Ok((g, l1.shape().clone()))
         }
     }
 
@@ -398,6 +446,8 @@ mod cuda_rows {
         }
     }
 
+    /// The rows' outputs and, with `want_grad`, the logits' gradient: in place in `logits`
+    /// (f32), or with `grad_bf16` as a new bf16 tensor, `logits` untouched.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn rows(
         logits: &Tensor,
@@ -408,6 +458,7 @@ mod cuda_rows {
         valid: &[bool],
         kind: LossKind,
         want_grad: bool,
+        grad_bf16: bool,
     ) -> Result<(Vec<RowOut>, Tensor)> {
         let dev = logits.device();
         let n = logits.dim(0)?;
@@ -428,6 +479,9 @@ mod cuda_rows {
         }
         if want_grad {
             let lc = Tensor::from_vec(lc, (n, 2), dev)?;
+            if grad_bf16 {
+                return Ok((out, logits.apply_op3_no_bwd(&tgt, &lc, &GradBf16)?));
+            }
             logits.inplace_op3(&tgt, &lc, &Grad)?;
         }
         Ok((out, logits.clone()))

@@ -428,8 +428,15 @@ mod cuda_half_gemm {
             d => bail!("half-gemm: weight dtype {d:?}"),
         };
         let dev = s.device().clone();
-        // The activations in the weight's dtype (candle's cast kernel), contiguous from 0.
-        let xh = s.to_dtype(l, wdt)?;
+        // The activations in the weight's dtype: as they are when they already have it,
+        // else through candle's cast kernel (contiguous from 0).
+        let cast;
+        let (xh, x_off) = if s.dtype() == wdt {
+            (s, l.start_offset())
+        } else {
+            cast = s.to_dtype(l, wdt)?;
+            (&cast, 0)
+        };
         let (ws, wl) = op.w.storage_and_layout();
         let Storage::Cuda(ws) = &*ws else {
             bail!("half-gemm: weight is not on the GPU")
@@ -451,7 +458,7 @@ mod cuda_half_gemm {
         };
         macro_rules! run {
             ($t:ty) => {{
-                let x = xh.as_cuda_slice::<$t>()?;
+                let x = xh.as_cuda_slice::<$t>()?.slice(x_off..);
                 let w = ws.as_cuda_slice::<$t>()?.slice(wl.start_offset()..);
                 let (xp, _gx) = x.device_ptr(&stream);
                 let (wp, _gw) = w.device_ptr(&stream);
@@ -517,6 +524,25 @@ pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         backward: false,
     };
     Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
+}
+
+/// `g · W` with an f32 result for `g` already in the frozen `W`'s half-precision dtype
+/// (the head's logit gradients, written as bf16 by their kernel); GPU only.
+#[cfg(feature = "cuda")]
+pub(crate) fn matmul_w_half(g: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if g.dtype() != w.dtype() || !g.device().is_cuda() {
+        return Err(crate::Error::InvalidBatch(format!(
+            "half-gemm: input {:?} on {:?} for a {:?} weight",
+            g.dtype(),
+            g.device(),
+            w.dtype()
+        )));
+    }
+    let op = HalfGemm {
+        w: w.clone(),
+        backward: true,
+    };
+    Ok(g.contiguous()?.apply_op1_no_bwd(&op)?)
 }
 
 /// `g · W` without autograd for the head (the input gradient of [`matmul_wt`]).

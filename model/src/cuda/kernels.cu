@@ -217,6 +217,22 @@ extern "C" __global__ void ce_row_grad(float* x, const unsigned int* tgt, const 
         xr[j] = c == 0.f ? 0.f : c * ((j == (int)t ? 1.f : 0.f) - expf(xr[j] - lse));
 }
 
+// ce_row_grad into a separate bf16 buffer y (x is left as it is): the gradient as the
+// half-precision GEMM of the head's backward reads it, without an f32 write and a cast.
+extern "C" __global__ void ce_row_grad_bf16(const float* x, __nv_bfloat16* y,
+                                            const unsigned int* tgt, const float* lc, int rows,
+                                            int V) {
+    int row = blockIdx.x;
+    if (row >= rows) return;
+    const float* xr = x + (size_t)row * V;
+    __nv_bfloat16* yr = y + (size_t)row * V;
+    float lse = lc[2 * row], c = lc[2 * row + 1];
+    unsigned int t = tgt[row];
+    for (int j = threadIdx.x; j < V; j += blockDim.x)
+        yr[j] = __float2bfloat16(c == 0.f ? 0.f
+                                          : c * ((j == (int)t ? 1.f : 0.f) - expf(xr[j] - lse)));
+}
+
 // Attention layouts. The projections give rows [B, T, heads, d]; the attention GEMMs want
 // each (batch, kv group) block contiguous with the `rep = heads / G` query heads that share
 // a kv head stacked along the rows: [B, G, rep·T, d]. `to_packed` = 1 moves src (projection
