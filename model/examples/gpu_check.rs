@@ -509,7 +509,50 @@ fn parity(device: &Device, quick: bool, preset: &str) -> Vec<Result<ParityRow, S
             );
         }
     }
+    if preset == "tiny" {
+        rows_out.push(no_head_adapter_row(device, &cfg, &w16, &batch));
+    }
     rows_out
+}
+
+/// The bf16 row again without an adapter on lm_head (the throughput benchmark's setting),
+/// where the head takes another path on the GPU: the loss kernel writes the logits'
+/// gradient as bf16 for the `∂L/∂h` GEMM. Its own CPU f32 reference and adapter values.
+fn no_head_adapter_row(
+    device: &Device,
+    cfg: &ModelConfig,
+    w16: &[(String, Tensor)],
+    batch: &Batch,
+) -> Result<ParityRow, String> {
+    let what = format!("{} BF16, no lm_head adapter", device_name(device));
+    let lora = LoraConfig::from_tinker(32, true, true, false);
+    let t0 = Instant::now();
+    let r = catch_unwind(AssertUnwindSafe(|| -> ringtune_model::Result<_> {
+        let probe = LoraModel::from_tensors(w16.to_vec(), cfg, &lora, &Device::Cpu, DType::F32, 0)?;
+        let mut rng = Lcg(13);
+        let params: Vec<f32> = (0..probe.param_layout().numel())
+            .map(|_| 0.02 * rng.unit())
+            .collect();
+        drop(probe);
+        let reference = run_one(w16, cfg, &lora, &Device::Cpu, DType::F32, &params, batch)?;
+        let got = run_one(w16, cfg, &lora, device, DType::BF16, &params, batch)?;
+        Ok((got, reference))
+    }));
+    let r = match r {
+        Ok(Ok((got, reference))) => Ok(compare(
+            what,
+            &got,
+            &reference,
+            1e-2,
+            t0.elapsed().as_secs_f64(),
+        )),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: panicked (see stderr)")),
+    };
+    if let Err(e) = &r {
+        println!("  {e}");
+    }
+    r
 }
 
 struct ThroughputRow {
