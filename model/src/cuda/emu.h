@@ -1,5 +1,6 @@
-// A CPU stand-in for the parts of CUDA that flash.cu uses, so that its kernels compile as
-// C++20 and run on a machine without a GPU (model/tests/flash_emu.rs). Every thread of a
+// A CPU stand-in for the parts of CUDA that kernels.cu and flash.cu use, so that their
+// kernels compile as C++20 and run on a machine without a GPU (model/tests/flash_emu.rs,
+// model/tests/kernels_emu.rs). Every thread of a
 // block is an OS thread; blocks run one after another, so a kernel's `static` locals
 // (what `__shared__` becomes) are exactly one block's shared memory. __syncthreads and
 // __syncwarp are barriers; shuffles go through a per-warp exchange array between two warp
@@ -60,6 +61,14 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
     float r = emu_block->exchange[w + ((t % 32) ^ (unsigned)mask)];
     __syncwarp();
     return r;
+}
+
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
 }
 
 inline float atomicAdd(float* p, float v) {
@@ -168,28 +177,33 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
 }
 }  // namespace nvcuda::wmma
 
-// Runs `kernel` over a grid: blocks in order, each block's threads concurrently.
+// Runs `kernel` over a grid: blocks in order, each block's threads concurrently. The same
+// block.x OS threads run every block, with a barrier between blocks, so `static` shared
+// memory is one block's at a time (and a grid costs block.x thread starts, not one per
+// GPU thread).
 inline void emu_launch(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
     gridDim = grid;
     blockDim = block;
     unsigned n = block.x;
-    for (unsigned bz = 0; bz < grid.z; bz++)
-    for (unsigned by = 0; by < grid.y; by++)
-        for (unsigned bx = 0; bx < grid.x; bx++) {
-            EmuBlock b;
-            b.block = std::make_unique<std::barrier<>>(n);
-            for (unsigned w = 0; w < (n + 31) / 32; w++)
-                b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w * 32)));
-            b.exchange.assign(n, 0.f);
-            emu_block = &b;
-            std::vector<std::thread> ts;
-            for (unsigned t = 0; t < n; t++)
-                ts.emplace_back([&, t] {
-                    threadIdx = {t, 0, 0};
-                    blockIdx = {bx, by, bz};
-                    kernel();
-                });
-            for (auto& t : ts) t.join();
-            emu_block = nullptr;
-        }
+    EmuBlock b;
+    b.block = std::make_unique<std::barrier<>>(n);
+    for (unsigned w = 0; w < (n + 31) / 32; w++)
+        b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w * 32)));
+    b.exchange.assign(n, 0.f);
+    emu_block = &b;
+    std::barrier<> next_block(n);
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < n; t++)
+        ts.emplace_back([&, t] {
+            threadIdx = {t, 0, 0};
+            for (unsigned bz = 0; bz < grid.z; bz++)
+                for (unsigned by = 0; by < grid.y; by++)
+                    for (unsigned bx = 0; bx < grid.x; bx++) {
+                        blockIdx = {bx, by, bz};
+                        kernel();
+                        next_block.arrive_and_wait();
+                    }
+        });
+    for (auto& t : ts) t.join();
+    emu_block = nullptr;
 }

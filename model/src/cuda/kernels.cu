@@ -1,13 +1,17 @@
 // ringtune's CUDA kernels (compiled to PTX by model/build.rs under the `cuda` feature and
-// loaded at run time by model/src/cuda.rs). All f32, all contiguous row-major.
+// loaded at run time by model/src/cuda.rs). All f32, all contiguous row-major. Also compiled
+// on the CPU against emu.h (RINGTUNE_EMU) by model/tests/kernels_emu.rs, which checks every
+// kernel here against a double-precision reference without a GPU.
 //
 // One block per row for the row-wise kernels (softmax, RMSNorm); grid-stride loops for the
 // element-wise ones. Reductions: warp shuffles, then one value per warp in shared memory.
 
 #include <stdint.h>
+#ifndef RINGTUNE_EMU
 #include <cuda_bf16.h>
 
 #define NEG_INF (__int_as_float(0xff800000))
+#endif
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
