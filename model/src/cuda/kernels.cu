@@ -187,22 +187,71 @@ extern "C" __global__ void add_bias_rows(float* y, const float* b, long long m, 
         y[i] += b[i % n];
 }
 
+// A running log-sum-exp as (m, s) with s = Σ exp(x − m) over the values seen: merges
+// (m2, s2) into (m, s). Two empty ones (m = −∞) stay empty.
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+    float mn = fmaxf(m, m2);
+    if (mn == NEG_INF) return;
+    s = s * expf(m - mn) + s2 * expf(m2 - mn);
+    m = mn;
+}
+
+// lse_merge over the block (blockDim.x a multiple of 32, at most 1024); every thread gets
+// the block's (m, s).
+__device__ void block_lse(float& m, float& s) {
+    __shared__ float pm[32], ps[32];
+    __shared__ float tm, ts;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffff, m, o), s2 = __shfl_xor_sync(0xffffffff, s, o);
+        lse_merge(m, s, m2, s2);
+    }
+    __syncthreads();
+    if (lane == 0) {
+        pm[warp] = m;
+        ps[warp] = s;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        bool have = lane < (blockDim.x >> 5);
+        float wm = have ? pm[lane] : NEG_INF, ws = have ? ps[lane] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) {
+            float m2 = __shfl_xor_sync(0xffffffff, wm, o);
+            float s2 = __shfl_xor_sync(0xffffffff, ws, o);
+            lse_merge(wm, ws, m2, s2);
+        }
+        if (lane == 0) {
+            tm = wm;
+            ts = ws;
+        }
+    }
+    __syncthreads();
+    m = tm;
+    s = ts;
+}
+
 // Token loss, per row of logits x [rows, V] (one block per row): out[2·row] = log p(target)
 // = (x_t − max) − log Σ exp(x − max), as PyTorch's log_softmax; out[2·row + 1] = the
-// log-sum-exp (max + log Σ).
+// log-sum-exp (max + log Σ). One pass over the row (an online log-sum-exp), so a row is read
+// once even when it no longer sits in L2 for a second pass (151,936 logits are 594 KiB).
 extern "C" __global__ void ce_row_stats(const float* x, const unsigned int* tgt, float* out,
                                         int rows, int V) {
     int row = blockIdx.x;
     if (row >= rows) return;
     const float* xr = x + (size_t)row * V;
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) m = fmaxf(m, xr[j]);
-    m = block_max(m);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) sum += expf(xr[j] - m);
-    sum = block_sum(sum);
+    float m = NEG_INF, s = 0.f;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+        float v = xr[j];
+        if (v > m) {
+            s = s * expf(m - v) + 1.f;
+            m = v;
+        } else {
+            s += expf(v - m);
+        }
+    }
+    block_lse(m, s);
     if (threadIdx.x == 0) {
-        float ls = logf(sum);
+        float ls = logf(s);
         out[2 * row] = (xr[tgt[row]] - m) - ls;
         out[2 * row + 1] = m + ls;
     }

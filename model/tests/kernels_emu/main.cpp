@@ -275,6 +275,9 @@ static void token_loss() {
     // 0 (a weight-0 or padding position), row 3's target is the last token.
     const int rows = 4, V = 3000;
     auto x = randn(rows * V, 30, 3.f);
+    // Row 1 rises along the row, so every thread's running maximum keeps moving (the
+    // online log-sum-exp's rescaling path), up to 60 above where it started.
+    for (int j = 0; j < V; j++) x[V + j] = 0.02f * j + 0.1f * x[V + j];
     std::vector<unsigned> tgt = {7, 2999 - 5, 11, 2999};
     std::vector<float> stats(2 * rows);
     emu_launch(rows_grid(rows), rows_block(1 << 20),
