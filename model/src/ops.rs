@@ -879,32 +879,48 @@ mod cuda_lora {
         let (n, k) = w.dims2()?;
         let wp = tensor_ptr(w, "lora-linear weight")?;
         let xp = ptr(s, l, "lora-linear input")?;
-        if backward {
-            gemm(
-                dev,
-                (m, k, n),
-                1,
-                (xp, false, 0),
-                (wp, false, 0),
-                (yp, 0),
-                1.0,
-                beta,
-                false,
-            )?;
+        // g [m, n]·W [n, k], or x [m, k]·Wᵀ.
+        let (dims, transposed) = if backward {
+            ((m, k, n), false)
         } else {
-            gemm(
-                dev,
-                (m, n, k),
-                1,
-                (xp, false, 0),
-                (wp, true, 0),
-                (yp, 0),
-                1.0,
-                beta,
-                false,
-            )?;
-        }
-        Ok(())
+            ((m, n, k), true)
+        };
+        gemm(
+            dev,
+            dims,
+            1,
+            (xp, false, 0),
+            (wp, transposed, 0),
+            (yp, 0),
+            1.0,
+            beta,
+            false,
+        )
+    }
+
+    /// `t = x·Aᵀ` (`[m, r]`, a new buffer) for `x [m, k]` and `A [r, k]` (TF32 with `tf32`).
+    fn lora_t(
+        dev: &CudaDevice,
+        (m, r, k): (usize, usize, usize),
+        xp: u64,
+        ap: u64,
+        tf32: bool,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        // SAFETY: written by the GEMM (beta = 0) before anything reads it.
+        let mut t = unsafe { dev.alloc::<f32>(m * r)? };
+        let tp = out_ptr(dev, &mut t);
+        gemm(
+            dev,
+            (m, r, k),
+            1,
+            (xp, false, 0),
+            (ap, true, 0),
+            (tp, 0),
+            1.0,
+            0.0,
+            tf32,
+        )?;
+        Ok(t)
     }
 
     impl CudaLoraLinear {
@@ -965,21 +981,9 @@ mod cuda_lora {
                 ptr(sb, lb, "lora-linear B")?,
             );
             let tf32 = self.half();
-            // SAFETY: written by the GEMM (beta = 0) before anything reads it.
-            let mut t = unsafe { dev.alloc::<f32>(m * r)? };
-            let tp = out_ptr(&dev, &mut t);
             // t = x·Aᵀ, y += s·t·Bᵀ
-            gemm(
-                &dev,
-                (m, r, k),
-                1,
-                (xp, false, 0),
-                (ap, true, 0),
-                (tp, 0),
-                1.0,
-                0.0,
-                tf32,
-            )?;
+            let mut t = lora_t(&dev, (m, r, k), xp, ap, tf32)?;
+            let tp = out_ptr(&dev, &mut t);
             gemm(
                 &dev,
                 (m, n, r),
@@ -1091,23 +1095,7 @@ mod cuda_lora {
             // t = x·Aᵀ [m, r], kept from the forward or recomputed
             let mut t = match self.t.lock().expect("lora-linear cache poisoned").take() {
                 Some(t) => t,
-                None => {
-                    // SAFETY: written by the GEMM (beta = 0) before anything reads it.
-                    let mut t = unsafe { dev.alloc::<f32>(m * r)? };
-                    let tp = out_ptr(&dev, &mut t);
-                    gemm(
-                        &dev,
-                        (m, r, k),
-                        1,
-                        (xp, false, 0),
-                        (ap, true, 0),
-                        (tp, 0),
-                        1.0,
-                        0.0,
-                        half,
-                    )?;
-                    t
-                }
+                None => lora_t(&dev, (m, r, k), xp, ap, half)?,
             };
             let tp = out_ptr(&dev, &mut t);
             // u = G·B [m, r]

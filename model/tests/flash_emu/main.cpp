@@ -8,6 +8,7 @@
 #include <random>
 
 #include "flash.cu"
+#include "../emu_harness/checks.h"
 
 struct Case {
     const char* name;
@@ -19,22 +20,6 @@ static std::vector<__nv_bfloat16> to_bf16(const std::vector<float>& x) {
     std::vector<__nv_bfloat16> y(x.size());
     for (size_t i = 0; i < x.size(); i++) y[i] = __float2bfloat16(x[i]);
     return y;
-}
-
-static std::vector<float> rounded(const std::vector<float>& x) {
-    std::vector<float> y(x.size());
-    for (size_t i = 0; i < x.size(); i++) y[i] = __bfloat162float(__float2bfloat16(x[i]));
-    return y;
-}
-
-// ‖a − b‖ / ‖b‖ (b the reference), or ‖a‖ when the reference is all zeros.
-static double normwise(const std::vector<float>& a, const std::vector<double>& b) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); i++) {
-        num += (a[i] - b[i]) * (a[i] - b[i]);
-        den += b[i] * b[i];
-    }
-    return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
 // The worst row of a [rows, 64] tensor: ‖a_r − b_r‖ / (‖b_r‖ + 5% of the mean row norm), so

@@ -10,18 +10,9 @@
 #include <string>
 
 #include "kernels.cu"
+#include "../emu_harness/checks.h"
 
 static int failures = 0;
-
-// ‖a − b‖ / ‖b‖ (‖a‖ when b is all zeros).
-static double normwise(const std::vector<float>& a, const std::vector<double>& b) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < a.size(); i++) {
-        num += (a[i] - b[i]) * (a[i] - b[i]);
-        den += b[i] * b[i];
-    }
-    return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
 
 static double max_abs(const std::vector<float>& a, const std::vector<double>& b) {
     double m = 0;
@@ -47,18 +38,6 @@ static std::vector<float> randn(size_t n, unsigned seed, float scale = 1.f) {
     std::vector<float> x(n);
     for (auto& v : x) v = d(rng);
     return x;
-}
-
-static std::vector<float> widen(const std::vector<__nv_bfloat16>& x) {
-    std::vector<float> y(x.size());
-    for (size_t i = 0; i < x.size(); i++) y[i] = __bfloat162float(x[i]);
-    return y;
-}
-
-static std::vector<float> rounded(const std::vector<float>& x) {
-    std::vector<float> y(x.size());
-    for (size_t i = 0; i < x.size(); i++) y[i] = __bfloat162float(__float2bfloat16(x[i]));
-    return y;
 }
 
 static bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
