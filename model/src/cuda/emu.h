@@ -65,6 +65,21 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
 
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
+// CUDA's 16-byte vector type, for vectorised copies (the harnesses build with
+// -fno-strict-aliasing, as such copies reinterpret other element types).
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+// Aborts on a pointer a GPU would fault on for an access of `bytes` bytes.
+inline void emu_check_align(const void* p, size_t bytes, const char* what) {
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+        std::fprintf(stderr, "%s: %p is not %zu-byte aligned\n", what, p, bytes);
+        std::abort();
+    }
+}
+
 inline float __int_as_float(int i) {
     float f;
     std::memcpy(&f, &i, 4);

@@ -60,12 +60,25 @@ __device__ __forceinline__ bool visible(int i, int j, int T, int window, const u
 }
 
 // Copies rows [row0, row0 + rows) of a [*, 64] bf16 matrix into shared memory (ld 64),
-// rows at or past `limit` as zeros.
+// rows at or past `limit` as zeros: 16 bytes (8 values) per thread and step. Rows are 128
+// bytes and every buffer passed here starts on a 16-byte boundary (the packed tensors at
+// multiples of 64 values into their allocation, the shared tiles __align__(32)); the CPU
+// emulation checks it, as a GPU would fault on a misaligned vector access.
 __device__ __forceinline__ void load_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0,
                                           int rows, int limit) {
-    for (int idx = threadIdx.x; idx < rows * D; idx += THREADS) {
-        int r = idx / D, c = idx % D;
-        dst[idx] = row0 + r < limit ? src[(size_t)(row0 + r) * D + c] : __float2bfloat16(0.f);
+    // (16 / sizeof: the emulator's f32-wide "bf16" of RINGTUNE_EMU_EXACT takes 4 per step.)
+    constexpr int V = 16 / sizeof(__nv_bfloat16), PER_ROW = D / V;
+    for (int idx = threadIdx.x; idx < rows * PER_ROW; idx += THREADS) {
+        int r = idx / PER_ROW, c = (idx % PER_ROW) * V;
+        const __nv_bfloat16* from = src + (size_t)(row0 + r) * D + c;
+        __nv_bfloat16* to = dst + r * D + c;
+#ifdef RINGTUNE_EMU
+        emu_check_align(to, 16, "load_rows destination");
+        if (row0 + r < limit) emu_check_align(from, 16, "load_rows source");
+#endif
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);  // bf16 zeros
+        if (row0 + r < limit) val = *reinterpret_cast<const uint4*>(from);
+        *reinterpret_cast<uint4*>(to) = val;
     }
 }
 
