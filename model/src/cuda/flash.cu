@@ -207,7 +207,9 @@ extern "C" __global__ void flash_fwd_d64(const __nv_bfloat16* q, const __nv_bflo
         }
         sum += __shfl_xor_sync(0xffffffff, sum, 1);
         float* orow = Os + row * OLD;
-        for (int c = half; c < D; c += 2) orow[c] *= alpha;
+        // Once a row's maximum has settled, alpha is exactly 1: skip the shared-memory pass.
+        if (alpha != 1.f)
+            for (int c = half; c < D; c += 2) orow[c] *= alpha;
         __syncwarp();  // both lanes of a row have read Ms[row]
         if (half == 0) {
             Ms[row] = m_new;
