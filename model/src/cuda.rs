@@ -659,9 +659,27 @@ pub(crate) fn swiglu_fwd(
     // SAFETY: every element is written by the kernel.
     let mut y = unsafe { dev.alloc::<f32>(n)? };
     let yp = out_ptr(&dev, &mut y);
-    let n_i = n as i64;
-    launch!(&dev, "swiglu_fwd", elems_cfg(n), gp, up, yp, n_i);
+    if let Some(n4) = float4s(n, &[gp, up, yp]) {
+        launch!(
+            &dev,
+            "swiglu_fwd_v4",
+            elems_cfg(n4 as usize),
+            gp,
+            up,
+            yp,
+            n4
+        );
+    } else {
+        let n_i = n as i64;
+        launch!(&dev, "swiglu_fwd", elems_cfg(n), gp, up, yp, n_i);
+    }
     Ok(CudaStorage::wrap_cuda_slice(y, dev))
+}
+
+/// `n / 4` when `n` f32 values at each of `ptrs` can be read as float4s (`n` a multiple of
+/// 4, every pointer 16-byte aligned), for the `_v4` kernels.
+fn float4s(n: usize, ptrs: &[u64]) -> Option<i64> {
+    (n.is_multiple_of(4) && ptrs.iter().all(|p| p.is_multiple_of(16))).then_some((n / 4) as i64)
 }
 
 /// SwiGLU's gradients `[dg | du]` from `g`, `u` (captured) and the output gradient `d`.
@@ -677,8 +695,22 @@ pub(crate) fn swiglu_bwd(
     // SAFETY: every element of both halves is written by the kernel.
     let mut out = unsafe { dev.alloc::<f32>(2 * n)? };
     let op = out_ptr(&dev, &mut out);
-    let n_i = n as i64;
-    launch!(&dev, "swiglu_bwd", elems_cfg(n), gp, up, dp, op, n_i);
+    // The du half starts n floats in: aligned when n is a multiple of 4.
+    if let Some(n4) = float4s(n, &[gp, up, dp, op]) {
+        launch!(
+            &dev,
+            "swiglu_bwd_v4",
+            elems_cfg(n4 as usize),
+            gp,
+            up,
+            dp,
+            op,
+            n4
+        );
+    } else {
+        let n_i = n as i64;
+        launch!(&dev, "swiglu_bwd", elems_cfg(n), gp, up, dp, op, n_i);
+    }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 

@@ -65,12 +65,16 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
 
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
-// CUDA's 16-byte vector type, for vectorised copies (the harnesses build with
+// CUDA's 16-byte vector types, for vectorised loads and copies (the harnesses build with
 // -fno-strict-aliasing, as such copies reinterpret other element types).
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 // Aborts on a pointer a GPU would fault on for an access of `bytes` bytes.
 inline void emu_check_align(const void* p, size_t bytes, const char* what) {

@@ -17,7 +17,13 @@ pub fn run_harness(harness: &str, defines: &[&str], expected_ok: usize) {
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join(harness);
     let built = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-pthread", "-fno-strict-aliasing", "-DRINGTUNE_EMU"])
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-pthread",
+            "-fno-strict-aliasing",
+            "-DRINGTUNE_EMU",
+        ])
         .args(defines)
         .arg("-I")
         .arg(root.join("src/cuda"))

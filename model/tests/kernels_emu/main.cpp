@@ -99,6 +99,16 @@ static void swiglu() {
     }
     check("swiglu_fwd", normwise(y, ry), 1e-6);
     check("swiglu_bwd", normwise(dgu, rdgu), 1e-6);
+    // The float4 kernels (n a multiple of 4, vectors 16-byte aligned): the same per-element
+    // arithmetic, so the same bits.
+    std::vector<float> y4(n), dgu4(2 * n);
+    const long long n4 = n / 4;
+    auto v4 = [](std::vector<float>& x) { return reinterpret_cast<float4*>(x.data()); };
+    emu_launch({3, 1, 1}, {64, 1, 1}, [&] { swiglu_fwd_v4(v4(g), v4(u), v4(y4), n4); });
+    emu_launch({3, 1, 1}, {64, 1, 1},
+               [&] { swiglu_bwd_v4(v4(g), v4(u), v4(d), v4(dgu4), n4); });
+    check_true("swiglu_fwd_v4 == swiglu_fwd", same_bits(y4, y));
+    check_true("swiglu_bwd_v4 == swiglu_bwd", same_bits(dgu4, dgu));
 }
 
 static void rope_and_bias() {
