@@ -10,7 +10,8 @@
 # 1f. the same through ringtune coordinator --collective nccl + one ringtune node (NCCL
 #     through the node driver, world size 1)
 # 2. NCCL world-size-1 smoke test through ringtune-collectives (if .gpu/nccl_smoke exists)
-# 3. PyTorch + PEFT reference (gpu_peft_bench.py), last, so ringtune's numbers come first
+# 3. PyTorch + PEFT reference (gpu_peft_bench.py), so ringtune's numbers come first
+# 4. the short table last: tokens/s and peak memory side by side (side_by_side.sh)
 # Everything is also written to $OUT/ (or ./gpu-check-out when $OUT is unset).
 # Budgets (seconds) can be overridden: GPU_CHECK_S, FLASH_PARITY_S, FLASH_S, DEVICE_S, TRAIN_S,
 # NCCL_S, TORCH_S.
@@ -142,6 +143,10 @@ echo
 
 echo "== 3. PyTorch + PEFT reference (timeout ${TORCH_S}s)"
 timeout -k 5 "$TORCH_S" /opt/torch/.venv/bin/python3 .gpu/gpu_peft_bench.py \
-  --presets qwen05b,llama1b --steps 5 --warmup 2 2>&1
-echo "pytorch bench exit: $?  (total elapsed $(( $(date +%s) - t0 ))s)"
+  --presets qwen05b,llama1b --steps 5 --warmup 2 2>&1 | tee "$OUTDIR/torch.txt"
+echo "pytorch bench exit: ${PIPESTATUS[0]}  (total elapsed $(( $(date +%s) - t0 ))s)"
+echo
+
+echo "== 4. side by side: ringtune (steps 1 and 1g') and PyTorch + PEFT (step 3), this call"
+bash deploy/gpu/side_by_side.sh "$OUTDIR"
 } 2>&1 | tee "$LOG"
