@@ -252,16 +252,7 @@ fn run_chunked(
                 };
                 // The weight stays in its dtype: converting a bf16 lm_head to f32 per
                 // chunk would cost more than the matmul (ops::matmul_w: f32 result).
-                let mut gh = if g.dtype() == DType::F32 {
-                    ops::matmul_w(&g, w)?.to_dtype(DType::F32)?
-                } else {
-                    #[cfg(feature = "cuda")]
-                    {
-                        ops::matmul_w_half(&g, w)?
-                    }
-                    #[cfg(not(feature = "cuda"))]
-                    unreachable!("bf16 logit gradients come from the CUDA kernel only")
-                };
+                let mut gh = ops::matmul_w(&g, w)?.to_dtype(DType::F32)?;
                 if let (Some(ad), Some(hs), Some(xs)) = (adapter, hsel, xsel) {
                     let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
                     // logits += s · (h Aᵀ) Bᵀ:

@@ -526,28 +526,13 @@ pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1_no_bwd(&op)?)
 }
 
-/// `g · W` with an f32 result for `g` already in the frozen `W`'s half-precision dtype
-/// (the head's logit gradients, written as bf16 by their kernel); GPU only.
-#[cfg(feature = "cuda")]
-pub(crate) fn matmul_w_half(g: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if g.dtype() != w.dtype() || !g.device().is_cuda() {
-        return Err(crate::Error::InvalidBatch(format!(
-            "half-gemm: input {:?} on {:?} for a {:?} weight",
-            g.dtype(),
-            g.device(),
-            w.dtype()
-        )));
-    }
-    let op = HalfGemm {
-        w: w.clone(),
-        backward: true,
-    };
-    Ok(g.contiguous()?.apply_op1_no_bwd(&op)?)
-}
-
-/// `g · W` without autograd for the head (the input gradient of [`matmul_wt`]).
+/// `g · W` without autograd for the head (the input gradient of [`matmul_wt`]): a plain
+/// matmul when the dtypes agree, except a half-precision `g` on a GPU (the logit gradients
+/// the loss kernel writes as bf16), which, like an f32 `g` against a half-precision `W`,
+/// goes through the half-precision GEMM with an f32 result.
 pub(crate) fn matmul_w(g: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if g.dtype() == w.dtype() {
+    let half_on_gpu = g.device().is_cuda() && matches!(g.dtype(), DType::BF16 | DType::F16);
+    if g.dtype() == w.dtype() && !half_on_gpu {
         return Ok(g.matmul(w)?);
     }
     let op = HalfGemm {

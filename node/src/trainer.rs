@@ -992,9 +992,10 @@ const HASH_LEAF: usize = 1 << 20;
 /// A SHA-256 tree over flat adapter parameters' bits (little-endian f32, layout order):
 /// SHA-256 of each 4 MiB leaf, in parallel, then SHA-256 of a domain tag, the float count
 /// and the leaves' digests in order. Equal on two ranks exactly when their adapters are
-/// bit-identical (up to SHA-256 collisions), and independent of the thread count. One
-/// serial SHA-256 over qwen05b's 17.6 M adapter floats at r = 32 took 58 ms on a 2-core
-/// Xeon: a third of a GPU step, paid after every step at `--hash-every 1`.
+/// bit-identical (up to SHA-256 collisions), and independent of the thread count. The
+/// serial SHA-256 this replaced took 69 ms over qwen05b's 17.6 M adapter floats at r = 32
+/// on a 2-core Xeon (about a third of a GPU step, paid after every step at
+/// `--hash-every 1`); this takes 31–38 ms there.
 pub(crate) fn params_sha256(params: &[f32]) -> [u8; 32] {
     use rayon::prelude::*;
     use sha2::{Digest, Sha256};
