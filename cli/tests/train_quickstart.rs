@@ -123,3 +123,46 @@ fn init_model_refuses_existing_folders_and_unknown_presets() {
     assert!(err.contains("`quickstart`, `tiny`, `smol`"), "{err}");
     assert!(!out.exists());
 }
+
+/// `bench train --profile` prints the stream profile of one more step (to stderr, so the
+/// `--json` line stays one object): every layer's ops, once per call, in the step's phases.
+#[test]
+fn bench_train_profile_shows_every_op_of_a_step() {
+    let o = ringtune(&[
+        "bench",
+        "train",
+        "--preset",
+        "tiny",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--json",
+        "--profile",
+    ]);
+    assert_ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["steps"], 1);
+    let err = stderr(&o);
+    let calls = |op: &str| -> usize {
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(&format!("| {op} |")))
+            .unwrap_or_else(|| panic!("no row {op:?} in:\n{err}"));
+        line.split('|').nth(2).unwrap().trim().parse().unwrap()
+    };
+    // The tiny preset: 4 layers, seven adapted projections each.
+    assert_eq!(calls("lora-linear"), 28, "{err}");
+    assert_eq!(calls("lora-linear (bwd)"), 28, "{err}");
+    assert_eq!(calls("attention"), 4, "{err}");
+    for phase in ["trunk forward", "head", "trunk backward", "optimizer"] {
+        assert_eq!(calls(phase), 1, "{phase}: {err}");
+    }
+    assert!(err.contains("| outside these ops"), "{err}");
+}

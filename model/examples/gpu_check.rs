@@ -691,6 +691,7 @@ fn throughput(
                     let n_base = cfg.num_parameters();
                     if ops {
                         print_ops(&model, rows, t, cfg.vocab_size);
+                        print_stream_profile(&model, rows, t);
                     }
                     if (rows, t) != batches[0] {
                         notes.push(format!(
@@ -743,6 +744,54 @@ fn print_ops(model: &LoraModel, rows: usize, t: usize, vocab: usize) {
         println!("  {line}");
     }
     println!();
+}
+
+/// Prints the stream profile (`ringtune_model::prof`) of one real training step at
+/// `rows x t` (forward_backward and AdamW, as [`train_steps`] times them), after one
+/// unprofiled step to warm up.
+fn print_stream_profile(model: &LoraModel, rows: usize, t: usize) {
+    use ringtune_model::prof::{capture, span, Kind};
+    let r = (|| -> ringtune_model::Result<ringtune_model::prof::Profile> {
+        let dev = model.device();
+        let opt = AdamW::new(AdamWConfig::default(), model.param_layout().clone());
+        let mut dev_opt = (!dev.is_cpu())
+            .then(|| DeviceAdamW::from_host(&opt, dev))
+            .transpose()?;
+        let mut host = (opt, model.params_flat()?);
+        let mut step = |seed: u64| -> ringtune_model::Result<()> {
+            let batch = make_batch(rows, t, model.config().vocab_size, seed)?;
+            let (out, mut grads) = model.forward_backward(&batch, LossKind::CrossEntropy)?;
+            let _opt = span("optimizer", Kind::Phase, dev);
+            match dev_opt.as_mut() {
+                Some(o) => o
+                    .step_model(model, &grads, 1.0 / out.weight_sum, 1e-4)
+                    .map(drop),
+                None => {
+                    grads.scale(1.0 / out.weight_sum)?;
+                    let mut g = grads.to_flat()?;
+                    host.0.step_flat(&mut host.1, &mut g, 1e-4)?;
+                    model.set_params_flat(&host.1)
+                }
+            }
+        };
+        step(21)?;
+        Ok(capture(dev, || step(22))?.1)
+    })();
+    match r {
+        Ok(p) => {
+            let clock = if model.device().is_cpu() {
+                "the host clock"
+            } else {
+                "CUDA events, no synchronisation between ops"
+            };
+            println!("\n  stream profile of one step, batch {rows}x{t} ({clock}):\n");
+            for line in p.to_string().lines() {
+                println!("  {line}");
+            }
+            println!();
+        }
+        Err(e) => println!("  stream profile failed: {e}"),
+    }
 }
 
 fn main() {

@@ -173,7 +173,10 @@ fn run_chunked(
     while r0 < n {
         let rows = step.min(n - r0);
         let hc = h.narrow(0, r0, rows)?;
-        let mut logits = ops::matmul_wt(&hc, w)?;
+        let mut logits = {
+            let _p = crate::prof::op("head logits", &hc);
+            ops::matmul_wt(&hc, w)?
+        };
         let mut ha = None;
         if let Some(ad) = adapter {
             let hcf = hc.to_dtype(DType::F32)?;
@@ -190,6 +193,7 @@ fn run_chunked(
             &valid[r0..r0 + rows],
         );
         let (qc, ac) = (&q_all[r0..r0 + rows], &a_all[r0..r0 + rows]);
+        let loss_span = crate::prof::op("head loss", &logits);
         let (rows_out, g) = if fast {
             let op = LossRows {
                 targets: tg,
@@ -218,6 +222,7 @@ fn run_chunked(
         } else {
             generic_rows(&logits, tg, wt, qc, ac, vd, kind, want_grad)?
         };
+        drop(loss_span);
         for (i, &(lp, term, _)) in rows_out.iter().enumerate() {
             logprobs[r0 + i] = lp;
             loss_sum += term;
@@ -252,7 +257,10 @@ fn run_chunked(
                 };
                 // The weight stays in its dtype: converting a bf16 lm_head to f32 per
                 // chunk would cost more than the matmul (ops::matmul_w: f32 result).
-                let mut gh = ops::matmul_w(&g, w)?.to_dtype(DType::F32)?;
+                let mut gh = {
+                    let _p = crate::prof::op("head dh", &g);
+                    ops::matmul_w(&g, w)?.to_dtype(DType::F32)?
+                };
                 if let (Some(ad), Some(hs), Some(xs)) = (adapter, hsel, xsel) {
                     let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
                     // logits += s · (h Aᵀ) Bᵀ:

@@ -21,6 +21,7 @@
 //! - [`optim`], [`schedule`]: [`AdamW`], [`LrSchedule`].
 //! - [`peft`], [`merge`]: adapter folders, merging into a full model.
 //! - [`preset`]: benchmark shapes, [`write_random_model`].
+//! - [`prof`]: the stream profile of a real step, op by op.
 //! - [`kv_cache`], [`sample`]: incremental decoding, [`LoraModel::sample`],
 //!   [`LoraModel::prompt_logprobs`].
 
@@ -42,6 +43,7 @@ mod ops;
 pub mod optim;
 pub mod peft;
 pub mod preset;
+pub mod prof;
 pub mod sample;
 pub mod schedule;
 pub mod weights;

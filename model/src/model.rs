@@ -1066,18 +1066,24 @@ impl LoraModel {
             Ok(())
         };
         let t0 = std::time::Instant::now();
+        let phase = |name| crate::prof::span(name, crate::prof::Kind::Phase, &self.device);
+        let fwd_span = phase("trunk forward");
         let (h, checkpoints) = if self.activation_checkpointing() {
             let (h, c) = self.trunk_checkpointed(&ids, dropout)?;
             (h, Some(c))
         } else {
             (self.trunk(&ids, None, Adapters::On, dropout)?, None)
         };
+        drop(fwd_span);
         sync()?;
         let t1 = std::time::Instant::now();
         let hd = h.detach();
+        let head_span = phase("head");
         let out = head::run(&hd, &self.lm_head, batch, kind, Adapters::On, true)?;
+        drop(head_span);
         sync()?;
         let t2 = std::time::Instant::now();
+        let bwd_span = phase("trunk backward");
         let grad_h = out
             .grad_h
             .ok_or_else(|| Error::Unsupported("head returned no gradient".into()))?;
@@ -1093,6 +1099,7 @@ impl LoraModel {
                 vec![store]
             }
         };
+        drop(bwd_span);
         if prof {
             sync()?;
             let t3 = std::time::Instant::now();

@@ -267,6 +267,7 @@ impl CustomOp1 for FrozenLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        let _p = crate::prof::op("frozen-linear (bwd)", grad);
         let out = self.w.dim(0)?;
         let g = grad.reshape(((), out))?;
         Ok(Some(g.matmul(&self.w)?.reshape(arg.shape())?))
@@ -285,6 +286,7 @@ pub(crate) fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         od.push(out);
         return Ok(y.reshape(od)?);
     }
+    let _p = crate::prof::op("frozen-linear", &x);
     Ok(x.apply_op1_arc(Arc::new(Box::new(FrozenLinear { w: w.clone() })))?)
 }
 
@@ -375,6 +377,7 @@ impl CustomOp1 for HalfGemm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        let _p = crate::prof::op("half-gemm (bwd)", grad);
         let g = grad.contiguous()?;
         let op = HalfGemm {
             w: self.w.clone(),
@@ -502,6 +505,7 @@ mod cuda_half_gemm {
 /// GEMM reads both in the weight's dtype and accumulates and returns f32 (see
 /// [`HalfGemm`]); the backward gives the gradient of `x` only, the same way.
 pub(crate) fn half_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let _p = crate::prof::op("half-gemm", x);
     let x = x.contiguous()?;
     let op = HalfGemm {
         w: w.clone(),
@@ -519,6 +523,7 @@ pub(crate) fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if x.dtype() == w.dtype() {
         return Ok(x.matmul(&w.t()?)?);
     }
+    let _p = crate::prof::op("half-gemm", x);
     let op = HalfGemm {
         w: w.clone(),
         backward: false,
@@ -535,6 +540,7 @@ pub(crate) fn matmul_w(g: &Tensor, w: &Tensor) -> Result<Tensor> {
     if g.dtype() == w.dtype() && !half_on_gpu {
         return Ok(g.matmul(w)?);
     }
+    let _p = crate::prof::op("half-gemm", g);
     let op = HalfGemm {
         w: w.clone(),
         backward: true,
@@ -771,6 +777,7 @@ impl CustomOp3 for LoraLinearOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::prof::op("lora-linear (bwd)", grad);
         let g = host_f32(grad)?;
         let (m, k) = x.dims2()?;
         let (r, n) = (a.dim(0)?, b.dim(0)?);
@@ -992,6 +999,7 @@ mod cuda_lora {
             _res: &Tensor,
             grad: &Tensor,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let _p = crate::prof::op("lora-linear (bwd)", grad);
             let g = grad.contiguous()?;
             let want_dx = x.track_op();
             let (m, k) = x.dims2()?;
@@ -1157,6 +1165,7 @@ pub(crate) fn lora_linear_fused(
         && b.dtype() == DType::F32
         && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
     {
+        let _p = crate::prof::op("lora-linear", x);
         let x = x.contiguous()?;
         let op = cuda_lora::CudaLoraLinear {
             w: w.clone(),
@@ -1170,6 +1179,7 @@ pub(crate) fn lora_linear_fused(
     if !(cpu_f32(x) && x.rank() == 2 && w.dtype() == DType::F32 && a.dtype() == DType::F32) {
         return Ok(None);
     }
+    let _p = crate::prof::op("lora-linear", x);
     let x = x.contiguous()?;
     let op = LoraLinearOp {
         w: w.clone(),
@@ -1228,6 +1238,7 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         d: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::prof::op("swiglu (bwd)", d);
         let d = d.contiguous()?;
         if !g.device().is_cpu() {
             // [dg | du] in one buffer from one kernel, split into views.
@@ -1298,6 +1309,7 @@ impl CustomOp1 for SwiGluBwd {
 /// `silu(gate) · up`.
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if cpu_f32(gate) || (cuda_f32(gate, "swiglu") && up.dtype() == DType::F32) {
+        let _p = crate::prof::op("swiglu", gate);
         let (g, u) = (gate.contiguous()?, up.contiguous()?);
         return Ok(g.apply_op2_arc(&u, Arc::new(Box::new(SwiGlu)))?);
     }
@@ -1348,6 +1360,7 @@ impl CustomOp1 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        let _p = crate::prof::op("rms-norm (bwd)", grad);
         let g = grad.contiguous()?;
         Ok(Some(arg.apply_op2_no_bwd(
             &g,
@@ -1415,6 +1428,7 @@ impl CustomOp2 for RmsNormBwd {
 /// `w · (x · rsqrt(mean(x²) + eps))` in f32.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if cpu_f32(x) || (cuda_f32(x, "rms") && w.dtype() == DType::F32) {
+        let _p = crate::prof::op("rms-norm", x);
         let x = x.contiguous()?;
         return Ok(x.apply_op1_arc(Arc::new(Box::new(RmsNorm {
             w: w.clone(),
@@ -1492,6 +1506,7 @@ impl CustomOp1 for Rope {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         // A rotation's transpose is the rotation by −θ.
+        let _p = crate::prof::op("rope (bwd)", grad);
         let g = grad.contiguous()?;
         let inv = Rope {
             cos: self.cos.clone(),
@@ -1506,6 +1521,7 @@ impl CustomOp1 for Rope {
 pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let tables_f32 = cos.dtype() == DType::F32 && sin.dtype() == DType::F32;
     if cpu_f32(x) || (cuda_f32(x, "rope") && tables_f32 && x.dim(D::Minus1)? % 2 == 0) {
+        let _p = crate::prof::op("rope", x);
         let x = x.contiguous()?;
         let op = Rope {
             cos: cos.clone(),
@@ -1664,6 +1680,7 @@ impl CustomOp2 for AttnProbs {
         p: &Tensor,
         dp: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::prof::op("attention-probs (bwd)", dp);
         let dp = dp.contiguous()?;
         let (qs, ql) = q.storage_and_layout();
         let (ks, kl) = k.storage_and_layout();
@@ -1727,6 +1744,7 @@ pub(crate) fn attention_probs(
     mask: &AttnMask,
 ) -> Result<Tensor> {
     if cpu_f32(q) {
+        let _p = crate::prof::op("attention-probs", q);
         let (q, k) = (q.contiguous()?, k.contiguous()?);
         let op = AttnProbs {
             scale: scale as f32,
@@ -1792,6 +1810,7 @@ pub(crate) fn attention_block(
         && [k, v, cos, sin].iter().all(|x| x.dtype() == DType::F32)
         && cos.device().is_cpu()
     {
+        let _p = crate::prof::op("attention", q);
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let op = cpu_attn::CpuAttnBlock::new((cos, sin), (b, t, heads, kv, d), scale, mask);
         return Ok(Some(q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))?));
@@ -1837,6 +1856,7 @@ mod cuda_attn {
         mask: &AttnMask,
         tf32: bool,
     ) -> Result<Tensor> {
+        let _p = crate::prof::op("attention", q);
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         if q.dims() != [b * t, heads * d] || k.dims() != [b * t, kv * d] || v.dims() != k.dims() {
             return Err(candle_core::Error::Msg(format!(
@@ -1921,6 +1941,7 @@ mod cuda_attn {
             res: &Tensor,
             grad: &Tensor,
         ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let _p = crate::prof::op("attention (bwd)", grad);
             let g = grad.contiguous()?;
             let lse = self.lse.lock().expect("attention lse poisoned").take();
             let op = AttnBlockBwd {

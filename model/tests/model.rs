@@ -1209,3 +1209,65 @@ fn device_adamw_with_the_host_norm_takes_the_host_adamw_bits() {
     .unwrap();
     assert_eq!(loaded, host);
 }
+
+/// The stream profile of a real step (`ringtune_model::prof`) sees every op the step runs,
+/// once per call, inside the phases of `forward_backward`, and changes nothing it measures.
+#[test]
+fn stream_profile_counts_every_op_of_a_step_and_changes_no_number() {
+    use ringtune_model::prof::{capture, Row};
+    let dir = tiny().join("base");
+    let cfg = ModelConfig::from_file(dir.join("config.json")).unwrap();
+    let layers = cfg.num_hidden_layers;
+    let model = LoraModel::load(&dir, &all_targets(4), &Device::Cpu, DType::F32, 0).unwrap();
+    let v = cfg.vocab_size as u32;
+    let rows: Vec<Vec<u32>> = [40usize, 33]
+        .iter()
+        .map(|&n| (0..n as u32).map(|i| (i * 11 + 5) % v).collect())
+        .collect();
+    let weights: Vec<Vec<f32>> = rows.iter().map(|r| vec![1.0; r.len()]).collect();
+    let batch = Batch::from_token_rows(&rows, &weights, 0).unwrap();
+
+    let (plain, plain_grads) = model
+        .forward_backward(&batch, LossKind::CrossEntropy)
+        .unwrap();
+    let ((out, grads), p) = capture(&Device::Cpu, || {
+        model.forward_backward(&batch, LossKind::CrossEntropy)
+    })
+    .unwrap();
+    assert_eq!(out.loss_sum.to_bits(), plain.loss_sum.to_bits());
+    for ((k, a), (_, b)) in grads.tensors().iter().zip(plain_grads.tensors()) {
+        assert_eq!(vec_f32(a), vec_f32(b), "{k}");
+    }
+
+    let calls = |name: &str| p.ops.iter().find(|o| o.name == name).map_or(0, |o| o.calls);
+    // Seven adapted projections per layer (lm_head's adapter is the head's own code).
+    assert_eq!(calls("lora-linear"), 7 * layers, "{p}");
+    assert_eq!(calls("lora-linear (bwd)"), 7 * layers, "{p}");
+    for op in ["attention", "attention (bwd)", "swiglu", "swiglu (bwd)"] {
+        assert_eq!(calls(op), layers, "{op}: {p}");
+    }
+    // Two norms per layer and the final one; the first norm's input (the embeddings)
+    // needs no gradient, so its backward never runs.
+    assert_eq!(calls("rms-norm"), 2 * layers + 1, "{p}");
+    assert_eq!(calls("rms-norm (bwd)"), 2 * layers, "{p}");
+    assert!(calls("head loss") >= 1 && calls("head logits") == calls("head loss"));
+    let phases: Vec<(&str, usize)> = p
+        .phases
+        .iter()
+        .map(|r| (r.name.as_str(), r.calls))
+        .collect();
+    assert_eq!(
+        phases,
+        [("trunk forward", 1), ("head", 1), ("trunk backward", 1)]
+    );
+    // Outermost spans only: the ops never cover more than the capture.
+    let in_ops: f64 = p.ops.iter().map(|o: &Row| o.ms).sum();
+    assert!(in_ops <= p.total_ms + 1e-6, "{p}");
+    assert!((p.total_ms - in_ops - p.outside_ops_ms).abs() < 1e-6);
+    let in_phases: f64 = p.phases.iter().map(|r| r.ms).sum();
+    assert!(in_phases <= p.total_ms + 1e-6, "{p}");
+
+    // Off again after the capture: a capture of nothing sees nothing of the earlier step.
+    let ((), empty) = capture(&Device::Cpu, || Ok(())).unwrap();
+    assert!(empty.ops.is_empty() && empty.phases.is_empty());
+}

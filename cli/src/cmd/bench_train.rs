@@ -10,6 +10,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use ringtune_model::prof::Kind;
 use ringtune_model::{
     AdamW, AdamWConfig, Batch, Device, DeviceAdamW, LoraConfig, LoraModel, LossKind, ModelPreset,
 };
@@ -57,6 +58,11 @@ pub struct Args {
     /// backward on the first layer's shapes, times how often a step runs it).
     #[arg(long)]
     ops: bool,
+    /// After the timed steps, print the stream profile of one more step: each op's time
+    /// within a real step (on a GPU from CUDA events, without synchronising between ops),
+    /// the step's phases, and the time outside ringtune's ops (to stderr).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Prints [`LoraModel::profile_ops`] at `b x t` as a markdown table (to stderr, so `--json`
@@ -164,13 +170,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     let mut times = Vec::with_capacity(args.steps);
     let mut losses = Vec::with_capacity(args.warmup + args.steps);
-    for step in 0..args.warmup + args.steps {
+    // One step: forward_backward and AdamW; the loss.
+    let mut train_step = |rng: &mut u64| -> ringtune_model::Result<f64> {
         let tokens: Vec<u32> = (0..b * (t + 1))
-            .map(|_| (splitmix64(&mut rng) % cfg.vocab_size as u64) as u32)
+            .map(|_| (splitmix64(rng) % cfg.vocab_size as u64) as u32)
             .collect();
         let batch = Batch::from_dense_tokens(b, t + 1, &tokens, &weights)?;
-        let t0 = Instant::now();
         let (out, mut grads) = model.forward_backward(&batch, LossKind::CrossEntropy)?;
+        let _phase = ringtune_model::prof::span("optimizer", Kind::Phase, &device);
         let lr = opt.config().lr;
         if let Some(o) = dev_opt.as_mut() {
             o.step_model(&model, &grads, 1.0 / out.weight_sum, lr)?;
@@ -181,11 +188,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             opt.step_flat(&mut params, &mut g, lr)?;
             model.set_params_flat(&params)?;
         }
+        Ok(out.mean())
+    };
+    for step in 0..args.warmup + args.steps {
+        let t0 = Instant::now();
+        losses.push(train_step(&mut rng)?);
         let dt = t0.elapsed().as_secs_f64();
-        losses.push(out.mean());
         if step >= args.warmup {
             times.push(dt);
         }
+    }
+    if args.profile {
+        let (_, p) = ringtune_model::prof::capture(&device, || train_step(&mut rng))?;
+        eprintln!("stream profile of one more step:\n\n{p}");
     }
     if args.ops {
         print_ops(&model, b, t, cfg.vocab_size, &mut rng)?;

@@ -209,6 +209,7 @@ impl CustomOp3 for CpuAttnBlock {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _p = crate::prof::op("attention (bwd)", grad);
         let (b, t, heads, kv, d) = self.dims;
         let rep = heads / kv;
         let half = d / 2;
