@@ -75,6 +75,17 @@ fn an_interrupted_distributed_run_resumes_to_the_uninterrupted_adapter() {
     let run = dir.path().join("run");
     let stopped_at = *metrics_steps(&run).last().unwrap();
     assert!(stopped_at < STEPS, "the run finished before the interrupt");
+    // The interrupt lets the step in flight finish and rank 0 save after it: no
+    // completed step is lost.
+    assert!(
+        err.contains(&format!(
+            "interrupted after step {stopped_at}; last checkpoint: step {stopped_at}"
+        )),
+        "{err}"
+    );
+    assert!(run
+        .join(format!("checkpoints/step-{stopped_at}/adapter"))
+        .is_dir());
 
     // A fresh start into the folder is refused and changes nothing.
     let (st, err) = spawn(&["train", cfg_s, "--plain"], &[]).wait_exit(60);

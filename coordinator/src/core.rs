@@ -237,6 +237,9 @@ pub enum Event {
     },
     /// A message that did not fit the state; dropped, with the reason.
     Ignored { node: NodeId, reason: String },
+    /// The user interrupted the run: `step` (in flight) finishes, rank 0 saves a
+    /// checkpoint after it, then the run stops. A second interrupt stops at once.
+    Interrupting { step: Step },
     /// `Stop` was sent to every node.
     Stopping(StopReason),
     /// These nodes never acknowledged the stop; the driver should close them.
@@ -328,6 +331,8 @@ pub struct Coordinator {
     /// Σ wall time of completed steps (the earlier segments' included).
     elapsed: Duration,
     pending_saves: BTreeMap<Step, PendingSave>,
+    /// The user interrupted a running step: save after it, then stop.
+    interrupting: bool,
     state: State,
     outcome: Option<Outcome>,
     commands: VecDeque<Outgoing>,
@@ -363,6 +368,7 @@ impl Coordinator {
             last_checkpoint: resume_from,
             elapsed,
             pending_saves: BTreeMap::new(),
+            interrupting: false,
             state: State::Gathering {
                 since: now,
                 deadline,
@@ -493,13 +499,48 @@ impl Coordinator {
                 self.events.push_back(Event::StopTimedOut { unacked });
                 self.finish(outcome);
             }
-            _ => {
-                let outcome = Outcome::Interrupted {
-                    last_completed: self.last_completed,
-                    last_checkpoint: self.last_checkpoint,
-                };
-                self.stop(now, StopReason::Interrupted, outcome);
+            State::Running { step, .. } if !self.interrupting => {
+                // Finish the step in flight, save after it (complete_step), then stop.
+                let step = *step;
+                self.interrupting = true;
+                self.events.push_back(Event::Interrupting { step });
             }
+            _ => self.stop_interrupted(now),
+        }
+    }
+
+    fn stop_interrupted(&mut self, now: Instant) {
+        let outcome = Outcome::Interrupted {
+            last_completed: self.last_completed,
+            last_checkpoint: self.last_checkpoint,
+        };
+        self.stop(now, StopReason::Interrupted, outcome);
+    }
+
+    /// After an interrupt, with `step` just completed: rank 0 saves a checkpoint after it
+    /// (unless one is already pending for it), and the run stops once it is recorded.
+    fn save_then_stop(&mut self, now: Instant, step: Step) {
+        let deadline = now + self.cfg.timeouts.save;
+        if step > self.last_checkpoint && !self.pending_saves.contains_key(&step) {
+            self.pending_saves.insert(
+                step,
+                PendingSave {
+                    confirmed: false,
+                    deadline: Some(deadline),
+                },
+            );
+            self.commands.push_back(Outgoing {
+                to: self.ring[0],
+                command: Command::Save {
+                    generation: self.generation,
+                    step,
+                },
+            });
+        }
+        if self.pending_saves.is_empty() {
+            self.stop_interrupted(now);
+        } else {
+            self.state = State::Finishing { deadline };
         }
     }
 
@@ -1203,6 +1244,10 @@ impl Coordinator {
                 p.deadline = Some(now + self.cfg.timeouts.save);
             }
         }
+        if self.interrupting && step < self.total_steps {
+            self.save_then_stop(now, step);
+            return;
+        }
         self.begin_step(now, step.next());
     }
 
@@ -1251,6 +1296,10 @@ impl Coordinator {
     }
 
     fn complete_run(&mut self, now: Instant) {
+        if self.interrupting && self.last_completed < self.total_steps {
+            self.stop_interrupted(now);
+            return;
+        }
         let outcome = Outcome::Completed {
             steps: self.last_completed,
             last_checkpoint: self.last_checkpoint,
@@ -1265,7 +1314,10 @@ impl Coordinator {
             return;
         }
         self.events.push_back(Event::NodeFailed(failure.clone()));
-        if self.restarts_used < self.cfg.max_restarts {
+        if self.interrupting {
+            // The run was stopping anyway: no restart; the last recorded checkpoint stands.
+            self.stop_interrupted(now);
+        } else if self.restarts_used < self.cfg.max_restarts {
             self.restart(now, failure);
         } else {
             let err = Error::NodeFailure {

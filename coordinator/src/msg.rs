@@ -270,6 +270,13 @@ pub enum Command {
         resume_from: Step,
         reason: String,
     },
+    /// Write a checkpoint of the state after `step` (the last completed step) and confirm
+    /// it with [`NodeMsg::CheckpointSaved`]: sent to rank 0 when the user interrupts a run,
+    /// so that a stop loses no completed step.
+    Save {
+        generation: Generation,
+        step: Step,
+    },
     /// Stop and answer [`NodeMsg::StopAck`].
     Stop(StopReason),
     /// The node is out of the run (declared dead, or a restart went on

@@ -215,6 +215,10 @@ impl Sim {
                     );
                 }
             }
+            Command::Save { generation, step } => {
+                let d = self.delay(0.01, 1.0);
+                self.send(node, d, NodeMsg::CheckpointSaved { generation, step });
+            }
             Command::Restart { .. } => self.register(node),
             Command::Stop(_) => {
                 let d = self.delay(0.01, 0.5);

@@ -36,7 +36,8 @@ use ringtune_config::{RingTransport, RunConfig};
 use ringtune_coordinator::wire::{self, CoordHello, NodeHello, Side, Welcome};
 use ringtune_coordinator::{
     AdapterHash, Assignment, CollectiveSetup, Command, ConfigHash, DataPlan, ExampleIndex,
-    NodeIdentity, NodeMsg, Peer, PlannedExample, Registration, StepReport, StopReason,
+    Generation, NodeIdentity, NodeMsg, Peer, PlannedExample, Registration, Step, StepOrder,
+    StepReport, StopReason,
 };
 use ringtune_data::{BatchSampler, Tokenizer};
 use tokio::sync::mpsc;
@@ -528,6 +529,26 @@ impl Work {
     }
 }
 
+/// Rank 0 writes the checkpoint after `step` and confirms it. A failed write (a full disk)
+/// is reported as this rank's failure at `step`, before the error ends the process, so the
+/// run's error names the cause rather than a peer's lost link.
+fn save_and_confirm(
+    ctl: &Control,
+    trainer: &mut Work,
+    generation: Generation,
+    step: Step,
+) -> Result<()> {
+    if let Err(e) = trainer.save() {
+        let _ = ctl.send(NodeMsg::Failed {
+            generation,
+            step,
+            reason: format!("writing the checkpoint after {step}: {e}"),
+        });
+        return Err(e);
+    }
+    ctl.send(NodeMsg::CheckpointSaved { generation, step })
+}
+
 /// Tells the coordinator why this node cannot take part (so the run's error names the
 /// cause, not just a lost connection), then hands the error back.
 fn setup_failed(ctl: &Control, a: &Assignment, e: Error) -> Error {
@@ -968,10 +989,9 @@ fn serve(
                     )))
                 }
                 Command::Restart { .. } => continue 'generation,
-                Command::RunStep(o) => {
+                Command::RunStep(StepOrder { step, .. }) | Command::Save { step, .. } => {
                     return Err(Error::Invalid(format!(
-                        "the coordinator sent step {} before an assignment",
-                        o.step
+                        "the coordinator sent an order for step {step} before an assignment"
                     )))
                 }
             }
@@ -1017,6 +1037,8 @@ fn serve(
         ctl.send(NodeMsg::Ready {
             generation: a.generation,
         })?;
+        // The last step this node completed in this generation.
+        let mut done: Option<Step> = None;
         loop {
             match ctl.recv()? {
                 Command::RunStep(o) => {
@@ -1048,12 +1070,9 @@ fn serve(
                                 adapter_hash,
                                 eval_nll: d.eval_nll,
                             }))?;
+                            done = Some(o.step);
                             if o.save_checkpoint {
-                                trainer.save()?;
-                                ctl.send(NodeMsg::CheckpointSaved {
-                                    generation: o.generation,
-                                    step: o.step,
-                                })?;
+                                save_and_confirm(ctl, &mut trainer, o.generation, o.step)?;
                             }
                         }
                         Err(e) => {
@@ -1064,6 +1083,21 @@ fn serve(
                             })?;
                         }
                     }
+                }
+                Command::Save { generation, step } => {
+                    if done != Some(step) {
+                        let reason = format!(
+                            "asked to save after step {step}, but the last step done here is {}",
+                            done.map_or("none".to_string(), |s| s.to_string())
+                        );
+                        ctl.send(NodeMsg::Failed {
+                            generation,
+                            step,
+                            reason: reason.clone(),
+                        })?;
+                        return Err(Error::Invalid(reason));
+                    }
+                    save_and_confirm(ctl, &mut trainer, generation, step)?;
                 }
                 Command::Restart { .. } => {
                     drop(trainer);

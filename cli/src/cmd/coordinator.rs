@@ -348,6 +348,11 @@ impl Progress {
                 resume_from.0
             )),
             Event::Left { node, reason } => self.say(format!("coordinator: {node} left: {reason}")),
+            Event::Interrupting { step } => self.say(format!(
+                "coordinator: interrupted: finishing step {}, then saving a checkpoint after it \
+                 (interrupt again to stop at once)",
+                step.0
+            )),
             Event::Stopping(reason) => self.say(format!("coordinator: stopping: {reason}")),
             Event::StopTimedOut { unacked } => self.say(format!(
                 "coordinator: {} node(s) did not acknowledge the stop",

@@ -58,8 +58,46 @@ fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// How long a node outlives a SIGINT/SIGTERM waiting for the coordinator's stop.
+const SIGNAL_GRACE: Duration = Duration::from_secs(60);
+
+/// SIGINT/SIGTERM: a launcher (`scancel`, Ctrl-C on `srun`) signals every task at once,
+/// the coordinator included, which then lets the step in flight finish and has rank 0
+/// save after it. So the first signal does not end a node: it keeps serving the
+/// coordinator until told to stop, for at most [`SIGNAL_GRACE`]. A second signal ends it
+/// at once.
+fn outlive_first_signal() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing signal handler")?;
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        for sig in signals.forever() {
+            seen += 1;
+            if seen > 1 {
+                std::process::exit(128 + sig);
+            }
+            eprintln!(
+                "ringtune node: got signal {sig}; carrying on until the coordinator stops the run \
+                 (it saves a checkpoint first), at most {}s; a second signal exits at once",
+                SIGNAL_GRACE.as_secs()
+            );
+            std::thread::spawn(move || {
+                std::thread::sleep(SIGNAL_GRACE);
+                eprintln!(
+                    "ringtune node: not stopped within {}s of the signal; exiting",
+                    SIGNAL_GRACE.as_secs()
+                );
+                std::process::exit(128 + sig);
+            });
+        }
+    });
+    Ok(())
+}
+
 pub fn run(args: Args) -> Result<()> {
     ringtune_model::init_cpu_runtime(args.threads);
+    outlive_first_signal()?;
     let launch = LaunchEnv::from_process_env()?;
     let coordinator = match (&args.coordinator, &launch) {
         (Some(c), _) => c.clone(),

@@ -393,6 +393,9 @@ pub fn render_command(c: &Command) -> String {
                 generation.0, resume_from.0
             )
         }
+        Command::Save { generation, step } => {
+            format!("save g{} after step {}", generation.0, step.0)
+        }
         Command::Stop(r) => format!("stop: {r}"),
         Command::Disconnect { reason } => format!("disconnect: {reason}"),
     }
@@ -432,6 +435,7 @@ pub fn render_event(e: &Event) -> String {
             format!("restarting g{} from step {} (restart {restart}/{max_restarts})", generation.0, resume_from.0)
         }
         Event::Ignored { node, reason } => format!("ignored {node}: {reason}"),
+        Event::Interrupting { step } => format!("interrupting: finish {step}, save, stop"),
         Event::Stopping(r) => format!("stopping: {r}"),
         Event::StopTimedOut { unacked } => {
             let u: Vec<String> = unacked.iter().map(|n| n.0.to_string()).collect();
