@@ -240,6 +240,29 @@ fn resume_with_a_changed_config_names_the_change_and_touches_nothing() {
     assert!(err.contains("--resume"), "{err}");
     assert_eq!(snapshot(&run), before);
 
+    // So is one whose checkpoints.jsonl was lost, while its step folders are still there.
+    let index = std::fs::read(run.join("checkpoints.jsonl")).unwrap();
+    std::fs::remove_file(run.join("checkpoints.jsonl")).unwrap();
+    let adapter = std::fs::read(run.join("checkpoints/step-4/adapter/adapter_model.safetensors"));
+    let err = assert_fails(&ringtune(&["train", cfg_s, "--max-steps", "4"]));
+    assert!(err.contains("--resume"), "{err}");
+    let after = std::fs::read(run.join("checkpoints/step-4/adapter/adapter_model.safetensors"));
+    assert_eq!(adapter.unwrap(), after.unwrap());
+    std::fs::write(run.join("checkpoints.jsonl"), index).unwrap();
+
+    // A folder another run holds (its lock, here this test's) is refused, naming the pid.
+    let lock = ringtune_node::RunDir::lock(&run).unwrap();
+    let err = assert_fails(&ringtune(&["train", cfg_s, "--max-steps", "4", "--resume"]));
+    assert!(
+        err.contains(&format!(
+            "in use by another ringtune run (pid {})",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    assert_eq!(snapshot(&run), before);
+    drop(lock);
+
     // Cadence and output settings are not part of the hash: resuming with them changed works.
     std::fs::write(&cfg, text.replace("save_every = 4", "save_every = 3")).unwrap();
     assert_ok(&ringtune(&["train", cfg_s, "--max-steps", "4", "--resume"]));

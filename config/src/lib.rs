@@ -708,6 +708,9 @@ impl RunConfig {
         if self.nodes == 0 {
             return err("nodes", "must be at least 1");
         }
+        if self.output_dir.as_os_str().is_empty() {
+            return err("output_dir", "must name a folder (it is empty)");
+        }
         if self.model.path.trim().is_empty() {
             return err("model.path", "is required: a model folder or hf:org/name");
         }
@@ -996,6 +999,8 @@ mod tests {
         assert!(e.contains("data.eval_fraction"), "{e}");
         assert!(err(&format!("{MIN}[optimizer]\nlr = -1.0\n")).contains("optimizer.lr"));
         assert!(err("[model]\npath = \"hf:x\"\n[data]\ntrain = \"t\"\n").contains("hf:org/name"));
+        let e = err(&format!("output_dir = \"\"\n{MIN}"));
+        assert_eq!(e, "run.toml: output_dir: must name a folder (it is empty)");
     }
 
     #[test]

@@ -43,6 +43,33 @@ pub struct CheckpointRecord {
     pub unix_time: u64,
 }
 
+/// A run folder taken by [`RunDir::lock`]; dropping it releases the folder, and removes
+/// it if the lock created it and the run wrote nothing into it (a run refused for bad
+/// input leaves no folder behind).
+#[derive(Debug)]
+pub struct RunLock {
+    file: Option<fs::File>,
+    created: Option<PathBuf>,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let Some(root) = self.created.take() else {
+            return;
+        };
+        let only_lock = fs::read_dir(&root).is_ok_and(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .all(|e| e.file_name() == ".lock")
+        });
+        if only_lock {
+            let _ = fs::remove_file(root.join(".lock"));
+            let _ = fs::remove_dir(&root);
+        }
+        drop(self.file.take());
+    }
+}
+
 /// A run's output folder.
 #[derive(Debug, Clone)]
 pub struct RunDir {
@@ -123,6 +150,85 @@ impl RunDir {
             }
         }
         Ok(out)
+    }
+
+    /// Whether the folder holds a run's checkpoints: listed ones or, when there is no
+    /// `checkpoints.jsonl` at all (deleted or lost), any `step-N` folder. A fresh start must
+    /// not overwrite either. (With an index, an unlisted folder is an interrupted write's
+    /// leftover, which a start cleans up.)
+    pub fn holds_checkpoints(&self) -> Result<bool> {
+        if self.index_path().exists() {
+            return Ok(!self.complete_checkpoints()?.is_empty());
+        }
+        let ck = self.checkpoints_dir();
+        let entries = match fs::read_dir(&ck) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err(&ck)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io_err(&ck))?;
+            if entry.file_name().to_string_lossy().starts_with("step-") && entry.path().is_dir() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Takes the folder for this process (creating it): an exclusive lock on `.lock`
+    /// inside it, held until the returned guard drops (or the process ends, however it
+    /// ends). A second run into the same folder — which would interleave metrics.jsonl
+    /// and overwrite checkpoints — is refused naming the holder's pid. Where the file
+    /// system has no locks, a warning, and the run goes on unlocked.
+    pub fn lock(root: &Path) -> Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::io::AsRawFd;
+        let created = (!root.exists()).then(|| root.to_owned());
+        fs::create_dir_all(root).map_err(io_err(root))?;
+        let path = root.join(".lock");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // SAFETY: flock on a descriptor this function owns; no memory is shared.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(Error::Invalid(format!(
+                    "{} is in use by another ringtune run{}: wait for it to end, or choose \
+                     another output_dir",
+                    root.display(),
+                    if holder.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pid {holder})")
+                    }
+                )));
+            }
+            eprintln!(
+                "warning: cannot lock {} ({e}); nothing stops a second run from using the \
+                 same folder",
+                path.display()
+            );
+            return Ok(RunLock {
+                file: None,
+                created,
+            });
+        }
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = writeln!(file, "{}", std::process::id());
+        Ok(RunLock {
+            file: Some(file),
+            created,
+        })
     }
 
     /// The newest complete checkpoint, if any.
@@ -282,6 +388,47 @@ mod tests {
             fs::write(d.join("adapter/x"), text).map_err(io_err(d))?;
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_lock_refuses_a_second_holder_and_a_folder_it_made_goes_when_left_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("run");
+        let lock = RunDir::lock(&root).unwrap();
+        let e = RunDir::lock(&root).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "in use by another ringtune run (pid {})",
+                std::process::id()
+            )),
+            "{e}"
+        );
+        drop(lock);
+        assert!(!root.exists(), "the empty folder the lock made should go");
+        // A folder the run wrote into stays, and can be taken again.
+        let lock = RunDir::lock(&root).unwrap();
+        fs::write(root.join("metrics.jsonl"), "").unwrap();
+        drop(lock);
+        assert!(root.join("metrics.jsonl").exists());
+        drop(RunDir::lock(&root).unwrap());
+    }
+
+    #[test]
+    fn unlisted_step_folders_count_as_checkpoints() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(tmp.path()).unwrap();
+        assert!(!run.holds_checkpoints().unwrap());
+        fs::create_dir_all(run.checkpoints_dir().join(".tmp-step-3-1")).unwrap();
+        assert!(
+            !run.holds_checkpoints().unwrap(),
+            "an unfinished write is not a checkpoint"
+        );
+        fs::create_dir_all(run.step_dir(3)).unwrap();
+        assert!(run.holds_checkpoints().unwrap());
+        // With an index, only what it lists counts (an unlisted folder is a crash's
+        // leftover between the rename and the append).
+        fs::write(run.index_path(), "").unwrap();
+        assert!(!run.holds_checkpoints().unwrap());
     }
 
     #[test]

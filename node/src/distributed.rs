@@ -145,11 +145,12 @@ pub struct ResumePoint {
 /// is started.
 pub fn resume_point(cfg: &RunConfig, resume: bool) -> Result<ResumePoint> {
     let out = &cfg.output_dir;
-    let latest = match crate::RunDir::open_existing(out)? {
-        Some(run) => run.latest_checkpoint()?,
-        None => None,
+    let (latest, holds) = match crate::RunDir::open_existing(out)? {
+        Some(run) => (run.latest_checkpoint()?, run.holds_checkpoints()?),
+        None => (None, false),
     };
     let rec = match (resume, latest) {
+        (false, _) if holds => return Err(Error::RunExists(out.clone())),
         (false, None) => {
             return Ok(ResumePoint {
                 step: 0,

@@ -28,7 +28,7 @@ pub mod optim;
 pub mod rl;
 pub mod trainer;
 
-pub use checkpoint::{CheckpointRecord, RunDir};
+pub use checkpoint::{CheckpointRecord, RunDir, RunLock};
 pub use error::{Error, Result};
 pub use init::{init_model, InitReport};
 pub use metrics::{MetricsLog, StepMetrics};

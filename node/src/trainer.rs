@@ -954,12 +954,12 @@ pub(crate) fn starting_checkpoint(out_dir: &Path, mode: Mode) -> Result<Option<C
     let existing = RunDir::open_existing(out_dir)?;
     Ok(match mode {
         Mode::Local { resume } => {
-            let latest = match &existing {
-                Some(run) => run.latest_checkpoint()?,
-                None => None,
+            let (latest, holds) = match &existing {
+                Some(run) => (run.latest_checkpoint()?, run.holds_checkpoints()?),
+                None => (None, false),
             };
             match (resume, latest) {
-                (false, Some(_)) => return Err(Error::RunExists(out_dir.to_owned())),
+                (false, _) if holds => return Err(Error::RunExists(out_dir.to_owned())),
                 (true, None) => return Err(Error::NothingToResume(out_dir.to_owned())),
                 (_, l) => l,
             }

@@ -104,7 +104,9 @@ pub fn serve_run(
     plain: bool,
     started: impl FnOnce(SocketAddr) -> Result<()>,
 ) -> Result<()> {
-    // Refuse a folder that holds another run, or a changed config, before any work.
+    // The folder is this run's until it ends (a second run into it is refused); then
+    // refuse a folder that holds another run, or a changed config, before any work.
+    let _lock = RunDir::lock(&cfg.output_dir)?;
     let start = resume_point(&cfg, resume)?;
     let plan = data_plan(&cfg).context("building the data plan")?;
     let world = cfg.nodes;

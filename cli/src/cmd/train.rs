@@ -75,6 +75,8 @@ pub fn run(args: Args) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handler")?;
     }
 
+    // This run's until it ends: a second run into the same folder is refused.
+    let _lock = ringtune_node::RunDir::lock(&cfg.output_dir)?;
     let config_path = args.config.display().to_string();
     if cfg.train.method == ringtune_config::Method::Rl {
         return run_rl(cfg, &args, &stop);
