@@ -57,6 +57,76 @@ pub struct MergeReport {
     pub total_bytes: u64,
 }
 
+/// The adapter's tensors (`module.weight` → (A, B)) against its own config, as loading it
+/// onto a model checks them: some tensors at all, A `[r, ·]` and B `[·, r]` with the
+/// config's r (the scale alpha/r depends on it), only target modules, and every target
+/// module of every layer present.
+fn check_against_config(
+    deltas: &BTreeMap<String, (Tensor, Tensor)>,
+    lora: &crate::LoraConfig,
+    layers: usize,
+    file: &str,
+) -> Result<()> {
+    use crate::TargetModule;
+    if deltas.is_empty() {
+        return Err(Error::ParamMismatch(format!(
+            "{file} holds no LoRA tensors"
+        )));
+    }
+    let key = |name: &str| format!("base_model.model.{}", name.trim_end_matches(".weight"));
+    for (name, (a, b)) in deltas {
+        let module = name.trim_end_matches(".weight");
+        let target = module.rsplit('.').next().and_then(TargetModule::from_name);
+        if !target.is_some_and(|t| lora.targets(t)) {
+            return Err(Error::UnexpectedTensor {
+                tensor: format!("{}.lora_A.weight", key(name)),
+                file: format!(
+                    "{file} (not one of the adapter config's target_modules: {})",
+                    lora.target_modules
+                        .iter()
+                        .map(|t| t.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        let r = lora.rank;
+        for (t, part, dims) in [(a, "lora_A", [r, a.dim(1)?]), (b, "lora_B", [b.dim(0)?, r])] {
+            if t.dims() != dims {
+                return Err(Error::ShapeMismatch {
+                    tensor: format!("{}.{part}.weight", key(name)),
+                    file: format!("{file} (adapter_config.json says r = {r})"),
+                    expected: dims.to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+        }
+    }
+    for t in &lora.target_modules {
+        let modules: Vec<String> = match t {
+            TargetModule::LmHead => vec!["lm_head".into()],
+            TargetModule::QProj
+            | TargetModule::KProj
+            | TargetModule::VProj
+            | TargetModule::OProj => (0..layers)
+                .map(|l| format!("model.layers.{l}.self_attn.{}", t.name()))
+                .collect(),
+            _ => (0..layers)
+                .map(|l| format!("model.layers.{l}.mlp.{}", t.name()))
+                .collect(),
+        };
+        for m in modules {
+            if !deltas.contains_key(&format!("{m}.weight")) {
+                return Err(Error::MissingTensor {
+                    tensor: format!("base_model.model.{m}.lora_A.weight"),
+                    file: file.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Merges the adapter in `adapter_dir` into the base in `model_dir`, writing `out_dir`.
 pub fn merge(model_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Result<MergeReport> {
     merge_with(model_dir, adapter_dir, out_dir, &MergeOptions::default())
@@ -114,6 +184,8 @@ pub fn merge_with(
             file: adapter_file,
         });
     }
+
+    check_against_config(&deltas, &acfg.lora, cfg.num_hidden_layers, &adapter_file)?;
 
     let mut names: Vec<String> = files.names().map(str::to_string).collect();
     let untie = cfg.tie_word_embeddings && deltas.contains_key("lm_head.weight");

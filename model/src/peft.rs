@@ -202,6 +202,16 @@ pub fn read_adapter_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
         } else {
             t.to_dtype(DType::F32)?
         };
+        // A diverged run's NaN or inf would otherwise come out as NaN losses, samples
+        // scored NaN, or a merged model full of NaN, each "successfully".
+        let values = t.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::InvalidField {
+                path: path.clone(),
+                field: k,
+                reason: format!("value {} at flat index {i} is not finite", values[i]),
+            });
+        }
         out.insert(k, t);
     }
     Ok(out)

@@ -1271,3 +1271,94 @@ fn stream_profile_counts_every_op_of_a_step_and_changes_no_number() {
     let ((), empty) = capture(&Device::Cpu, || Ok(())).unwrap();
     assert!(empty.ops.is_empty() && empty.phases.is_empty());
 }
+
+/// `merge` checks an adapter's tensors against its own config as loading it does, and an
+/// adapter holding NaN is refused by both: otherwise each writes or scores garbage and
+/// reports success.
+#[test]
+fn merge_and_load_refuse_adapters_that_disagree_with_their_config_or_hold_nan() {
+    let base = tiny().join("base");
+    let ad = tempfile::tempdir().unwrap();
+    trained_tiny().save_adapter(ad.path()).unwrap();
+    let weights = ad.path().join("adapter_model.safetensors");
+    let config = ad.path().join("adapter_config.json");
+    let (good_t, _) = read_safetensors(&weights).unwrap();
+    let good_c = std::fs::read_to_string(&config).unwrap();
+    let merge_err = || {
+        let out = tempfile::tempdir().unwrap();
+        let e = merge_with(&base, ad.path(), out.path(), &MergeOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !out.path().join("model.safetensors").exists(),
+            "nothing is written: {e}"
+        );
+        e
+    };
+    let set_config = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(&good_c).unwrap();
+        f(&mut v);
+        std::fs::write(&config, v.to_string()).unwrap();
+    };
+
+    // The config's r is not the tensors' (the scale alpha/r would be wrong).
+    set_config(&|v| v["r"] = serde_json::json!(16));
+    let e = merge_err();
+    assert!(
+        e.contains("says r = 16") && e.contains("expected [16,"),
+        "{e}"
+    );
+    // Fewer target modules than the tensors have.
+    set_config(&|v| v["target_modules"] = serde_json::json!(["q_proj", "v_proj"]));
+    let e = merge_err();
+    assert!(
+        e.contains("not one of the adapter config's target_modules"),
+        "{e}"
+    );
+    std::fs::write(&config, &good_c).unwrap();
+
+    // One layer's pair missing.
+    let without: NamedTensors = good_t
+        .iter()
+        .filter(|(k, _)| !k.contains("layers.1.mlp.up_proj"))
+        .cloned()
+        .collect();
+    write_safetensors_atomic(&weights, &without, None).unwrap();
+    let e = merge_err();
+    assert!(e.contains("layers.1.mlp.up_proj.lora_A"), "{e}");
+    // No tensors at all.
+    write_safetensors_atomic(&weights, &Vec::new(), None).unwrap();
+    assert!(merge_err().contains("holds no LoRA tensors"));
+
+    // A NaN, refused by merge and by loading, naming the tensor.
+    let nan: NamedTensors = good_t
+        .iter()
+        .map(|(k, t)| {
+            if k.ends_with("layers.0.self_attn.q_proj.lora_B.weight") {
+                let mut v = vec_f32(t);
+                v[3] = f32::NAN;
+                (
+                    k.clone(),
+                    Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap(),
+                )
+            } else {
+                (k.clone(), t.clone())
+            }
+        })
+        .collect();
+    write_safetensors_atomic(&weights, &nan, None).unwrap();
+    let e = merge_err();
+    assert!(
+        e.contains("q_proj.lora_B.weight") && e.contains("NaN at flat index 3"),
+        "{e}"
+    );
+    let e = LoraModel::load_with_adapter(&base, ad.path(), &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not finite"), "{e}");
+
+    // The good adapter still merges.
+    write_safetensors_atomic(&weights, &good_t, None).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    merge_with(&base, ad.path(), out.path(), &MergeOptions::default()).unwrap();
+}
