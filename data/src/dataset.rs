@@ -289,11 +289,20 @@ fn parse_tokens(
             }
             let mut out = Vec::with_capacity(wl.len());
             for (i, x) in wl.iter().enumerate() {
+                // ≥ 0: the loss is divided by the weights' sum, which a negative weight can
+                // make zero or negative; finite in f32, the type training uses.
                 let v = x
                     .as_f64()
-                    .filter(|v| v.is_finite())
-                    .ok_or_else(|| wrong(format!("weights[{i}]"), "a finite number", x))?;
-                out.push(v as f32);
+                    .map(|v| v as f32)
+                    .filter(|v| v.is_finite() && *v >= 0.0)
+                    .ok_or_else(|| {
+                        wrong(
+                            format!("weights[{i}]"),
+                            "a number >= 0 that fits in f32",
+                            x,
+                        )
+                    })?;
+                out.push(v);
             }
             out
         }

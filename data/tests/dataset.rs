@@ -197,7 +197,15 @@ fn wrong_types_name_the_field() {
         ),
         (
             r#"{"tokens": [1, 2], "weights": [1, "x"]}"#,
-            "field `weights[1]`: expected a finite number",
+            "field `weights[1]`: expected a number >= 0 that fits in f32",
+        ),
+        (
+            r#"{"tokens": [1, 2], "weights": [1, -1]}"#,
+            "field `weights[1]`: expected a number >= 0",
+        ),
+        (
+            r#"{"tokens": [1, 2], "weights": [1e39, 1]}"#,
+            "field `weights[0]`: expected a number >= 0 that fits in f32",
         ),
     ];
     for (line, want) in cases {
