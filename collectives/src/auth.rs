@@ -17,6 +17,14 @@ use crate::error::{Error, Result};
 /// Label for TLS keying-material export (RFC 5705 / 8446 §7.5).
 pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-ringtune-token-proof-v1";
 
+/// A credentials error about `source` (a variable or file), said once: `source: reason`.
+fn prefixed(source: &str, e: Error) -> Error {
+    match e {
+        Error::Credentials(m) => Error::Credentials(format!("{source}: {m}")),
+        e => e,
+    }
+}
+
 /// The shared secret that proves cluster membership.
 #[derive(Clone)]
 pub struct ClusterToken(Vec<u8>);
@@ -59,8 +67,7 @@ impl ClusterToken {
     pub fn from_env(var: &str) -> Result<Self> {
         let v = std::env::var(var)
             .map_err(|_| Error::Credentials(format!("environment variable {var} is not set")))?;
-        Self::new(v.trim().as_bytes().to_vec())
-            .map_err(|e| Error::Credentials(format!("{var}: {e}")))
+        Self::new(v.trim().as_bytes().to_vec()).map_err(|e| prefixed(var, e))
     }
 
     /// The token in a file (surrounding whitespace ignored).
@@ -71,7 +78,7 @@ impl ClusterToken {
         })?;
         let s = String::from_utf8_lossy(&v);
         Self::new(s.trim().as_bytes().to_vec())
-            .map_err(|e| Error::Credentials(format!("{}: {e}", path.display())))
+            .map_err(|e| prefixed(&path.display().to_string(), e))
     }
 
     /// The token's bytes, for handing to a child process (never log them).

@@ -231,7 +231,12 @@ impl fmt::Display for Refusal {
                 "config hash {node:.12} differs from this run's {run:.12} (a node started with another config)"
             ),
             Refusal::DuplicateIdentity { host, local_rank, other } => {
-                write!(f, "{host}:{local_rank} is already registered by {other}")
+                write!(
+                    f,
+                    "{host}:{local_rank} is already registered by {other} (each node on a host \
+                     needs its own slot: --local-rank N or LOCAL_RANK; or the node it replaces \
+                     is not yet declared dead)"
+                )
             }
             Refusal::BadIdentity { reason } => write!(f, "bad identity: {reason}"),
             Refusal::NoDataAddr => write!(f, "no data-plane address (the QUIC ring needs one)"),

@@ -170,8 +170,8 @@ fn bad_registrations_are_refused_with_the_reason() {
               -> 1 accepted
             t=0.0   connect 2
             t=0.0   register 2 host=a lr=0
-              ev refused node#2: a:0 is already registered by node#1
-              -> 2 refused: a:0 is already registered by node#1
+              ev refused node#2: a:0 is already registered by node#1 (each node on a host needs its own slot: --local-rank N or LOCAL_RANK; or the node it replaces is not yet declared dead)
+              -> 2 refused: a:0 is already registered by node#1 (each node on a host needs its own slot: --local-rank N or LOCAL_RANK; or the node it replaces is not yet declared dead)
             t=0.0   connect 3
             t=0.0   register 3 addr=none
               ev refused node#3: no data-plane address (the QUIC ring needs one)

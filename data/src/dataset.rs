@@ -296,11 +296,7 @@ fn parse_tokens(
                     .map(|v| v as f32)
                     .filter(|v| v.is_finite() && *v >= 0.0)
                     .ok_or_else(|| {
-                        wrong(
-                            format!("weights[{i}]"),
-                            "a number >= 0 that fits in f32",
-                            x,
-                        )
+                        wrong(format!("weights[{i}]"), "a number >= 0 that fits in f32", x)
                     })?;
                 out.push(v);
             }

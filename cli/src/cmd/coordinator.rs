@@ -73,9 +73,10 @@ pub struct Policy {
 pub fn token_from(file: Option<&PathBuf>) -> Result<ClusterToken> {
     Ok(match file {
         Some(f) => ClusterToken::from_file(f)?,
-        None => ClusterToken::from_env("RINGTUNE_TOKEN").context(
-            "no cluster token: pass --token-file FILE or set RINGTUNE_TOKEN (the same on every node)",
-        )?,
+        None if std::env::var_os("RINGTUNE_TOKEN").is_none() => anyhow::bail!(
+            "no cluster token: pass --token-file FILE or set RINGTUNE_TOKEN (the same on every node)"
+        ),
+        None => ClusterToken::from_env("RINGTUNE_TOKEN")?,
     })
 }
 

@@ -128,12 +128,7 @@ pub fn run(args: Args) -> Result<()> {
         Outcome::Finished { step } => {
             eprintln!("done: {step} steps; adapter: {last}");
         }
-        Outcome::Interrupted { step } => {
-            eprintln!(
-                "interrupted at step {step}; checkpoint saved ({last}); continue with: \
-                 ringtune train {config_path} --resume"
-            );
-        }
+        Outcome::Interrupted { step } => eprintln!("{}", interrupted_line(step, &last)),
     }
     Ok(())
 }
@@ -209,10 +204,7 @@ fn run_rl(cfg: RunConfig, args: &Args, stop: &AtomicBool) -> Result<()> {
         .unwrap_or_default();
     match outcome {
         RlOutcome::Finished { step } => eprintln!("done: {step} steps; adapter: {last}"),
-        RlOutcome::Interrupted { step } => eprintln!(
-            "interrupted at step {step}; checkpoint saved ({last}); continue with: \
-             ringtune train {config_path} --resume"
-        ),
+        RlOutcome::Interrupted { step } => eprintln!("{}", interrupted_line(step, &last)),
     }
     Ok(())
 }
@@ -455,6 +447,37 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
         Err(e) => Err(e),
         Ok(()) if !failed.is_empty() => anyhow::bail!("{}", failed.join("; ")),
         Ok(()) => Ok(()),
+    }
+}
+
+/// What an interrupted run says last: where it stopped, the checkpoint it can go on from
+/// (`last`, empty when there is none yet), and the command that continues it — this
+/// process's own command line with `--resume`, so `--set` and `--output-dir` overrides
+/// (which decide the run folder) are kept.
+fn interrupted_line(step: u64, last: &str) -> String {
+    if last.is_empty() {
+        return format!("interrupted at step {step}; no checkpoint was written yet");
+    }
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--resume") {
+        args.push("--resume".into());
+    }
+    let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
+    format!(
+        "interrupted at step {step}; checkpoint saved ({last}); continue with: ringtune {}",
+        quoted.join(" ")
+    )
+}
+
+/// `a` as one POSIX shell word.
+fn shell_quote(a: &str) -> String {
+    let plain = !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+%".contains(c));
+    if plain {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', r"'\''"))
     }
 }
 
