@@ -4,6 +4,7 @@
 
 mod dist_common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dist_common::*;
@@ -279,4 +280,72 @@ fn nccl_on_a_build_without_it_fails_naming_the_feature() {
         err.contains("node failure: rank") && err.contains("without the `nccl` cargo feature"),
         "{err}"
     );
+}
+
+/// A node that reads another copy of the dataset (here: the same lines shuffled, through a
+/// relative `data.train` and another working folder) fails at its first step naming the
+/// example and the file, instead of training on other examples while every adapter hash
+/// agrees.
+#[test]
+fn a_node_with_other_data_fails_its_first_step_naming_the_example() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 4, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let train = dir.path().join("train.jsonl").display().to_string();
+    std::fs::write(&cfg, text.replace(&format!("{train:?}"), "\"train.jsonl\"")).unwrap();
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let mut lines: Vec<String> = std::fs::read_to_string(&train)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.reverse();
+    std::fs::write(other.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
+
+    let mut coord = spawn_in(
+        Some(dir.path()),
+        &[
+            "coordinator",
+            "run.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--plain",
+        ],
+        &[("RINGTUNE_TOKEN", TOKEN)],
+    );
+    let line = coord.wait_for("listening on", 60);
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .to_string();
+    let env = [("RINGTUNE_TOKEN", TOKEN), ("RAYON_NUM_THREADS", "1")];
+    let node = |cwd: &Path, slot: &str| {
+        spawn_in(
+            Some(cwd),
+            &[
+                "node",
+                "--coordinator",
+                &addr,
+                "--local-rank",
+                slot,
+                "--threads",
+                "1",
+            ],
+            &env,
+        )
+    };
+    let (n0, n1) = (node(dir.path(), "0"), node(&other, "1"));
+    let (st, err) = coord.wait_exit(120);
+    assert!(!st.success(), "the run must fail:\n{err}");
+    assert!(
+        err.contains("in the coordinator's data plan") && err.contains("train.jsonl"),
+        "unclear error:\n{err}"
+    );
+    assert!(err.contains("failed step 1"), "{err}");
+    for n in [n0, n1] {
+        let _ = n.wait_exit(30);
+    }
 }

@@ -172,7 +172,9 @@ fn sigterm_saves_a_checkpoint_and_resume_finishes_exactly() {
     assert!((1..8).contains(&step), "{line}");
     // The command it suggests is this one (overrides and all) with --resume.
     assert!(
-        line.ends_with(&format!("continue with: ringtune train {cfg} --plain --resume")),
+        line.ends_with(&format!(
+            "continue with: ringtune train {cfg} --plain --resume"
+        )),
         "{line}"
     );
     assert_eq!(*listed_steps(&run).last().unwrap(), step);

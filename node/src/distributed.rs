@@ -515,6 +515,14 @@ impl Work {
         }
     }
 
+    /// [`Trainer::check_planned`]; RL's "examples" are groups the environment makes.
+    fn check_planned(&self, step: u64, planned: &[(usize, usize)]) -> Result<()> {
+        match self {
+            Work::Sft(t) => t.check_planned(step, planned),
+            Work::Rl(_) => Ok(()),
+        }
+    }
+
     fn adapter_sha256(&self) -> Result<[u8; 32]> {
         match self {
             Work::Sft(t) => t.adapter_sha256(),
@@ -1047,7 +1055,15 @@ fn serve(
                     comm.set(Duration::ZERO);
                     let shard: Vec<usize> = o.examples.iter().map(|e| e.index.0 as usize).collect();
                     let last = o.step == a.total_steps;
-                    match trainer.step(cfg, rank0, o.step.0, last, &shard) {
+                    let planned: Vec<(usize, usize)> = o
+                        .examples
+                        .iter()
+                        .map(|e| (e.index.0 as usize, e.tokens as usize))
+                        .collect();
+                    let ran = trainer
+                        .check_planned(o.step.0, &planned)
+                        .and_then(|()| trainer.step(cfg, rank0, o.step.0, last, &shard));
+                    match ran {
                         Ok(d) => {
                             let total = started.elapsed();
                             let comm_t = comm.get();

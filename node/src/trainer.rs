@@ -719,6 +719,29 @@ impl Trainer {
         self.step_on(shard, global.epoch)
     }
 
+    /// Checks a step's shard against the coordinator's plan: each example's token count
+    /// here (DPO: the pair's) must be the one the coordinator planned with. A node reading
+    /// another copy of the data — shuffled, stale, another tokenizer — would otherwise train
+    /// on other examples without a word (the adapter hashes still agree: every rank applies
+    /// the same summed gradient).
+    pub fn check_planned(&self, step: u64, planned: &[(usize, usize)]) -> Result<()> {
+        for &(i, want) in planned {
+            let here = match &self.dpo {
+                Some(d) => (i < d.train_len()).then(|| d.pair_tokens(i)),
+                None => self.train.get(i).map(|x| x.len()),
+            };
+            if let Some(here) = here.filter(|&h| h.min(u32::MAX as usize) != want) {
+                return Err(Error::Invalid(format!(
+                    "step {step}: training example {i} has {here} tokens on this node but {want} \
+                     in the coordinator's data plan: every node must read the same dataset \
+                     ({}) with the same tokenizer and data settings",
+                    self.cfg.data.train.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The adapter parameters' digest ([`params_sha256`]'s SHA-256 tree over their bits):
     /// equal on two ranks exactly when their adapters are bit-identical.
     pub fn adapter_sha256(&self) -> Result<[u8; 32]> {

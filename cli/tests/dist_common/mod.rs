@@ -113,7 +113,15 @@ pub struct Running {
 }
 
 pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Running {
+    spawn_in(None, args, env)
+}
+
+/// [`spawn`] in the working folder `cwd` (relative paths in a config resolve from it).
+pub fn spawn_in(cwd: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut cmd = Command::new(BIN);
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
     cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
     cmd.env_remove("RINGTUNE_TOKEN");
     for (k, v) in env {
