@@ -234,6 +234,17 @@ fn with_restarts_a_killed_node_is_replaced_and_the_run_ends_like_an_uninterrupte
         a == b,
         "the recovered run's final adapter differs from the uninterrupted run's"
     );
+    // The steps run again after the restart replace their first lines: one line per step.
+    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>());
 }
 
 #[test]

@@ -188,9 +188,23 @@ pub fn serve_run(
         ));
         let mut progress = Progress::new(total, plain);
         while let Some(ev) = ev_rx.recv().await {
-            if let Event::StepCompleted(rec) = &ev {
-                let line = metrics_line(rec)?;
-                writeln!(metrics, "{line}").with_context(|| format!("writing {}", metrics_path.display()))?;
+            match &ev {
+                Event::StepCompleted(rec) => {
+                    let line = metrics_line(rec)?;
+                    writeln!(metrics, "{line}")
+                        .with_context(|| format!("writing {}", metrics_path.display()))?;
+                }
+                // The steps after the checkpoint run again: drop their lines, as --resume
+                // does, so metrics.jsonl still reads as one run.
+                Event::Restarting { resume_from, .. } => {
+                    drop(metrics);
+                    drop(MetricsLog::resume(&metrics_path, resume_from.0)?);
+                    metrics = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&metrics_path)
+                        .with_context(|| format!("opening {}", metrics_path.display()))?;
+                }
+                _ => {}
             }
             progress.event(&ev);
         }
