@@ -276,8 +276,12 @@ impl ExternalEnv {
     fn run(&self, input: String) -> Result<String> {
         let started = Instant::now();
         let deadline = started + self.timeout;
+        use std::os::unix::process::CommandExt;
+        // Its own process group, so that a timeout kills what it started too (a shell
+        // script's `sleep`, a server it forked), not only the command itself.
         let mut child = Command::new(&self.command[0])
             .args(&self.command[1..])
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -319,7 +323,7 @@ impl ExternalEnv {
         });
 
         let timed_out = |child: &mut std::process::Child| {
-            let _ = child.kill();
+            kill_group(child);
             let _ = child.wait();
             self.fail(format!(
                 "timed out after {:.1} s (rl.timeout_s); it was killed",
@@ -329,7 +333,7 @@ impl ExternalEnv {
         let out = match out_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Ok(buf)) => buf,
             Ok(Err(e)) => {
-                let _ = child.kill();
+                kill_group(&mut child);
                 let _ = child.wait();
                 return Err(self.fail(format!("reading its output: {e}")));
             }
@@ -423,6 +427,16 @@ impl ExternalEnv {
             scores.push(score);
         }
         Ok(scores)
+    }
+}
+
+/// SIGKILL to the child's process group (it leads one: `process_group(0)`), so nothing it
+/// started outlives a timeout; the child itself as a fallback.
+fn kill_group(child: &mut std::process::Child) {
+    // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
+    let rc = unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+    if rc != 0 {
+        let _ = child.kill();
     }
 }
 
@@ -755,6 +769,41 @@ mod tests {
                 t.elapsed()
             );
         }
+    }
+
+    /// What the command started goes with it: a timeout kills its process group.
+    #[test]
+    fn external_timeout_kills_what_the_command_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let e = err(
+            &format!("sleep 30 & echo $! > {}; wait", pidfile.display()),
+            300,
+            &["a"],
+        );
+        assert!(e.contains("timed out"), "{e}");
+        let pid = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .to_string();
+        // Gone, or a zombie its new parent has not reaped yet.
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
+                st.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        };
+        let t = Instant::now();
+        while !gone() && t.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            gone(),
+            "the command's `sleep` (pid {pid}) outlived the timeout"
+        );
     }
 
     #[test]
