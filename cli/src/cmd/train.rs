@@ -68,13 +68,6 @@ pub fn run(args: Args) -> Result<()> {
         return run_local_cluster(cfg, &args);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal while the checkpoint is being written ends the process at once.
-        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))
-            .context("installing signal handler")?;
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing signal handler")?;
-    }
-
     // This run's until it ends: a second run into the same folder is refused.
     let _lock = ringtune_node::RunDir::lock(&cfg.output_dir)?;
     let config_path = args.config.display().to_string();
@@ -83,6 +76,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let mut trainer = Trainer::new(cfg, args.resume, Box::new(LocalSync))
         .with_context(|| format!("cannot start training from {config_path}"))?;
+    stop_after_the_step_on_signals(&stop)?;
     for r in trainer.data_reports() {
         eprintln!("data: {r}");
     }
@@ -135,12 +129,13 @@ pub fn run(args: Args) -> Result<()> {
 
 /// `train.method = "rl"` on this process: the RL loop with a log line per step (at most
 /// every few seconds, and the last one).
-fn run_rl(cfg: RunConfig, args: &Args, stop: &AtomicBool) -> Result<()> {
+fn run_rl(cfg: RunConfig, args: &Args, stop: &Arc<AtomicBool>) -> Result<()> {
     use ringtune_node::{RlEvent, RlOutcome, RlTrainer};
     let config_path = args.config.display().to_string();
     let r = cfg.rl.clone();
     let mut trainer = RlTrainer::new(cfg, args.resume, Box::new(LocalSync))
         .with_context(|| format!("cannot start RL training from {config_path}"))?;
+    stop_after_the_step_on_signals(stop)?;
     let m = trainer.model();
     eprintln!(
         "device: {}, {:?} base weights; AdamW on the {}",
@@ -448,6 +443,19 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
         Ok(()) if !failed.is_empty() => anyhow::bail!("{}", failed.join("; ")),
         Ok(()) => Ok(()),
     }
+}
+
+/// From here on, SIGINT/SIGTERM set `stop`: the trainer finishes its step, saves and
+/// exits 0; a second signal exits at once. Installed once the trainer is built — until
+/// then (loading the model and tokenizing the data, with nothing to save) a signal ends
+/// the process at once, as it would any program.
+fn stop_after_the_step_on_signals(stop: &Arc<AtomicBool>) -> Result<()> {
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(stop))
+            .context("installing signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(stop)).context("installing signal handler")?;
+    }
+    Ok(())
 }
 
 /// What an interrupted run says last: where it stopped, the checkpoint it can go on from
