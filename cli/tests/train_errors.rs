@@ -263,6 +263,15 @@ fn resume_with_a_changed_config_names_the_change_and_touches_nothing() {
     assert_eq!(snapshot(&run), before);
     drop(lock);
 
+    // Other data at the same path (same number of lines) is refused on resume.
+    std::fs::write(&cfg, &text).unwrap();
+    let data = std::fs::read(&c.train).unwrap();
+    write_lines(&c.train, &chat_lines(24, 2));
+    let err = assert_fails(&ringtune(&["train", cfg_s, "--max-steps", "4", "--resume"]));
+    assert!(err.contains("the training data changed"), "{err}");
+    assert_eq!(snapshot(&run), before);
+    std::fs::write(&c.train, data).unwrap();
+
     // Cadence and output settings are not part of the hash: resuming with them changed works.
     std::fs::write(&cfg, text.replace("save_every = 4", "save_every = 3")).unwrap();
     assert_ok(&ringtune(&["train", cfg_s, "--max-steps", "4", "--resume"]));

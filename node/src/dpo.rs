@@ -196,6 +196,11 @@ impl Dpo {
         self.train.len()
     }
 
+    /// The training pairs' sequences in file order (chosen, then rejected, per pair).
+    pub fn train_sequences(&self) -> impl Iterator<Item = &ringtune_data::Datum> {
+        self.train.iter().flat_map(|p| [&p.chosen, &p.rejected])
+    }
+
     /// Tokens of training pair `i` (chosen + rejected), for balancing a distributed step.
     pub fn pair_tokens(&self, i: usize) -> usize {
         let p = &self.train[i];

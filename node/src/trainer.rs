@@ -106,6 +106,33 @@ pub struct TrainState {
     pub elapsed_s: f64,
     /// FNV-1a of the adapter bits, checked after loading.
     pub params_fingerprint: u64,
+    /// SHA-256 (hex) of the training data as tokenized (every example's tokens and
+    /// weights, in file order; see [`data_fingerprint`]): a resume refuses other data at
+    /// the same path. Absent in checkpoints written before it existed (not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_fingerprint: Option<String>,
+}
+
+/// SHA-256 (hex) over the training examples as the trainer sees them — count, then each
+/// example's length, token ids and weight bits — so that a changed file, tokenizer or
+/// data setting changes it. Cheap next to tokenizing (one pass over the token ids).
+pub(crate) fn data_fingerprint<'a>(examples: impl Iterator<Item = &'a Datum>) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"ringtune-data-v1");
+    let mut n = 0u64;
+    for d in examples {
+        n += 1;
+        h.update((d.tokens.len() as u64).to_le_bytes());
+        for t in &d.tokens {
+            h.update(t.to_le_bytes());
+        }
+        for w in &d.weights {
+            h.update(w.to_bits().to_le_bytes());
+        }
+    }
+    h.update(n.to_le_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 const STATE_VERSION: u32 = 1;
@@ -173,6 +200,8 @@ pub struct Trainer {
     sync: Box<dyn StepSync>,
     /// `train.method = "dpo"`: the preference pairs (`train`/`eval` are then empty).
     dpo: Option<crate::dpo::Dpo>,
+    /// [`data_fingerprint`] of the training data, written into every checkpoint.
+    data_fp: String,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -481,6 +510,23 @@ impl Trainer {
             }
         };
         let n_train = dpo.as_ref().map_or(train.len(), crate::dpo::Dpo::train_len);
+        let data_fp = match &dpo {
+            Some(d) => data_fingerprint(d.train_sequences()),
+            None => data_fingerprint(train.iter()),
+        };
+        if let Some((dir, state)) = &resume_state {
+            if let Some(then) = state.data_fingerprint.as_ref().filter(|f| **f != data_fp) {
+                return Err(Error::Invalid(format!(
+                    "{}: the training data changed since this checkpoint was written ({} \
+                     tokenizes to fingerprint {:.12}, the checkpoint's data to {:.12}): resume \
+                     with the data it was trained on, or start a new run in another output_dir",
+                    dir.display(),
+                    cfg.data.train.display(),
+                    data_fp,
+                    then
+                )));
+            }
+        }
         let pad_id = tok.pad_id();
 
         let device = device_of(cfg.model.device)?;
@@ -598,6 +644,7 @@ impl Trainer {
             last_saved: Some(step).filter(|_| step > 0),
             last_local: (0.0, 0.0),
             dpo,
+            data_fp,
             sync,
         })
     }
@@ -912,6 +959,7 @@ impl Trainer {
             dropout_passes: self.dropout_passes,
             elapsed_s: self.elapsed(),
             params_fingerprint: self.model.params_fingerprint()?,
+            data_fingerprint: Some(self.data_fp.clone()),
         };
         let model = &self.model;
         let opt = &self.opt;
