@@ -1043,6 +1043,11 @@ fn serve(
                 .map(|t| Work::Sft(Box::new(t)))
         };
         let mut trainer = work.map_err(|e| setup_failed(ctl, &a, e))?;
+        if let (Work::Sft(t), true, 0) = (&trainer, rank0, a.generation.0) {
+            for w in t.warnings() {
+                eprintln!("ringtune node: warning: {w}");
+            }
+        }
         ctl.send(NodeMsg::Ready {
             generation: a.generation,
         })?;

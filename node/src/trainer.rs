@@ -113,6 +113,40 @@ pub struct TrainState {
     pub data_fingerprint: Option<String>,
 }
 
+/// Valid settings that will not do what they say with this model, data and run length:
+/// an eval cadence with no eval data, a warm-up that outlasts the run, examples longer than
+/// the model's context. Said at start-up instead of silently ignored.
+pub fn setup_warnings(
+    cfg: &RunConfig,
+    max_positions: usize,
+    total_steps: u64,
+    n_eval: usize,
+) -> Vec<String> {
+    let mut w = Vec::new();
+    if cfg.train.eval_every > 0 && n_eval == 0 {
+        w.push(format!(
+            "train.eval_every = {} but there is no eval data (set data.eval or \
+             data.eval_fraction): no eval will run",
+            cfg.train.eval_every
+        ));
+    }
+    let warmup = cfg.schedule.warmup_steps;
+    if warmup > 0 && warmup >= total_steps {
+        w.push(format!(
+            "schedule.warmup_steps = {warmup} is not below the run's {total_steps} steps: the \
+             learning rate never reaches optimizer.lr"
+        ));
+    }
+    if max_positions > 0 && cfg.data.max_length > max_positions {
+        w.push(format!(
+            "data.max_length = {} exceeds the model's max_position_embeddings = \
+             {max_positions}: longer examples train on positions the model has not seen",
+            cfg.data.max_length
+        ));
+    }
+    w
+}
+
 /// SHA-256 (hex) over the training examples as the trainer sees them — count, then each
 /// example's length, token ids and weight bits — so that a changed file, tokenizer or
 /// data setting changes it. Cheap next to tokenizing (one pass over the token ids).
@@ -655,6 +689,17 @@ impl Trainer {
     }
 
     /// Examples used for training and for evaluation.
+    /// Settings that are valid but will not do what they say here (see [`setup_warnings`]),
+    /// for the start-up lines.
+    pub fn warnings(&self) -> Vec<String> {
+        setup_warnings(
+            &self.cfg,
+            self.model.config().max_position_embeddings,
+            self.total_steps,
+            self.example_counts().1,
+        )
+    }
+
     pub fn example_counts(&self) -> (usize, usize) {
         match &self.dpo {
             Some(d) => (d.train_len(), d.eval_len()),
@@ -1126,8 +1171,34 @@ pub(crate) fn read_state(path: &Path) -> Result<TrainState> {
 
 #[cfg(test)]
 mod tests {
-    use super::{params_sha256, HASH_LEAF};
+    use super::{params_sha256, setup_warnings, HASH_LEAF};
+    use ringtune_config::RunConfig;
     use sha2::{Digest, Sha256};
+    use std::path::Path;
+
+    #[test]
+    fn setup_warnings_name_what_will_not_happen() {
+        let cfg = |extra: &str| {
+            let text =
+                format!("[model]\npath = \"m\"\n[data]\ntrain = \"t\"\nmax_length = 4096\n{extra}");
+            RunConfig::parse(&text, Path::new("run.toml")).unwrap()
+        };
+        let quiet = cfg("[train]\neval_every = 0\n");
+        assert!(setup_warnings(&quiet, 4096, 10, 0).is_empty());
+        let w = setup_warnings(
+            &cfg("[train]\neval_every = 5\n[schedule]\nwarmup_steps = 10\n"),
+            2048,
+            10,
+            0,
+        );
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].contains("train.eval_every = 5") && w[0].contains("no eval data"));
+        assert!(w[1].contains("warmup_steps = 10") && w[1].contains("10 steps"));
+        assert!(w[2].contains("max_position_embeddings = 2048"));
+        // With eval data, a warm-up shorter than the run and a long enough context: none.
+        let ok = cfg("[train]\neval_every = 5\n[schedule]\nwarmup_steps = 9\n");
+        assert!(setup_warnings(&ok, 4096, 10, 3).is_empty());
+    }
 
     /// The tree written out serially, one float at a time.
     fn reference(params: &[f32]) -> [u8; 32] {

@@ -80,6 +80,9 @@ pub fn run(args: Args) -> Result<()> {
     for r in trainer.data_reports() {
         eprintln!("data: {r}");
     }
+    for w in trainer.warnings() {
+        eprintln!("warning: {w}");
+    }
     let (n_train, n_eval) = trainer.example_counts();
     let m = trainer.model();
     eprintln!(
