@@ -360,3 +360,77 @@ fn a_node_with_other_data_fails_its_first_step_naming_the_example() {
         let _ = n.wait_exit(30);
     }
 }
+
+/// Nodes started by hand (no launcher to replace processes): after a node is killed, the
+/// survivors — stuck in the all-reduce with the dead peer when told to restart — start
+/// afresh in their own process, register again, and the run finishes on the smaller ring
+/// (`--min-nodes 2`) from the last checkpoint.
+#[test]
+fn hand_started_nodes_survive_a_dead_peer_with_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 3, 16, "");
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("save_every = 0", "save_every = 4"),
+    )
+    .unwrap();
+    let mut coord = spawn(
+        &[
+            "coordinator",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--plain",
+            "--max-restarts",
+            "1",
+            "--min-nodes",
+            "2",
+            "--heartbeat-timeout",
+            "2",
+        ],
+        &[("RINGTUNE_TOKEN", TOKEN)],
+    );
+    let line = coord.wait_for("listening on", 60);
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .to_string();
+    let env = [("RINGTUNE_TOKEN", TOKEN), ("RAYON_NUM_THREADS", "1")];
+    let mut nodes: Vec<Running> = (0..3)
+        .map(|slot| {
+            let slot = slot.to_string();
+            spawn(
+                &[
+                    "node",
+                    "--coordinator",
+                    &addr,
+                    "--local-rank",
+                    &slot,
+                    "--threads",
+                    "1",
+                ],
+                &env,
+            )
+        })
+        .collect();
+    coord.wait_for("checkpoint: step 4", 120);
+    kill_9(nodes[2].child.id());
+    let (st, err) = coord.wait_exit(180);
+    assert!(st.success(), "the run did not recover:\n{err}");
+    assert!(err.contains("restarting all nodes from step"), "{err}");
+    assert!(err.contains("with 2 rank(s)"), "{err}");
+    assert!(
+        dir.path().join("run/checkpoints/step-16/adapter").is_dir(),
+        "{err}"
+    );
+    let _ = nodes.pop();
+    for n in nodes {
+        let (st, err) = n.wait_exit(30);
+        assert!(st.success(), "a surviving node failed:\n{err}");
+        assert!(err.contains("starting afresh"), "{err}");
+    }
+}

@@ -20,7 +20,8 @@
 //! out while the main thread is busy loading the model or computing a step. If the
 //! coordinator goes away, or tells the node to stop while the main thread is stuck in a
 //! collective with a dead peer, that thread ends the process after [`STUCK_GRACE`], so a
-//! node never outlives its run.
+//! node never outlives its run; told to restart while stuck, it starts afresh instead
+//! (`exec` of its own command line) and registers again.
 
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
@@ -813,7 +814,7 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                                     Command::Stop(_) | Command::Disconnect { .. } => {
                                         Some("was told to stop")
                                     }
-                                    Command::Restart { .. } => Some("was told to restart"),
+                                    Command::Restart { .. } => Some(RESTART),
                                     _ => None,
                                 };
                                 received += 1;
@@ -890,16 +891,47 @@ fn resolve_control(addr: &str) -> std::result::Result<(SocketAddr, IpAddr), Stri
 /// or the news that the coordinator is gone) within [`STUCK_GRACE`]: it is stuck in a
 /// collective with a peer that will never answer. (A launcher that restarts failed
 /// processes — the local harness does — then starts a fresh node, as torchelastic does.)
+///
+/// A node stuck when told to *restart* starts afresh instead: it replaces its own process
+/// image with a new run of the same command (same pid, so a launcher such as `srun` sees
+/// nothing end), which registers again and joins the restarted run. Without it, a run
+/// started by hand or by a launcher that does not restart processes could never survive a
+/// lost node, however many restarts it allows.
 fn watchdog(handled: Arc<AtomicU64>, nth: u64, what: &'static str) {
     std::thread::spawn(move || {
         std::thread::sleep(STUCK_GRACE);
-        if handled.load(Ordering::SeqCst) < nth {
+        if handled.load(Ordering::SeqCst) >= nth {
+            return;
+        }
+        if what == RESTART {
+            eprintln!(
+                "ringtune node: {what}, but training is stuck (a peer is gone); starting afresh \
+                 after {STUCK_GRACE:?}"
+            );
+            let e = restart_process();
+            eprintln!("ringtune node: cannot start afresh ({e}); exiting");
+        } else {
             eprintln!(
                 "ringtune node: {what}, but training is stuck (a peer is gone); exiting after {STUCK_GRACE:?}"
             );
-            std::process::exit(3);
         }
+        std::process::exit(3);
     });
+}
+
+const RESTART: &str = "was told to restart";
+
+/// `exec`s this process's own command line (returns only on failure). Every descriptor
+/// is close-on-exec in Rust, so the new image starts with no socket of the old one.
+fn restart_process() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec()
 }
 
 /// A free port on `ip` for the ring: UDP for the QUIC endpoint, TCP for the TCP links.
