@@ -326,6 +326,16 @@ pub fn parse_example(
         })
     };
     let render_err = |e: Error| LineProblem::Render(e.to_string());
+    let kinds: Vec<&str> = ["messages", "text", "tokens"]
+        .into_iter()
+        .filter(|k| obj.contains_key(*k))
+        .collect();
+    if kinds.len() > 1 {
+        return Err(LineProblem::BadValue {
+            field: kinds.join("` and `"),
+            message: "a line is one kind of example: give only one of them".into(),
+        });
+    }
     if let Some(messages) = obj.get("messages") {
         let messages = parse_messages(messages)?;
         need_renderer("messages")?
@@ -424,9 +434,14 @@ pub fn load_reader<R: BufRead>(
             match std::str::from_utf8(&buf) {
                 Err(e) => Err(LineProblem::NotJson(format!("not UTF-8: {e}"))),
                 Ok(s) if s.trim().is_empty() => continue,
-                Ok(s) => serde_json::from_str::<Value>(s)
-                    .map_err(|e| LineProblem::NotJson(e.to_string()))
-                    .and_then(|v| parse_example(&v, renderer, opts)),
+                // A UTF-8 byte-order mark (some editors write one) is not part of the JSON.
+                Ok(s) => serde_json::from_str::<Value>(if line_no == 1 {
+                    s.strip_prefix('\u{feff}').unwrap_or(s)
+                } else {
+                    s
+                })
+                .map_err(|e| LineProblem::NotJson(e.to_string()))
+                .and_then(|v| parse_example(&v, renderer, opts)),
             }
         };
         report.lines += 1;

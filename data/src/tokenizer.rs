@@ -214,7 +214,8 @@ impl Tokenizer {
                             return Err(bad(
                                 &field,
                                 format!(
-                                    "{content:?} is not in tokenizer.json and adding it gives id {got:?}, not {id}"
+                                    "{content:?} is not in tokenizer.json and adding it gives id {}, not {id}",
+                                    got.map_or("none".to_string(), |g| g.to_string())
                                 ),
                             ));
                         }

@@ -207,6 +207,10 @@ fn wrong_types_name_the_field() {
             r#"{"tokens": [1, 2], "weights": [1e39, 1]}"#,
             "field `weights[0]`: expected a number >= 0 that fits in f32",
         ),
+        (
+            r#"{"text": "hi", "tokens": [1, 2]}"#,
+            "field `text` and `tokens`: a line is one kind of example",
+        ),
     ];
     for (line, want) in cases {
         let (n, _, msg) = line_problem(line, &LoadOptions::default());
@@ -431,4 +435,19 @@ fn an_oversized_line_is_a_line_error_and_can_be_skipped() {
         "{:?}",
         ds.report
     );
+}
+
+/// A UTF-8 byte-order mark before the first line (some editors write one) is skipped;
+/// anywhere else it is not JSON.
+#[test]
+fn a_byte_order_mark_before_the_first_line_is_skipped() {
+    let plain = load("{\"tokens\": [1, 2, 3]}\n", &LoadOptions::default()).unwrap();
+    let bom = load("\u{feff}{\"tokens\": [1, 2, 3]}\n", &LoadOptions::default()).unwrap();
+    assert_eq!(bom.examples.len(), 1);
+    assert_eq!(bom.examples[0].tokens, plain.examples[0].tokens);
+    let (line, _, _) = line_problem(
+        "{\"tokens\": [1]}\n\u{feff}{\"tokens\": [1]}\n",
+        &LoadOptions::default(),
+    );
+    assert_eq!(line, 2);
 }
