@@ -434,3 +434,85 @@ fn hand_started_nodes_survive_a_dead_peer_with_restarts() {
         assert!(err.contains("starting afresh"), "{err}");
     }
 }
+
+/// What `scancel` does: SIGTERM to every task at once, the coordinator and the nodes
+/// started by hand. The nodes outlive that first signal, the step in flight finishes,
+/// rank 0 saves after it, and everything exits 0 with that checkpoint recorded.
+#[test]
+fn sigterm_to_every_process_saves_after_the_step_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 100_000, "");
+    let mut coord = spawn(
+        &[
+            "coordinator",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--plain",
+        ],
+        &[("RINGTUNE_TOKEN", TOKEN)],
+    );
+    let line = coord.wait_for("listening on", 60);
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .to_string();
+    let env = [("RINGTUNE_TOKEN", TOKEN), ("RAYON_NUM_THREADS", "1")];
+    let nodes: Vec<Running> = (0..2)
+        .map(|slot| {
+            let slot = slot.to_string();
+            spawn(
+                &[
+                    "node",
+                    "--coordinator",
+                    &addr,
+                    "--local-rank",
+                    &slot,
+                    "--threads",
+                    "1",
+                ],
+                &env,
+            )
+        })
+        .collect();
+    coord.wait_for("step 2/", 120);
+    let mut pids: Vec<String> = nodes.iter().map(|n| n.child.id().to_string()).collect();
+    pids.push(coord.child.id().to_string());
+    let st = std::process::Command::new("kill")
+        .arg("-TERM")
+        .args(&pids)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (st, err) = coord.wait_exit(120);
+    assert!(st.success(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("interrupted after step"))
+        .unwrap_or_else(|| panic!("not interrupted: {err}"));
+    let step: u64 = line
+        .split("interrupted after step ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        line.contains(&format!("last checkpoint: step {step}")),
+        "{line}"
+    );
+    assert!(dir
+        .path()
+        .join(format!("run/checkpoints/step-{step}/adapter"))
+        .is_dir());
+    for n in nodes {
+        let (st, err) = n.wait_exit(60);
+        assert!(st.success(), "{err}");
+        assert!(
+            err.contains("carrying on until the coordinator stops the run"),
+            "{err}"
+        );
+    }
+}

@@ -242,3 +242,44 @@ fn bad_inputs_are_named_errors() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("nope"), "{err}");
 }
+
+/// A tokenizer with more tokens than the model has embeddings is refused by `sample` and
+/// `eval` up front, as `train` does, rather than failing on the first out-of-range id.
+#[test]
+fn sample_and_eval_refuse_a_tokenizer_larger_than_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (small, big) = (dir.path().join("small"), dir.path().join("big"));
+    for (p, v) in [(&small, "512"), (&big, "2048")] {
+        let o = run(&[
+            "init-model",
+            "--out",
+            p.to_str().unwrap(),
+            "--vocab-size",
+            v,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(big.join(f), small.join(f)).unwrap();
+    }
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"hello world\"}\n").unwrap();
+    let m = small.to_str().unwrap();
+    for args in [
+        vec![
+            "sample",
+            "--model",
+            m,
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+        ],
+        vec!["eval", "--model", m, "--data", data.to_str().unwrap()],
+    ] {
+        let o = run(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}: {err}");
+        assert!(err.contains("the tokenizer has"), "{args:?}: {err}");
+    }
+}

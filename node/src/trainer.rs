@@ -1021,8 +1021,9 @@ impl Trainer {
     }
 }
 
-/// Refuses a tokenizer with more tokens than the model has embeddings.
-pub(crate) fn check_vocab(model_dir: &Path, tok: &Tokenizer, model: &LoraModel) -> Result<()> {
+/// Refuses a tokenizer with more tokens than the model has embeddings (its ids would index
+/// past them): `train`, `eval` and `sample` check it before the first batch.
+pub fn check_vocab(model_dir: &Path, tok: &Tokenizer, model: &LoraModel) -> Result<()> {
     if tok.vocab_size() > model.config().vocab_size {
         return Err(Error::Invalid(format!(
             "{}: the tokenizer has {} tokens but the model's vocab_size is {}",

@@ -88,6 +88,7 @@ pub fn run(args: Args) -> Result<()> {
             Adapters::Off,
         ),
     };
+    ringtune_node::trainer::check_vocab(&model_dir, &tok, &model)?;
     let (nll, weight) = evaluate(
         &model,
         &data.examples,

@@ -185,6 +185,7 @@ pub fn run(args: Args) -> Result<()> {
             Adapters::Off,
         ),
     };
+    ringtune_node::trainer::check_vocab(&model_dir, &tok, &model)?;
 
     let stop_cond = renderer.stop_condition();
     let mut stops = stop_cond.sequences.clone();
