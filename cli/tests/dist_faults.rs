@@ -477,7 +477,8 @@ fn sigterm_to_every_process_saves_after_the_step_in_flight() {
             )
         })
         .collect();
-    coord.wait_for("step 2/", 120);
+    coord.wait_for("step 1/", 120);
+    std::thread::sleep(Duration::from_millis(500));
     let mut pids: Vec<String> = nodes.iter().map(|n| n.child.id().to_string()).collect();
     pids.push(coord.child.id().to_string());
     let st = std::process::Command::new("kill")
