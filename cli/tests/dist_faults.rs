@@ -4,7 +4,6 @@
 
 mod dist_common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dist_common::*;
@@ -53,48 +52,9 @@ fn a_node_killed_mid_run_is_reported_with_its_rank_and_step() {
 fn nodes_exit_with_a_clear_error_when_the_coordinator_dies() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 2, 100_000, "");
-    let mut coord = spawn(
-        &[
-            "coordinator",
-            cfg.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--plain",
-        ],
-        &[("RINGTUNE_TOKEN", TOKEN)],
-    );
-    let line = coord.wait_for("listening on", 60);
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .to_string();
-    let env = [("RINGTUNE_TOKEN", TOKEN), ("RAYON_NUM_THREADS", "1")];
-    let n0 = spawn(
-        &[
-            "node",
-            "--coordinator",
-            &addr,
-            "--local-rank",
-            "0",
-            "--threads",
-            "1",
-        ],
-        &env,
-    );
-    let n1 = spawn(
-        &[
-            "node",
-            "--coordinator",
-            &addr,
-            "--local-rank",
-            "1",
-            "--threads",
-            "1",
-        ],
-        &env,
-    );
+    let (mut coord, addr) = start_coordinator(None, cfg.to_str().unwrap(), &[]);
+    let n0 = start_node(None, &addr, 0, TOKEN, &[]);
+    let n1 = start_node(None, &addr, 1, TOKEN, &[]);
     coord.wait_for("step 1/", 120);
     coord.child.kill().unwrap();
     coord.child.wait().unwrap();
@@ -129,53 +89,22 @@ fn wrong_token_and_foreign_config_are_refused_and_the_run_goes_on() {
             .replace("lr = 1e-3", "lr = 2e-3"),
     )
     .unwrap();
-    let mut coord = spawn(
-        &[
-            "coordinator",
-            cfg.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--plain",
-        ],
-        &[("RINGTUNE_TOKEN", TOKEN)],
-    );
-    let line = coord.wait_for("listening on", 60);
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .to_string();
-    let node = |rank: &str, token: &str, extra: &[&str]| {
-        let mut args = vec![
-            "node",
-            "--coordinator",
-            &addr,
-            "--local-rank",
-            rank,
-            "--threads",
-            "1",
-        ];
-        args.extend_from_slice(extra);
-        spawn(
-            &args,
-            &[("RINGTUNE_TOKEN", token), ("RAYON_NUM_THREADS", "1")],
-        )
-    };
-    let bad = node("0", "not-the-cluster-token-at-all", &[]);
+    let (mut coord, addr) = start_coordinator(None, cfg.to_str().unwrap(), &[]);
+    let node = |slot, token: &str, extra: &[&str]| start_node(None, &addr, slot, token, extra);
+    let bad = node(0, "not-the-cluster-token-at-all", &[]);
     let (st, err) = bad.wait_exit(30);
     assert!(!st.success());
     assert!(err.contains("wrong cluster token"), "{err}");
     coord.wait_for("refused", 10);
 
-    let foreign = node("0", TOKEN, &["--config", other.to_str().unwrap()]);
+    let foreign = node(0, TOKEN, &["--config", other.to_str().unwrap()]);
     let (st, err) = foreign.wait_exit(30);
     assert!(!st.success());
     assert!(err.contains("config hash"), "{err}");
     coord.wait_for("refused", 10);
 
-    let n0 = node("0", TOKEN, &["--config", cfg.to_str().unwrap()]);
-    let n1 = node("1", TOKEN, &[]);
+    let n0 = node(0, TOKEN, &["--config", cfg.to_str().unwrap()]);
+    let n1 = node(1, TOKEN, &[]);
     let (st, err) = coord.wait_exit(120);
     assert!(st.success(), "the run did not go on:\n{err}");
     assert!(err.contains("done: 6 steps"), "{err}");
@@ -314,41 +243,11 @@ fn a_node_with_other_data_fails_its_first_step_naming_the_example() {
     lines.reverse();
     std::fs::write(other.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
 
-    let mut coord = spawn_in(
-        Some(dir.path()),
-        &[
-            "coordinator",
-            "run.toml",
-            "--listen",
-            "127.0.0.1:0",
-            "--plain",
-        ],
-        &[("RINGTUNE_TOKEN", TOKEN)],
+    let (coord, addr) = start_coordinator(Some(dir.path()), "run.toml", &[]);
+    let (n0, n1) = (
+        start_node(Some(dir.path()), &addr, 0, TOKEN, &[]),
+        start_node(Some(&other), &addr, 1, TOKEN, &[]),
     );
-    let line = coord.wait_for("listening on", 60);
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .to_string();
-    let env = [("RINGTUNE_TOKEN", TOKEN), ("RAYON_NUM_THREADS", "1")];
-    let node = |cwd: &Path, slot: &str| {
-        spawn_in(
-            Some(cwd),
-            &[
-                "node",
-                "--coordinator",
-                &addr,
-                "--local-rank",
-                slot,
-                "--threads",
-                "1",
-            ],
-            &env,
-        )
-    };
-    let (n0, n1) = (node(dir.path(), "0"), node(&other, "1"));
     let (st, err) = coord.wait_exit(120);
     assert!(!st.success(), "the run must fail:\n{err}");
     assert!(
@@ -376,13 +275,10 @@ fn hand_started_nodes_survive_a_dead_peer_with_restarts() {
             .replace("save_every = 0", "save_every = 4"),
     )
     .unwrap();
-    let mut coord = spawn(
+    let (mut coord, addr) = start_coordinator(
+        None,
+        cfg.to_str().unwrap(),
         &[
-            "coordinator",
-            cfg.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--plain",
             "--max-restarts",
             "1",
             "--min-nodes",
@@ -390,32 +286,9 @@ fn hand_started_nodes_survive_a_dead_peer_with_restarts() {
             "--heartbeat-timeout",
             "2",
         ],
-        &[("RINGTUNE_TOKEN", TOKEN)],
     );
-    let line = coord.wait_for("listening on", 60);
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .to_string();
-    let env = [("RINGTUNE_TOKEN", TOKEN), ("RAYON_NUM_THREADS", "1")];
     let mut nodes: Vec<Running> = (0..3)
-        .map(|slot| {
-            let slot = slot.to_string();
-            spawn(
-                &[
-                    "node",
-                    "--coordinator",
-                    &addr,
-                    "--local-rank",
-                    &slot,
-                    "--threads",
-                    "1",
-                ],
-                &env,
-            )
-        })
+        .map(|slot| start_node(None, &addr, slot, TOKEN, &[]))
         .collect();
     coord.wait_for("checkpoint: step 4", 120);
     kill_9(nodes[2].child.id());
@@ -442,40 +315,9 @@ fn hand_started_nodes_survive_a_dead_peer_with_restarts() {
 fn sigterm_to_every_process_saves_after_the_step_in_flight() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 2, 100_000, "");
-    let mut coord = spawn(
-        &[
-            "coordinator",
-            cfg.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--plain",
-        ],
-        &[("RINGTUNE_TOKEN", TOKEN)],
-    );
-    let line = coord.wait_for("listening on", 60);
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .to_string();
-    let env = [("RINGTUNE_TOKEN", TOKEN), ("RAYON_NUM_THREADS", "1")];
+    let (mut coord, addr) = start_coordinator(None, cfg.to_str().unwrap(), &[]);
     let nodes: Vec<Running> = (0..2)
-        .map(|slot| {
-            let slot = slot.to_string();
-            spawn(
-                &[
-                    "node",
-                    "--coordinator",
-                    &addr,
-                    "--local-rank",
-                    &slot,
-                    "--threads",
-                    "1",
-                ],
-                &env,
-            )
-        })
+        .map(|slot| start_node(None, &addr, slot, TOKEN, &[]))
         .collect();
     coord.wait_for("step 1/", 120);
     std::thread::sleep(Duration::from_millis(500));

@@ -116,6 +116,49 @@ pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Running {
     spawn_in(None, args, env)
 }
 
+/// `ringtune coordinator CONFIG` on a free port on 127.0.0.1 (with [`TOKEN`] and `extra`
+/// arguments), in `cwd` if given; returns it once it listens, with its address.
+pub fn start_coordinator(cwd: Option<&Path>, config: &str, extra: &[&str]) -> (Running, String) {
+    let mut args = vec!["coordinator", config, "--listen", "127.0.0.1:0", "--plain"];
+    args.extend_from_slice(extra);
+    let mut coord = spawn_in(cwd, &args, &[("RINGTUNE_TOKEN", TOKEN)]);
+    let line = coord.wait_for("listening on", 60);
+    let addr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .expect("the coordinator prints its address")
+        .to_string();
+    (coord, addr)
+}
+
+/// `ringtune node` for slot `slot` joining `addr` with `token`, one compute thread, `extra`
+/// arguments, in `cwd` if given.
+pub fn start_node(
+    cwd: Option<&Path>,
+    addr: &str,
+    slot: u32,
+    token: &str,
+    extra: &[&str],
+) -> Running {
+    let slot = slot.to_string();
+    let mut args = vec![
+        "node",
+        "--coordinator",
+        addr,
+        "--local-rank",
+        &slot,
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    spawn_in(
+        cwd,
+        &args,
+        &[("RINGTUNE_TOKEN", token), ("RAYON_NUM_THREADS", "1")],
+    )
+}
+
 /// [`spawn`] in the working folder `cwd` (relative paths in a config resolve from it).
 pub fn spawn_in(cwd: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut cmd = Command::new(BIN);
