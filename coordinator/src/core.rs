@@ -485,6 +485,20 @@ impl Coordinator {
         }
     }
 
+    /// The launcher saw the process of the node registered as `host:local_rank` end: the
+    /// same as its connection closing, known at once (a killed process closes nothing over
+    /// QUIC, so otherwise the heartbeat timeout finds it). Nothing if no such node is
+    /// connected (it had already gone, or never registered).
+    pub fn handle_process_exit(&mut self, now: Instant, host: &str, local_rank: u32) {
+        let found = self.conns.iter().find_map(|(id, c)| {
+            let i = &c.reg.as_ref()?.registration.identity;
+            (i.host == host && i.local_rank == local_rank).then_some(*id)
+        });
+        if let Some(id) = found {
+            self.handle_disconnect(now, id);
+        }
+    }
+
     /// The user asked to stop (Ctrl-C). A second interrupt while stopping
     /// stops waiting for acknowledgements.
     pub fn handle_interrupt(&mut self, now: Instant) {

@@ -62,13 +62,16 @@ pub fn bind(addr: SocketAddr) -> Result<quinn::Endpoint> {
 }
 
 /// Runs `core` to its end: accepts nodes on `listener`, forwards events to `events`, turns
-/// a `true` on `interrupt` into the core's interrupt. Returns the run's outcome.
+/// a `true` on `interrupt` into the core's interrupt and a `(host, local_rank)` on `exits`
+/// (a launcher that saw that node's process end) into the core's process exit. Returns
+/// the run's outcome.
 pub async fn serve(
     mut core: Coordinator,
     endpoint: quinn::Endpoint,
     cfg: DriverConfig,
     events: mpsc::UnboundedSender<Event>,
     mut interrupt: watch::Receiver<bool>,
+    mut exits: mpsc::UnboundedReceiver<(String, u32)>,
 ) -> Result<Outcome> {
     let chain = cfg.identity.cert_chain.clone();
     let key = cfg.identity.key.clone_key();
@@ -100,6 +103,7 @@ pub async fn serve(
 
     let mut conns: BTreeMap<NodeId, mpsc::UnboundedSender<Command>> = BTreeMap::new();
     let mut interrupted = *interrupt.borrow();
+    let mut exits_open = true;
     if interrupted {
         core.handle_interrupt(std::time::Instant::now());
     }
@@ -160,6 +164,12 @@ pub async fn serve(
             _ = tokio::time::sleep_until(sleep_until) => {
                 core.handle_timeout(std::time::Instant::now());
             }
+            exit = exits.recv(), if exits_open => match exit {
+                Some((host, slot)) => {
+                    core.handle_process_exit(std::time::Instant::now(), &host, slot)
+                }
+                None => exits_open = false,
+            },
             changed = interrupt.changed(), if !interrupted => {
                 if changed.is_err() || *interrupt.borrow() {
                     interrupted = true;

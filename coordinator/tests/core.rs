@@ -1329,3 +1329,47 @@ fn interrupt_again_or_a_failure_during_the_final_save_stops_at_once() {
             ",
     );
 }
+
+/// A launcher that saw a node's process end says so (`exit HOST SLOT`): the coordinator
+/// treats it as that node's disconnect at once, instead of waiting for the heartbeat
+/// timeout. An exit of a process it does not know changes nothing.
+#[test]
+fn a_process_exit_seen_by_the_launcher_is_that_nodes_disconnect() {
+    check(
+        "
+        connect 1
+        connect 2
+        register 1
+        register 2
+        ready 1
+        ready 2
+        exit h9 0
+        exit h2 0
+        ack 1
+        ",
+        "
+            t=0.0   connect 1
+            t=0.0   connect 2
+            t=0.0   register 1
+              ev registered node#1 h1:0
+              -> 1 accepted
+            t=0.0   register 2
+              ev registered node#2 h2:0
+              ev run started g0 world 2 resume 0 ranks [0=1 1=2]
+              -> 2 accepted
+              -> 1 assign g0 rank 0/2 left r1@10.0.0.2:7000 right r1@10.0.0.2:7000 resume 0 total 2
+              -> 2 assign g0 rank 1/2 left r0@10.0.0.1:7000 right r0@10.0.0.1:7000 resume 0 total 2
+            t=0.0   ready 1
+            t=0.0   ready 2
+              -> 1 run step 1 g0 w2 [1]
+              -> 2 run step 1 g0 w2 [0 2 3]
+            t=0.0   exit h9 0
+            t=0.0   exit h2 0
+              ev failed: rank 1 (h2:0, node#2) disconnected during step 1
+              ev stopping: run failed: rank 1 (h2:0, node#2) disconnected during step 1; restarts are disabled (max_restarts = 0)
+              -> 1 stop: run failed: rank 1 (h2:0, node#2) disconnected during step 1; restarts are disabled (max_restarts = 0)
+            t=0.0   ack 1
+              ev finished: failed: rank 1 (h2:0, node#2) disconnected during step 1; restarts are disabled (max_restarts = 0)
+            ",
+    );
+}

@@ -90,12 +90,16 @@ pub fn run(args: Args) -> Result<()> {
         &args.policy,
         args.resume,
         args.plain || !std::io::stderr().is_terminal(),
-        |_| Ok(()),
+        |_, _| Ok(()),
     )
 }
 
 /// Runs the coordinator for `cfg` to the end. `started(addr)` is called once the control
 /// address is bound (the local harness starts its node processes there).
+/// Where a launcher that starts the node processes (the local harness) reports one that
+/// ended: its `(host, local_rank)`. Dropping it says no more will come.
+pub type ProcessExits = tokio::sync::mpsc::UnboundedSender<(String, u32)>;
+
 pub fn serve_run(
     cfg: RunConfig,
     listen: SocketAddr,
@@ -103,7 +107,7 @@ pub fn serve_run(
     policy: &Policy,
     resume: bool,
     plain: bool,
-    started: impl FnOnce(SocketAddr) -> Result<()>,
+    started: impl FnOnce(SocketAddr, ProcessExits) -> Result<()>,
 ) -> Result<()> {
     // The folder is this run's until it ends (a second run into it is refused); then
     // refuse a folder that holds another run, or a changed config, before any work.
@@ -160,7 +164,8 @@ pub fn serve_run(
             "coordinator: listening on {addr}, waiting for {world} node(s); {total} steps; run folder {}",
             out_dir.display()
         );
-        started(addr)?;
+        let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
+        started(addr, exits_tx)?;
         let (int_tx, int_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
@@ -185,6 +190,7 @@ pub fn serve_run(
             },
             ev_tx,
             int_rx,
+            exits_rx,
         ));
         let mut progress = Progress::new(total, plain);
         while let Some(ev) = ev_rx.recv().await {

@@ -45,7 +45,7 @@ pub struct Args {
     pub collective_timeout: u64,
 }
 
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())

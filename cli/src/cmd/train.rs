@@ -371,45 +371,53 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
             &args.policy,
             args.resume,
             plain,
-            move |addr| {
+            move |addr, exits| {
                 let mut c = children.lock().expect("children lock");
                 for i in 0..n {
                     c.push(spawn_node(addr, i)?);
                 }
                 drop(c);
-                if max_restarts > 0 {
-                    // Like torchelastic: a node process that dies is replaced (same slot), and
-                    // the coordinator's restart takes the replacement in. Bounded by the
-                    // restart budget times the world size.
-                    let mut budget = u64::from(max_restarts) * u64::from(n);
-                    std::thread::spawn(move || {
-                        while !reaped.load(Ordering::SeqCst) {
-                            std::thread::sleep(Duration::from_millis(100));
-                            if over.load(Ordering::SeqCst) || budget == 0 {
+                // Watches the node processes. One that ends before the run does is reported
+                // to the coordinator at once (a killed process closes nothing over QUIC, so
+                // otherwise only the heartbeat timeout finds it) and, with a restart budget,
+                // replaced in its slot, like torchelastic; the coordinator's restart takes
+                // the replacement in. Bounded by the budget times the world size.
+                let mut budget = u64::from(max_restarts) * u64::from(n);
+                let host = super::node::host_name();
+                std::thread::spawn(move || {
+                    let mut done = vec![false; n as usize];
+                    while !reaped.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(100));
+                        let mut c = children.lock().expect("children lock");
+                        for (i, child) in c.iter_mut().enumerate() {
+                            if done[i] || over.load(Ordering::SeqCst) {
                                 continue;
                             }
-                            let mut c = children.lock().expect("children lock");
-                            for (i, child) in c.iter_mut().enumerate() {
-                                if over.load(Ordering::SeqCst) || budget == 0 {
-                                    break;
-                                }
-                                if let Ok(Some(st)) = child.try_wait() {
-                                    if st.success() {
-                                        continue;
-                                    }
-                                    eprintln!(
-                                        "harness: node {i} exited ({st}); starting a replacement"
-                                    );
-                                    match spawn_node(addr, i as u32) {
-                                        Ok(new) => *child = new,
-                                        Err(e) => eprintln!("harness: {e:#}"),
-                                    }
-                                    budget -= 1;
+                            let Ok(Some(st)) = child.try_wait() else {
+                                continue;
+                            };
+                            if st.success() {
+                                done[i] = true;
+                                continue;
+                            }
+                            let _ = exits.send((host.clone(), i as u32));
+                            if budget == 0 {
+                                eprintln!("harness: node {i} exited ({st})");
+                                done[i] = true;
+                                continue;
+                            }
+                            eprintln!("harness: node {i} exited ({st}); starting a replacement");
+                            match spawn_node(addr, i as u32) {
+                                Ok(new) => *child = new,
+                                Err(e) => {
+                                    eprintln!("harness: {e:#}");
+                                    done[i] = true;
                                 }
                             }
+                            budget -= 1;
                         }
-                    });
-                }
+                    }
+                });
                 Ok(())
             },
         )

@@ -149,6 +149,12 @@ impl Harness {
             "beat" => self.core.handle_message(now, node(), NodeMsg::Heartbeat),
             "ack" => self.core.handle_message(now, node(), NodeMsg::StopAck),
             "drop" => self.core.handle_disconnect(now, node()),
+            // `exit HOST LOCAL_RANK`: a launcher saw that process end.
+            "exit" => self.core.handle_process_exit(
+                now,
+                rest.first().expect("exit HOST LOCAL_RANK"),
+                rest.get(1).expect("exit HOST LOCAL_RANK").parse().unwrap(),
+            ),
             "interrupt" => self.core.handle_interrupt(now),
             "ready" => {
                 let generation = gen(self);
