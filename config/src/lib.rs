@@ -640,7 +640,24 @@ impl RunConfig {
         for spec in overrides {
             cfg = cfg.with_override(spec)?;
         }
-        cfg.validate(path)?;
+        cfg.validate(path).map_err(|e| match e {
+            // A value that came from --set is blamed on the override, not on the file.
+            ConfigError::Invalid { key, message, .. }
+                if let Some(spec) = overrides.iter().rev().find(|s| {
+                    s.split_once('=').is_some_and(|(k, _)| {
+                        let k = k.trim();
+                        key == k || key.starts_with(&format!("{k}."))
+                    })
+                }) =>
+            {
+                ConfigError::Override {
+                    spec: spec.clone(),
+                    key,
+                    message,
+                }
+            }
+            e => e,
+        })?;
         Ok(cfg)
     }
 
@@ -668,8 +685,14 @@ impl RunConfig {
         // A TOML value if it parses as one, else the raw text as a string, so
         // `model.path=runs/m` works without quoting.
         let value: serde_json::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-            Ok(mut t) => serde_json::to_value(t.remove("v").expect("key v was just written"))
-                .map_err(|e| bad(key, e.to_string()))?,
+            Ok(mut t) => {
+                let v = t.remove("v").expect("key v was just written");
+                // JSON has no NaN or inf (they would become null, "invalid type: null").
+                if matches!(v, toml::Value::Float(f) if !f.is_finite()) {
+                    return Err(bad(key, format!("{raw} is not a finite number")));
+                }
+                serde_json::to_value(v).map_err(|e| bad(key, e.to_string()))?
+            }
             Err(_) => serde_json::Value::String(raw.to_owned()),
         };
         let mut tree = serde_json::to_value(self).expect("config serializes to JSON");
@@ -1097,6 +1120,27 @@ mod tests {
             .to_string();
         assert!(e.contains("train.batch_size"), "{e}");
         assert!(a.with_override("novalue").is_err());
+        let e = a.with_override("optimizer.lr=nan").unwrap_err().to_string();
+        assert!(e.contains("nan is not a finite number"), "{e}");
+        // A value out of range that came from --set is blamed on the --set, not the file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, MIN).unwrap();
+        let e = RunConfig::load_with_overrides(&path, &["train.batch_size=0".into()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "override `train.batch_size=0`: key `train.batch_size`: must be at least 1"
+        );
+        std::fs::write(&path, format!("{MIN}[train]\nbatch_size = 0\n")).unwrap();
+        let e = RunConfig::load_with_overrides(&path, &["seed=3".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("{}: train.batch_size", path.display())),
+            "{e}"
+        );
     }
 
     #[test]
