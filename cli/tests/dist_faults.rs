@@ -82,7 +82,13 @@ fn wrong_token_and_foreign_config_are_refused_and_the_run_goes_on() {
             .replace("lr = 1e-3", "lr = 2e-3"),
     )
     .unwrap();
-    let (mut coord, addr) = start_coordinator(None, cfg.to_str().unwrap(), &[]);
+    // The run's config is the file with an override; a node proves it has the same with
+    // `--config FILE --set …`.
+    let (mut coord, addr) = start_coordinator(
+        None,
+        cfg.to_str().unwrap(),
+        &["--set", "optimizer.lr=0.004"],
+    );
     let node = |slot, token: &str, extra: &[&str]| start_node(None, &addr, slot, token, extra);
     let bad = node(0, "not-the-cluster-token-at-all", &[]);
     let (st, err) = bad.wait_exit(30);
@@ -96,7 +102,22 @@ fn wrong_token_and_foreign_config_are_refused_and_the_run_goes_on() {
     assert!(err.contains("config hash"), "{err}");
     coord.wait_for("refused", 10);
 
-    let n0 = node(0, TOKEN, &["--config", cfg.to_str().unwrap()]);
+    let without_set = node(0, TOKEN, &["--config", cfg.to_str().unwrap()]);
+    let (st, err) = without_set.wait_exit(30);
+    assert!(!st.success());
+    assert!(err.contains("config hash"), "{err}");
+    coord.wait_for("refused", 10);
+
+    let n0 = node(
+        0,
+        TOKEN,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "optimizer.lr=0.004",
+        ],
+    );
     let n1 = node(1, TOKEN, &[]);
     let (st, err) = coord.wait_exit(120);
     assert!(st.success(), "the run did not go on:\n{err}");

@@ -31,6 +31,10 @@ pub struct Args {
     /// config differs (a node of another run).
     #[arg(long, value_name = "CONFIG")]
     pub config: Option<PathBuf>,
+    /// Overrides of --config's keys, as the coordinator was given them (repeatable; TOML
+    /// values), so that the hashes can match.
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
+    pub set: Vec<String>,
     /// This process's slot on its host (default: LOCAL_RANK / SLURM_LOCALID, else 0).
     #[arg(long, value_name = "N")]
     pub local_rank: Option<u32>,
@@ -110,7 +114,7 @@ pub fn run(args: Args) -> Result<()> {
     let own_config = args
         .config
         .as_ref()
-        .map(|p| RunConfig::load(p))
+        .map(|p| RunConfig::load_with_overrides(p, &args.set))
         .transpose()?;
     let identity = NodeIdentity {
         host: host_name(),
