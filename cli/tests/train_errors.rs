@@ -288,5 +288,9 @@ fn resume_without_a_checkpoint() {
 fn out_of_range_value_names_the_key() {
     let c = Case::new(&chat_lines(16, 1));
     let err = c.fails(&c.config("nodes = 0", ""), &[]);
-    assert!(err.contains("run.toml: nodes: must be at least 1"), "{err}");
+    // With the line that sets it (`nodes = 0` is put first in the file).
+    assert!(
+        err.contains("run.toml:1: nodes: must be at least 1"),
+        "{err}"
+    );
 }

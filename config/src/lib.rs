@@ -52,10 +52,12 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
-    /// The file parsed but a value is out of range or values contradict each other.
-    #[error("{path}: {key}: {message}")]
+    /// The file parsed but a value is out of range or values contradict each other
+    /// (`line`: where the key is set in the file, when it is).
+    #[error("{path}{}: {key}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Invalid {
         path: PathBuf,
+        line: Option<usize>,
         key: String,
         message: String,
     },
@@ -549,6 +551,7 @@ impl RlConfig {
         let err = |key: &str, message: &str| {
             Err(ConfigError::Invalid {
                 path: path.to_owned(),
+                line: None,
                 key: format!("rl.{key}"),
                 message: message.to_owned(),
             })
@@ -656,6 +659,14 @@ impl RunConfig {
                     message,
                 }
             }
+            ConfigError::Invalid {
+                path, key, message, ..
+            } => ConfigError::Invalid {
+                line: key_line(&text, &key),
+                path,
+                key,
+                message,
+            },
             e => e,
         })?;
         Ok(cfg)
@@ -723,6 +734,7 @@ impl RunConfig {
         let err = |key: &str, message: &str| {
             Err(ConfigError::Invalid {
                 path: path.to_owned(),
+                line: None,
                 key: key.to_owned(),
                 message: message.to_owned(),
             })
@@ -918,6 +930,28 @@ fn toml_error(e: toml::de::Error, text: &str, path: &Path, key: &str) -> ConfigE
         key: key.to_owned(),
         message: e.message().trim().to_owned(),
     }
+}
+
+/// The 1-based line that sets the dotted `key` (`train.batch_size`: `batch_size = …` under
+/// `[train]`; a top-level key before any table), if the text has one. A plain scan, for
+/// messages: inline tables and dotted keys written out are not found.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let (table, name) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(h) = t.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            current = h.trim().to_string();
+            continue;
+        }
+        let Some((k, _)) = t.split_once('=') else {
+            continue;
+        };
+        if current == table && k.trim().trim_matches('"') == name {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// 1-based line and column of a byte offset.
@@ -1137,9 +1171,10 @@ mod tests {
         let e = RunConfig::load_with_overrides(&path, &["seed=3".into()])
             .unwrap_err()
             .to_string();
-        assert!(
-            e.starts_with(&format!("{}: train.batch_size", path.display())),
-            "{e}"
+        // Named with the line that sets it.
+        assert_eq!(
+            e,
+            format!("{}:6: train.batch_size: must be at least 1", path.display())
         );
     }
 
