@@ -75,13 +75,7 @@ fn wrong_token_and_foreign_config_are_refused_and_the_run_goes_on() {
     let other_dir = tempfile::tempdir().unwrap();
     let other = config(other_dir.path(), 2, 6, "");
     // Another run: a different learning rate changes the config hash.
-    std::fs::write(
-        &other,
-        std::fs::read_to_string(&other)
-            .unwrap()
-            .replace("lr = 1e-3", "lr = 2e-3"),
-    )
-    .unwrap();
+    edit_config(&other, "lr = 1e-3", "lr = 2e-3");
     // The run's config is the file with an override; a node proves it has the same with
     // `--config FILE --set …`.
     let (mut coord, addr) = start_coordinator(
@@ -133,13 +127,7 @@ fn with_restarts_a_killed_node_is_replaced_and_the_run_ends_like_an_uninterrupte
     const STEPS: u64 = 24;
     let extra_steps = |dir: &std::path::Path| {
         let cfg = config(dir, 2, STEPS, "");
-        std::fs::write(
-            &cfg,
-            std::fs::read_to_string(&cfg)
-                .unwrap()
-                .replace("save_every = 0", "save_every = 4"),
-        )
-        .unwrap();
+        edit_config(&cfg, "save_every = 0", "save_every = 4");
         cfg
     };
     let reference = tempfile::tempdir().unwrap();
@@ -244,9 +232,8 @@ fn nccl_on_a_build_without_it_fails_naming_the_feature() {
 fn a_node_with_other_data_fails_its_first_step_naming_the_example() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 2, 4, "");
-    let text = std::fs::read_to_string(&cfg).unwrap();
     let train = dir.path().join("train.jsonl").display().to_string();
-    std::fs::write(&cfg, text.replace(&format!("{train:?}"), "\"train.jsonl\"")).unwrap();
+    edit_config(&cfg, &format!("{train:?}"), "\"train.jsonl\"");
     let other = dir.path().join("other");
     std::fs::create_dir(&other).unwrap();
     let mut lines: Vec<String> = std::fs::read_to_string(&train)
@@ -282,13 +269,7 @@ fn a_node_with_other_data_fails_its_first_step_naming_the_example() {
 fn hand_started_nodes_survive_a_dead_peer_with_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 3, 16, "");
-    std::fs::write(
-        &cfg,
-        std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("save_every = 0", "save_every = 4"),
-    )
-    .unwrap();
+    edit_config(&cfg, "save_every = 0", "save_every = 4");
     let (mut coord, addr) = start_coordinator(
         None,
         cfg.to_str().unwrap(),

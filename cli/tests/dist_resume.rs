@@ -11,8 +11,7 @@ const STEPS: u64 = 16;
 
 fn config_saving_every_4(dir: &Path) -> std::path::PathBuf {
     let cfg = config(dir, 2, STEPS, "");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("save_every = 0", "save_every = 4")).unwrap();
+    edit_config(&cfg, "save_every = 0", "save_every = 4");
     cfg
 }
 

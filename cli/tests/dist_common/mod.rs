@@ -105,6 +105,14 @@ eval_every = 0
     p
 }
 
+/// Replaces `from` with `to` in the config file at `path`; `from` must be there (a
+/// replacement that matched nothing would silently test the unchanged config).
+pub fn edit_config(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{} has no {from:?}", path.display());
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
 /// A running process whose stderr lines are collected.
 pub struct Running {
     pub child: Child,
