@@ -183,6 +183,64 @@ impl ClusterIdentity {
     }
 }
 
+/// The SHA-256 of a certificate's DER encoding: what a node pins the coordinator's
+/// certificate by (`ringtune node --coordinator-fingerprint`). Shown as `sha256:` and 64
+/// lowercase hex digits; parsed from that, bare hex, or OpenSSL's colon-separated form
+/// (`openssl x509 -noout -fingerprint -sha256`), in any case.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    pub fn of(cert: &CertificateDer<'_>) -> Self {
+        let d = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        Self(out)
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("sha256:")?;
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for Fingerprint {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let t = s.trim();
+        let lower = t.to_ascii_lowercase();
+        let body = ["sha256 fingerprint=", "sha256:", "sha256="]
+            .iter()
+            .find_map(|p| lower.strip_prefix(p))
+            .unwrap_or(&lower);
+        let hex: String = body.chars().filter(|&c| c != ':').collect();
+        if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "'{t}' is not a SHA-256 certificate fingerprint: expected 64 hex digits, \
+                 optionally after 'sha256:' or colon-separated (as the coordinator prints it: \
+                 sha256:9f86d0…)"
+            ));
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("checked hex");
+        }
+        Ok(Self(out))
+    }
+}
+
 fn pem_encode(label: &str, der: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut b64 = String::new();
@@ -225,5 +283,36 @@ mod tests {
         let missing =
             ClusterIdentity::from_pem_files(&dir.path().join("nope.crt"), &k, None).unwrap_err();
         assert!(missing.to_string().contains("nope.crt"), "{missing}");
+    }
+
+    #[test]
+    fn fingerprints_print_and_parse_in_the_usual_forms() {
+        let id = ClusterIdentity::generate().unwrap();
+        let fp = Fingerprint::of(&id.cert_chain[0]);
+        let shown = fp.to_string();
+        assert!(
+            shown.starts_with("sha256:") && shown.len() == 7 + 64,
+            "{shown}"
+        );
+        assert_eq!(shown.parse::<Fingerprint>().unwrap(), fp);
+        let hex = &shown[7..];
+        assert_eq!(hex.parse::<Fingerprint>().unwrap(), fp);
+        // OpenSSL's form: upper case, colon-separated, with its label.
+        let colons: Vec<String> = fp.0.iter().map(|b| format!("{b:02X}")).collect();
+        let openssl = format!("SHA256 Fingerprint={}\n", colons.join(":"));
+        assert_eq!(openssl.parse::<Fingerprint>().unwrap(), fp);
+        // Another certificate has another fingerprint.
+        let other = ClusterIdentity::generate().unwrap();
+        assert_ne!(Fingerprint::of(&other.cert_chain[0]), fp);
+        for bad in [
+            "",
+            "sha256:",
+            &hex[1..],
+            &format!("{hex}00"),
+            &format!("g{}", &hex[1..]),
+        ] {
+            let e = bad.parse::<Fingerprint>().unwrap_err();
+            assert!(e.contains("64 hex digits"), "{bad}: {e}");
+        }
     }
 }

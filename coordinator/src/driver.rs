@@ -37,9 +37,11 @@ const FLUSH_GRACE: Duration = Duration::from_millis(300);
 pub struct DriverConfig {
     /// Nodes must prove this token.
     pub token: ClusterToken,
-    /// The per-run certificate: the control plane's server certificate and, handed to
-    /// every node in the welcome, the ring's cluster certificate.
-    pub identity: ClusterIdentity,
+    /// The control plane's server certificate and key (per run, or an operator's); nodes
+    /// may pin it. Its key never leaves the coordinator.
+    pub control: ClusterIdentity,
+    /// The per-run ring certificate and key, handed to every node in the welcome.
+    pub ring: ClusterIdentity,
     /// The effective run config as JSON, for the welcome.
     pub run_config_json: String,
 }
@@ -73,14 +75,16 @@ pub async fn serve(
     mut interrupt: watch::Receiver<bool>,
     mut exits: mpsc::UnboundedReceiver<(String, u32)>,
 ) -> Result<Outcome> {
-    let chain = cfg.identity.cert_chain.clone();
-    let key = cfg.identity.key.clone_key();
-    wire::serve_quic(&endpoint, chain, key)?;
+    wire::serve_quic(
+        &endpoint,
+        cfg.control.cert_chain.clone(),
+        cfg.control.key.clone_key(),
+    )?;
     let welcome = Arc::new(Welcome {
         proof: Vec::new(),
         run_config_json: cfg.run_config_json,
-        ring_cert_chain: cfg.identity.cert_chain.iter().map(|c| c.to_vec()).collect(),
-        ring_key: cfg.identity.key.secret_der().to_vec(),
+        ring_cert_chain: cfg.ring.cert_chain.iter().map(|c| c.to_vec()).collect(),
+        ring_key: cfg.ring.key.secret_der().to_vec(),
     });
     let token = cfg.token;
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Input>();

@@ -4,19 +4,28 @@
 //! down. QUIC's keep-alives and idle timeout ([`CONTROL_IDLE_TIMEOUT`]) let a node notice a
 //! coordinator that vanished without closing anything (a killed process, a dead host).
 //!
-//! Trust: the coordinator's certificate is generated per run, so a node cannot pin it in
-//! advance. Instead both ends prove they hold the cluster token with an HMAC over the TLS
-//! session's exported keying material (RFC 8446 §7.5): a man in the middle terminates two
-//! different sessions, so it can relay neither proof. The node proves first; the
-//! coordinator answers a bad proof with [`Refusal::BadToken`] and nothing else, and only
-//! after a good one sends the [`Welcome`] (the run config and the per-run ring certificate).
-//! The node checks the coordinator's proof before it believes anything in the welcome.
-//! The token itself never crosses the wire.
+//! Trust: both ends prove they hold the cluster token with an HMAC over the TLS session's
+//! exported keying material (RFC 8446 §7.5): a man in the middle terminates two different
+//! sessions, so it can relay neither proof. The node proves first; the coordinator answers
+//! a bad proof with [`Refusal::BadToken`] and nothing else, and only after a good one sends
+//! the [`Welcome`] (the run config and the per-run ring certificate). The node checks the
+//! coordinator's proof before it believes anything in the welcome. The token itself never
+//! crosses the wire.
+//!
+//! On top of that a node can pin the coordinator's certificate ([`ControlTrust`]): by its
+//! SHA-256 fingerprint (the coordinator prints it, and the local harness passes it to its
+//! children), or by a CA file, against which the coordinator's chain and the host name the
+//! node dialed are checked as a browser would. A node with a pin never sends its proof to a
+//! coordinator that fails it: the TLS handshake stops first, and the node says why
+//! ([`Rejections`]) instead of retrying. The coordinator's control certificate is its own
+//! (generated per run, or an operator's from PEM files); the ring certificate in the welcome
+//! is a different one, so a node never holds the control certificate's key.
 
 use std::sync::Arc;
 
 use ring::hmac;
 use ringtune_collectives::auth::ClusterToken;
+pub use ringtune_collectives::tls::Fingerprint;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
@@ -33,7 +42,8 @@ pub const CONTROL_VERSION: u32 = 2;
 pub const MAX_CONTROL_FRAME: usize = 4 << 20;
 /// ALPN of the control plane (distinct from the ring's, so neither accepts the other).
 pub const CONTROL_ALPN: &[u8] = b"ringtune-control/1";
-/// The server name nodes ask for (the certificate is not checked against it; see the module docs).
+/// The server name nodes ask for unless they check a CA-issued certificate (then it is the
+/// host they dialed).
 pub const CONTROL_SERVER_NAME: &str = "ringtune-coordinator";
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-ringtune-control-proof-v1";
 
@@ -185,9 +195,14 @@ pub fn serve_quic(
     Ok(())
 }
 
-/// A node's QUIC client endpoint, bound to `local` (the address facing the coordinator).
-pub fn client_endpoint(local: std::net::SocketAddr) -> Result<quinn::Endpoint> {
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_config()?)
+/// A node's QUIC client endpoint, bound to `local` (the address facing the coordinator),
+/// checking the coordinator's certificate as `trust` says (rejections go to `rejected`).
+pub fn client_endpoint(
+    local: std::net::SocketAddr,
+    trust: &ControlTrust,
+    rejected: Rejections,
+) -> Result<quinn::Endpoint> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_config(trust, rejected)?)
         .map_err(|e| quic_err("control-plane QUIC config")(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport());
@@ -299,42 +314,185 @@ pub fn server_config(
     Ok(c)
 }
 
-/// A node's TLS config: accepts the coordinator's (per-run, unpinnable) certificate as
-/// long as the handshake signature is valid; the token proofs authenticate the session.
-pub fn client_config() -> Result<rustls::ClientConfig> {
+/// How a node checks the coordinator's certificate. The token proofs run in every case.
+#[derive(Debug, Clone, Default)]
+pub enum ControlTrust {
+    /// Any certificate whose handshake signature is valid: the token proofs alone
+    /// authenticate the session.
+    #[default]
+    TokenOnly,
+    /// Exactly the certificate with this fingerprint.
+    Fingerprint(Fingerprint),
+    /// A chain to one of these roots, issued for the host the node dialed (`file`: where
+    /// they came from, for messages).
+    Ca {
+        roots: Vec<CertificateDer<'static>>,
+        file: String,
+    },
+}
+
+impl ControlTrust {
+    /// The CA roots in a PEM file.
+    pub fn ca_file(path: &std::path::Path) -> Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        let bad = |message: String| Error::Net {
+            context: format!("the coordinator CA file {}", path.display()),
+            message,
+        };
+        let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| bad(e.to_string()))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad(format!("not a PEM certificate file: {e}")))?;
+        if roots.is_empty() {
+            return Err(bad("no certificate in the file".into()));
+        }
+        Ok(ControlTrust::Ca {
+            roots,
+            file: path.display().to_string(),
+        })
+    }
+
+    /// The TLS server name to ask for when dialing `host` (the host part of the address).
+    pub fn server_name<'a>(&self, host: &'a str) -> &'a str {
+        match self {
+            ControlTrust::Ca { .. } => host.trim_start_matches('[').trim_end_matches(']'),
+            _ => CONTROL_SERVER_NAME,
+        }
+    }
+}
+
+/// Why the verifier turned down the coordinator's certificate, in words, so a node can say
+/// so and stop instead of retrying a handshake that will keep failing the same way.
+pub type Rejections = Arc<std::sync::Mutex<Option<String>>>;
+
+/// A node's TLS config: checks the coordinator's certificate as `trust` says; a rejection
+/// is also written to `rejected`.
+pub fn client_config(trust: &ControlTrust, rejected: Rejections) -> Result<rustls::ClientConfig> {
     let p = provider();
+    let net = |e: String| Error::Net {
+        context: "control-plane TLS config".into(),
+        message: e,
+    };
+    let check = match trust {
+        ControlTrust::TokenOnly => Check::Any,
+        ControlTrust::Fingerprint(f) => Check::Fingerprint(*f),
+        ControlTrust::Ca { roots, file } => {
+            let mut store = rustls::RootCertStore::empty();
+            for c in roots {
+                store.add(c.clone()).map_err(|e| Error::Net {
+                    context: format!("the coordinator CA file {file}"),
+                    message: format!("not a usable CA certificate: {e}"),
+                })?;
+            }
+            let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(store),
+                p.clone(),
+            )
+            .build()
+            .map_err(|e| Error::Net {
+                context: format!("the coordinator CA file {file}"),
+                message: e.to_string(),
+            })?;
+            Check::Ca(v, file.clone())
+        }
+    };
     let mut c = rustls::ClientConfig::builder_with_provider(p.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Net {
-            context: "control-plane TLS config".into(),
-            message: e.to_string(),
-        })?
+        .map_err(|e| net(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(TokenBoundVerifier(p)))
+        .with_custom_certificate_verifier(Arc::new(CoordinatorVerifier {
+            provider: p,
+            check,
+            rejected,
+        }))
         .with_no_client_auth();
     c.alpn_protocols = vec![CONTROL_ALPN.to_vec()];
     Ok(c)
 }
 
-/// The server name a node's TLS client uses.
+/// The server name a node's TLS client uses when it pins nothing or a fingerprint.
 pub fn server_name() -> ServerName<'static> {
     ServerName::try_from(CONTROL_SERVER_NAME).expect("a valid DNS name")
 }
 
-/// Checks handshake signatures but not the certificate's issuer: see the module docs.
 #[derive(Debug)]
-struct TokenBoundVerifier(Arc<rustls::crypto::CryptoProvider>);
+enum Check {
+    Any,
+    Fingerprint(Fingerprint),
+    Ca(Arc<rustls::client::WebPkiServerVerifier>, String),
+}
 
-impl ServerCertVerifier for TokenBoundVerifier {
+/// Checks handshake signatures always, and the certificate as [`ControlTrust`] says.
+#[derive(Debug)]
+struct CoordinatorVerifier {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    check: Check,
+    rejected: Rejections,
+}
+
+impl CoordinatorVerifier {
+    fn reject(&self, why: String, err: rustls::Error) -> rustls::Error {
+        *self.rejected.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        err
+    }
+}
+
+impl ServerCertVerifier for CoordinatorVerifier {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        match &self.check {
+            Check::Any => Ok(ServerCertVerified::assertion()),
+            Check::Fingerprint(want) => {
+                let got = Fingerprint::of(end_entity);
+                if got == *want {
+                    Ok(ServerCertVerified::assertion())
+                } else {
+                    Err(self.reject(
+                        format!(
+                            "its certificate is {got}, not the pinned {want} \
+                             (--coordinator-fingerprint or RINGTUNE_COORDINATOR_FINGERPRINT): \
+                             another process is listening there, or the coordinator was \
+                             restarted and made a new certificate (its start-up line shows it; \
+                             `ringtune coordinator --tls-cert/--tls-key` keeps one across \
+                             restarts)"
+                        ),
+                        rustls::Error::InvalidCertificate(
+                            rustls::CertificateError::ApplicationVerificationFailure,
+                        ),
+                    ))
+                }
+            }
+            Check::Ca(v, file) => v
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+                .map_err(|e| {
+                    let name = match server_name {
+                        ServerName::DnsName(d) => d.as_ref().to_string(),
+                        ServerName::IpAddress(ip) => format!("{:?}", std::net::IpAddr::from(*ip)),
+                        _ => "?".into(),
+                    };
+                    let hint = if e.to_string().contains("CaUsedAsEndEntity") {
+                        " (it is a CA certificate itself, as a self-signed one made by \
+                         `openssl req -x509` is: pin such a certificate with \
+                         --coordinator-fingerprint instead)"
+                    } else {
+                        ""
+                    };
+                    self.reject(
+                        format!(
+                            "its certificate ({}) does not check out against the CA file \
+                             {file} for the name {name}: {e}{hint}",
+                            Fingerprint::of(end_entity)
+                        ),
+                        e,
+                    )
+                }),
+        }
     }
 
     fn verify_tls12_signature(
@@ -347,7 +505,7 @@ impl ServerCertVerifier for TokenBoundVerifier {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -361,12 +519,14 @@ impl ServerCertVerifier for TokenBoundVerifier {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

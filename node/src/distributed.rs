@@ -63,6 +63,9 @@ pub struct NodeOptions {
     /// Register with this config's hash instead of the welcome's (`ringtune node
     /// --config`): a node started for another run is then refused by the coordinator.
     pub own_config: Option<RunConfig>,
+    /// How to check the coordinator's certificate (pinned, CA-checked, or only the
+    /// token proofs).
+    pub coordinator_trust: wire::ControlTrust,
     /// How long to keep retrying the first connection (the coordinator may start later).
     pub connect_timeout: Duration,
     /// Timeout of one gradient all-reduce (waiting for the slowest rank included).
@@ -671,6 +674,7 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
     let addr = opts.coordinator.clone();
     let token = opts.token.clone();
     let connect_timeout = opts.connect_timeout;
+    let trust = opts.coordinator_trust.clone();
     let (init_tx, init_rx) = std_mpsc::channel::<std::result::Result<(Welcome, IpAddr), String>>();
     let (cmd_tx, cmd_rx) = std_mpsc::channel::<Incoming>();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<NodeMsg>();
@@ -699,7 +703,12 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                         return;
                     }
                 };
-                let endpoint = match wire::client_endpoint(SocketAddr::new(local_ip, 0)) {
+                let rejected = wire::Rejections::default();
+                let endpoint = match wire::client_endpoint(
+                    SocketAddr::new(local_ip, 0),
+                    &trust,
+                    Arc::clone(&rejected),
+                ) {
                     Ok(ep) => ep,
                     Err(e) => {
                         let _ = init_tx.send(Err(e.to_string()));
@@ -708,15 +717,26 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                 };
                 // A UDP "connect" to a port nobody serves yet fails only by timing out, so
                 // each try is short and the whole wait is `connect_timeout`.
+                let host = addr2.rsplit_once(':').map_or(addr2.as_str(), |(h, _)| h);
+                let server_name = trust.server_name(host);
                 let conn = loop {
                     let attempt = async {
                         endpoint
-                            .connect(coord, wire::CONTROL_SERVER_NAME)
+                            .connect(coord, server_name)
                             .map_err(|e| e.to_string())?
                             .await
                             .map_err(|e| e.to_string())
                     };
-                    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+                    let result = tokio::time::timeout(Duration::from_secs(2), attempt).await;
+                    // A certificate that fails the pin fails every try the same way.
+                    let why = rejected.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(why) = why {
+                        let _ = init_tx.send(Err(format!(
+                            "refusing the coordinator at {addr2}: {why}"
+                        )));
+                        return;
+                    }
+                    match result {
                         Ok(Ok(c)) => break c,
                         Ok(Err(e)) if start.elapsed() >= connect_timeout => {
                             let _ = init_tx.send(Err(format!(

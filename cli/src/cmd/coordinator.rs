@@ -7,13 +7,13 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ringtune_collectives::auth::ClusterToken;
-use ringtune_collectives::tls::ClusterIdentity;
+use ringtune_collectives::tls::{ClusterIdentity, Fingerprint};
 use ringtune_config::RunConfig;
 use ringtune_coordinator::driver::{self, DriverConfig};
 use ringtune_coordinator::{
@@ -45,6 +45,56 @@ pub struct Args {
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     pub plain: bool,
+    /// Present this certificate (PEM, leaf first) on the control plane instead of one made
+    /// for this run, so that nodes can pin it across restarts (`ringtune node
+    /// --coordinator-fingerprint` or `--coordinator-ca`).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Once listening, write the control certificate's fingerprint (`sha256:…`) to this
+    /// file, for a launch script to hand to the nodes' --coordinator-fingerprint.
+    #[arg(long, value_name = "FILE")]
+    pub fingerprint_file: Option<PathBuf>,
+}
+
+/// The coordinator's end of the control plane.
+pub struct ControlPlane {
+    pub listen: SocketAddr,
+    pub token: ClusterToken,
+    /// The certificate nodes see (and may pin).
+    pub identity: ClusterIdentity,
+    /// Where to write its fingerprint once listening.
+    pub fingerprint_file: Option<PathBuf>,
+}
+
+/// The control certificate: `--tls-cert`/`--tls-key`, checked now (a key that does not
+/// match its certificate fails here, not at the first node), else a fresh one.
+pub fn control_identity(cert: Option<&Path>, key: Option<&Path>) -> Result<ClusterIdentity> {
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Ok(ClusterIdentity::generate()?);
+    };
+    let id = ClusterIdentity::from_pem_files(cert, key, None)
+        .with_context(|| format!("--tls-cert {} --tls-key {}", cert.display(), key.display()))?;
+    ringtune_coordinator::wire::server_config(id.cert_chain.clone(), id.key.clone_key())
+        .with_context(|| {
+            format!(
+                "--tls-cert {} --tls-key {}: not a usable certificate and key",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    Ok(id)
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it and a rename, so a reader
+/// polling for the file never sees half of it.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Failure handling, shared with `ringtune train`.
@@ -83,10 +133,15 @@ pub fn token_from(file: Option<&PathBuf>) -> Result<ClusterToken> {
 pub fn run(args: Args) -> Result<()> {
     let cfg = RunConfig::load_with_overrides(&args.config, &args.set)?;
     let token = token_from(args.token_file.as_ref())?;
+    let identity = control_identity(args.tls_cert.as_deref(), args.tls_key.as_deref())?;
     serve_run(
         cfg,
-        args.listen,
-        token,
+        ControlPlane {
+            listen: args.listen,
+            token,
+            identity,
+            fingerprint_file: args.fingerprint_file,
+        },
         &args.policy,
         args.resume,
         args.plain || !std::io::stderr().is_terminal(),
@@ -102,8 +157,7 @@ pub type ProcessExits = tokio::sync::mpsc::UnboundedSender<(String, u32)>;
 
 pub fn serve_run(
     cfg: RunConfig,
-    listen: SocketAddr,
-    token: ClusterToken,
+    control: ControlPlane,
     policy: &Policy,
     resume: bool,
     plain: bool,
@@ -148,7 +202,14 @@ pub fn serve_run(
     let now = std::time::Instant::now();
     let core = Coordinator::new(ccfg, plan, now)?;
     let total = core.total_steps().0;
-    let identity = ClusterIdentity::generate()?;
+    let ring = ClusterIdentity::generate()?;
+    let ControlPlane {
+        listen,
+        token,
+        identity: control,
+        fingerprint_file,
+    } = control;
+    let fingerprint = Fingerprint::of(&control.cert_chain[0]);
     let run_config_json = serde_json::to_string(&cfg)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -164,6 +225,11 @@ pub fn serve_run(
             "coordinator: listening on {addr}, waiting for {world} node(s); {total} steps; run folder {}",
             out_dir.display()
         );
+        if let Some(f) = &fingerprint_file {
+            write_atomically(f, format!("{fingerprint}\n").as_bytes())
+                .with_context(|| format!("--fingerprint-file {}", f.display()))?;
+        }
+        eprintln!("coordinator: control certificate {fingerprint} (nodes pin it with --coordinator-fingerprint)");
         let (exits_tx, exits_rx) = tokio::sync::mpsc::unbounded_channel();
         started(addr, exits_tx)?;
         let (int_tx, int_rx) = tokio::sync::watch::channel(false);
@@ -185,7 +251,8 @@ pub fn serve_run(
             listener,
             DriverConfig {
                 token,
-                identity,
+                control,
+                ring,
                 run_config_json,
             },
             ev_tx,

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ringtune_config::{Device, RunConfig};
+use ringtune_coordinator::wire::{ControlTrust, Fingerprint};
 use ringtune_coordinator::{LaunchEnv, NodeIdentity};
 use ringtune_node::distributed::{run_node, NodeExit, NodeOptions};
 
@@ -23,6 +24,19 @@ pub struct Args {
     /// File holding the cluster token (else the RINGTUNE_TOKEN environment variable).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Accept only the coordinator certificate with this SHA-256 fingerprint (the
+    /// coordinator prints it at start-up: `sha256:…`; OpenSSL's colon form works too).
+    #[arg(
+        long,
+        value_name = "SHA256",
+        env = "RINGTUNE_COORDINATOR_FINGERPRINT",
+        conflicts_with = "coordinator_ca"
+    )]
+    pub coordinator_fingerprint: Option<Fingerprint>,
+    /// Accept only a coordinator certificate issued by a CA in this PEM file for the host
+    /// name in --coordinator (as `coordinator --tls-cert` presents it).
+    #[arg(long, value_name = "FILE", env = "RINGTUNE_COORDINATOR_CA")]
+    pub coordinator_ca: Option<PathBuf>,
     /// The compute device for this node, overriding the config's: cpu, cuda[:N], or auto
     /// (this slot's GPU, see --local-rank, when built with CUDA and one is there; else cpu).
     #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
@@ -111,6 +125,11 @@ pub fn run(args: Args) -> Result<()> {
         ),
     };
     let token = super::coordinator::token_from(args.token_file.as_ref())?;
+    let coordinator_trust = match (args.coordinator_fingerprint, &args.coordinator_ca) {
+        (Some(f), _) => ControlTrust::Fingerprint(f),
+        (None, Some(ca)) => ControlTrust::ca_file(ca).context("--coordinator-ca")?,
+        (None, None) => ControlTrust::TokenOnly,
+    };
     let own_config = args
         .config
         .as_ref()
@@ -139,6 +158,7 @@ pub fn run(args: Args) -> Result<()> {
         identity,
         device,
         own_config,
+        coordinator_trust,
         connect_timeout: Duration::from_secs(args.connect_timeout),
         collective_timeout: Duration::from_secs(args.collective_timeout),
     })

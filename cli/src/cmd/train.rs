@@ -315,12 +315,15 @@ const LAUNCHER_VARS: &[&str] = &[
     "LOCAL_RANK",
     "MASTER_ADDR",
     "MASTER_PORT",
+    // The harness pins its own coordinator's certificate.
+    "RINGTUNE_COORDINATOR_FINGERPRINT",
+    "RINGTUNE_COORDINATOR_CA",
 ];
 
 /// `nodes = N > 1`: the local multi-process harness. The coordinator runs in this process
 /// on 127.0.0.1 (a free port), and N `ringtune node` children join it with a fresh
 /// per-run token (passed in their environment, never on a command line), one compute
-/// thread each. The children get their own process group (Ctrl-C reaches only the
+/// thread each, pinning the coordinator's per-run certificate by its fingerprint. The children get their own process group (Ctrl-C reaches only the
 /// coordinator, which stops them cleanly) and die with this process (PR_SET_PDEATHSIG;
 /// they also exit when the control connection drops), so none is left behind.
 fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
@@ -330,9 +333,13 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
     let token_text = String::from_utf8(token.expose().to_vec()).context("token is hex")?;
     let exe = std::env::current_exe().context("locating the ringtune binary")?;
     let n = cfg.nodes;
+    // The children pin the coordinator's per-run certificate.
+    let control = ringtune_collectives::tls::ClusterIdentity::generate()?;
+    let pin = ringtune_collectives::tls::Fingerprint::of(&control.cert_chain[0]).to_string();
     let spawn_node = move |addr: std::net::SocketAddr, i: u32| -> Result<Child> {
         let mut cmd = Command::new(&exe);
         cmd.args(["node", "--coordinator", &addr.to_string()])
+            .args(["--coordinator-fingerprint", &pin])
             .args(["--local-rank", &i.to_string(), "--threads", "1"])
             .args(["--connect-timeout", "30"])
             .env("RINGTUNE_TOKEN", &token_text)
@@ -366,8 +373,12 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
         let reaped = Arc::clone(&reaped);
         super::coordinator::serve_run(
             cfg,
-            "127.0.0.1:0".parse()?,
-            token,
+            super::coordinator::ControlPlane {
+                listen: "127.0.0.1:0".parse()?,
+                token,
+                identity: control,
+                fingerprint_file: None,
+            },
             &args.policy,
             args.resume,
             plain,

@@ -31,10 +31,10 @@ run_case() {
     while [[ $1 != -- ]]; do vars+=("$1"); shift; done
     shift
     cases=$((cases + 1))
-    rm -f "$WORK/log" "$WORK/tokens" "$WORK/coordinator.pid" "$WORK/node.pids"
+    rm -f "$WORK/log" "$WORK/tokens" "$WORK/coordinator.pid" "$WORK/node.pids" "$WORK/fingerprint.path"
     local rc=0
-    env -i PATH="$HERE/fakes:/usr/bin:/bin" HOME="$WORK" FAKE_LOG="$WORK/log" FAKE_DIR="$WORK" \
-        "${vars[@]}" bash "$SCRIPT" "$@" >"$WORK/out" 2>&1 || rc=$?
+    env -i PATH="$HERE/fakes:/usr/bin:/bin" HOME="$WORK" TMPDIR="$WORK" FAKE_LOG="$WORK/log" FAKE_DIR="$WORK" \
+        FAKE_FINGERPRINT="$FAKE_FINGERPRINT" "${vars[@]}" bash "$SCRIPT" "$@" >"$WORK/out" 2>&1 || rc=$?
     if [[ $rc != "$expected_rc" ]]; then
         fail "exit status $rc, expected $expected_rc"
         return 1
@@ -73,6 +73,15 @@ expect_token_hidden() {
     done <"$WORK/tokens"
 }
 
+FAKE_FINGERPRINT=sha256:$(printf 'ab%.0s' {1..32})
+# The fingerprint file is gone once the script is (it lives in a private folder).
+expect_fingerprint_cleaned() {
+    [[ -f $WORK/fingerprint.path ]] || { fail "the coordinator was given no --fingerprint-file"; return; }
+    local f
+    f=$(cat "$WORK/fingerprint.path")
+    [[ ! -e $f && ! -e $(dirname "$f") ]] || fail "$f (or its folder) outlived the script"
+}
+
 cfg() { # cfg NAME BODY: a config file
     printf '%b' "$2" >"$WORK/$1"
     echo "$WORK/$1"
@@ -85,7 +94,8 @@ C8=$(cfg c8.toml 'seed = 1\nnodes = 8   # 2 hosts x 4 GPUs\n[train]\nnodes_note 
 if run_case dry-run 0 "${ALLOC[@]}" DRY_RUN=1 -- "$C8"; then
     expect_out "ringtune on Slurm (dry run): 2 hosts x 4 GPUs = 8 node processes"
     expect_out "cluster token: generated for this job (not shown)"
-    expect_out "coordinator on gpu01: ringtune coordinator $C8 --listen 0.0.0.0:29500"
+    expect_out "coordinator certificate: pinned by its fingerprint"
+    expect_out "coordinator on gpu01: ringtune coordinator $C8 --listen 0.0.0.0:29500 --fingerprint-file <private folder>/coordinator.fingerprint"
     expect_out "task 0 on gpu01 (SLURM_PROCID=0 SLURM_LOCALID=0): ringtune node --coordinator gpu01:29500 --device cuda:0"
     expect_out "task 5 on gpu02 (SLURM_PROCID=5 SLURM_LOCALID=1): ringtune node --coordinator gpu01:29500 --device cuda:1"
     expect_out "task 7 on gpu02 (SLURM_PROCID=7 SLURM_LOCALID=3): ringtune node --coordinator gpu01:29500 --device cuda:3"
@@ -108,7 +118,6 @@ fi
 
 # --- a real (fake) launch: coordinator once, one node per GPU, same token everywhere ---
 if run_case launch 0 "${ALLOC[@]}" -- "$C8"; then
-    expect_log "coordinator args=$C8 --listen 0.0.0.0:29500"
     expect_log "srun nodes=2 ntasks=8 per_node=4 cmd=bash"
     for p in 0 1 2 3 4 5 6 7; do
         host=gpu0$((p / 4 + 1))
@@ -117,8 +126,49 @@ if run_case launch 0 "${ALLOC[@]}" -- "$C8"; then
     expect_log_count '^node ' 8
     [[ $(sort -u "$WORK/tokens" | wc -l) == 1 && -n $(head -1 "$WORK/tokens") ]] ||
         fail "the coordinator and the nodes did not all get the same, non-empty token"
+    # Every node pins the certificate the coordinator wrote the fingerprint of.
+    expect_log_count "^pin procid=[0-7] pin=$FAKE_FINGERPRINT ca=none\$" 8
+    grep -q "^coordinator args=$C8 --listen 0.0.0.0:29500 --fingerprint-file $WORK/ringtune-.*/coordinator.fingerprint\$" "$WORK/log" ||
+        fail "the coordinator was not given a fingerprint file in a private folder"
+    expect_fingerprint_cleaned
     expect_token_hidden
     expect_no_orphan
+fi
+
+# --- a stale pin in the environment is not passed on; the coordinator's is -----------
+if run_case stale-pin 0 "${ALLOC[@]}" RINGTUNE_COORDINATOR_FINGERPRINT=sha256:0000 -- "$C8"; then
+    expect_log_count "^pin procid=[0-7] pin=$FAKE_FINGERPRINT ca=none\$" 8
+fi
+
+# --- an operator's certificate and CA: the coordinator presents it, the nodes check it --
+echo cert >"$WORK/cert.pem"
+echo key >"$WORK/key.pem"
+echo ca >"$WORK/ca.pem"
+if run_case operator-ca 0 "${ALLOC[@]}" RINGTUNE_TLS_CERT="$WORK/cert.pem" RINGTUNE_TLS_KEY="$WORK/key.pem" \
+    RINGTUNE_COORDINATOR_CA="$WORK/ca.pem" RINGTUNE_COORDINATOR_FINGERPRINT=sha256:0000 -- "$C8"; then
+    expect_log "coordinator args=$C8 --listen 0.0.0.0:29500 --tls-cert $WORK/cert.pem --tls-key $WORK/key.pem"
+    expect_log_count "^pin procid=[0-7] pin=none ca=$WORK/ca.pem\$" 8
+    expect_out "its certificate: checked against the CA file $WORK/ca.pem for the name gpu01"
+    expect_no_orphan
+fi
+# ... and without a CA file the nodes pin that certificate's fingerprint.
+if run_case operator-cert 0 "${ALLOC[@]}" RINGTUNE_TLS_CERT="$WORK/cert.pem" RINGTUNE_TLS_KEY="$WORK/key.pem" -- "$C8"; then
+    grep -q "^coordinator args=$C8 --listen 0.0.0.0:29500 --tls-cert $WORK/cert.pem --tls-key $WORK/key.pem --fingerprint-file " "$WORK/log" ||
+        fail "the coordinator was not given the certificate and a fingerprint file"
+    expect_log_count "^pin procid=[0-7] pin=$FAKE_FINGERPRINT ca=none\$" 8
+fi
+if run_case half-tls 2 "${ALLOC[@]}" RINGTUNE_TLS_CERT="$WORK/cert.pem" -- "$C8"; then
+    expect_out "set both RINGTUNE_TLS_CERT and RINGTUNE_TLS_KEY, or neither"
+fi
+if run_case ca-without-cert 2 "${ALLOC[@]}" RINGTUNE_COORDINATOR_CA="$WORK/ca.pem" -- "$C8"; then
+    expect_out "RINGTUNE_COORDINATOR_CA needs the certificate it issued"
+fi
+
+# --- a coordinator that ends before it listens: no node is started ------------------
+if run_case coordinator-fails-early 4 "${ALLOC[@]}" FAKE_COORD_FAIL=4 -- "$C8"; then
+    expect_out "the coordinator exited (status 4) before it listened; no node was started"
+    ! grep -q '^srun\|^node' "$WORK/log" || fail "nodes were started"
+    [[ -z $(find "$WORK" -maxdepth 1 -name 'ringtune-*' -type d) ]] || fail "the private folder was left behind"
 fi
 
 # --- RINGTUNE_TOKEN from the environment is passed on, and one bound GPU is cuda:0 -----
@@ -164,9 +214,9 @@ fi
 # --- SIGTERM (scancel, time limit) stops everything -----------------------------------
 case_name=sigterm
 cases=$((cases + 1))
-rm -f "$WORK/log" "$WORK/tokens" "$WORK/coordinator.pid" "$WORK/node.pids"
-env -i PATH="$HERE/fakes:/usr/bin:/bin" HOME="$WORK" FAKE_LOG="$WORK/log" FAKE_DIR="$WORK" "${ALLOC[@]}" \
-    FAKE_COORD_SECONDS=30 FAKE_NODE_SECONDS=30 RINGTUNE_STOP_GRACE=1 bash "$SCRIPT" "$C8" >"$WORK/out" 2>&1 &
+rm -f "$WORK/log" "$WORK/tokens" "$WORK/coordinator.pid" "$WORK/node.pids" "$WORK/fingerprint.path"
+env -i PATH="$HERE/fakes:/usr/bin:/bin" HOME="$WORK" TMPDIR="$WORK" FAKE_LOG="$WORK/log" FAKE_DIR="$WORK" \
+    FAKE_FINGERPRINT="$FAKE_FINGERPRINT" "${ALLOC[@]}" FAKE_COORD_SECONDS=30 FAKE_NODE_SECONDS=30 RINGTUNE_STOP_GRACE=1 bash "$SCRIPT" "$C8" >"$WORK/out" 2>&1 &
 pid=$!
 for _ in $(seq 100); do
     [[ $(grep -c '^node ' "$WORK/log" 2>/dev/null) == 8 ]] && break
@@ -187,6 +237,7 @@ while read -r p; do
     fi
 done <"$WORK/node.pids"
 [[ $(wc -l <"$WORK/node.pids") == 8 ]] || fail "expected 8 node pids"
+expect_fingerprint_cleaned
 
 read -ra failed <<<"$failed_cases"
 echo "$((cases - ${#failed[@]})) of $cases ringtune.sbatch cases passed${failed_cases:+ (failed:$failed_cases)}"

@@ -1,0 +1,166 @@
+//! Nodes pinning the coordinator's certificate, with real processes: by the fingerprint
+//! the coordinator writes (`--fingerprint-file`) and by a CA that issued the certificate
+//! it presents (`--tls-cert`/`--tls-key`). A node whose pin fails says so at once, naming
+//! both certificates, instead of retrying until its connect timeout; the run goes on with
+//! the nodes that pass.
+
+mod dist_common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use dist_common::*;
+
+/// A CA and a certificate it issued for 127.0.0.1, as PEM files in `dir`: (ca, cert, key).
+fn ca_and_leaf(dir: &Path, name: &str) -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let write = |file: String, text: String| {
+        let p = dir.join(file);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    (
+        write(format!("{name}-ca.pem"), ca.pem()),
+        write(format!("{name}-cert.pem"), leaf.pem()),
+        write(format!("{name}-key.pem"), leaf_key.serialize_pem()),
+    )
+}
+
+/// A node that must fail its pin: exits non-zero well before its connect timeout (30 s).
+fn refused(addr: &str, extra: &[&str]) -> String {
+    let t0 = Instant::now();
+    let mut args = vec!["--connect-timeout", "30"];
+    args.extend_from_slice(extra);
+    let (st, err) = start_node(None, addr, 0, TOKEN, &args).wait_exit(60);
+    assert!(!st.success(), "a node with a failing pin joined:\n{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "the node retried a pin that cannot pass ({:?}):\n{err}",
+        t0.elapsed()
+    );
+    assert!(
+        err.contains(&format!("refusing the coordinator at {addr}")),
+        "{err}"
+    );
+    err
+}
+
+#[test]
+fn nodes_pin_the_coordinators_fingerprint_and_refuse_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 3, "");
+    let fp_file = dir.path().join("coordinator.fingerprint");
+    let (mut coord, addr) = start_coordinator(
+        None,
+        cfg.to_str().unwrap(),
+        &["--fingerprint-file", fp_file.to_str().unwrap()],
+    );
+    let shown = coord.wait_for("control certificate", 10);
+    let pin = std::fs::read_to_string(&fp_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(pin.starts_with("sha256:") && pin.len() == 71, "{pin:?}");
+    assert!(
+        shown.contains(&pin),
+        "the file {pin} is not the printed {shown}"
+    );
+
+    // Another certificate's fingerprint.
+    let other = format!("sha256:{}", "0f".repeat(32));
+    let err = refused(&addr, &["--coordinator-fingerprint", &other]);
+    assert!(
+        err.contains(&format!("its certificate is {pin}, not the pinned {other}")),
+        "{err}"
+    );
+
+    // The right one, as a flag and from the environment, in OpenSSL's colon form.
+    let hex = &pin["sha256:".len()..];
+    let colons: Vec<String> = (0..32)
+        .map(|i| hex[2 * i..2 * i + 2].to_ascii_uppercase())
+        .collect();
+    let n0 = start_node(None, &addr, 0, TOKEN, &["--coordinator-fingerprint", &pin]);
+    let n1 = spawn(
+        &[
+            "node",
+            "--coordinator",
+            &addr,
+            "--local-rank",
+            "1",
+            "--threads",
+            "1",
+        ],
+        &[
+            ("RINGTUNE_TOKEN", TOKEN),
+            ("RAYON_NUM_THREADS", "1"),
+            (
+                "RINGTUNE_COORDINATOR_FINGERPRINT",
+                &format!("SHA256 Fingerprint={}", colons.join(":")),
+            ),
+        ],
+    );
+    let (st, err) = coord.wait_exit(120);
+    assert!(st.success(), "{err}");
+    assert!(err.contains("done: 3 steps"), "{err}");
+    for n in [n0, n1] {
+        let (st, err) = n.wait_exit(30);
+        assert!(st.success(), "{err}");
+    }
+}
+
+#[test]
+fn nodes_check_an_operators_certificate_against_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = ca_and_leaf(dir.path(), "ours");
+    let (other_ca, _, other_key) = ca_and_leaf(dir.path(), "theirs");
+    let cfg = config(dir.path(), 1, 2, "");
+
+    // A key that is not the certificate's is refused at start-up, naming both files.
+    let (st, err) = spawn(
+        &[
+            "coordinator",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &other_key,
+        ],
+        &[("RINGTUNE_TOKEN", TOKEN)],
+    )
+    .wait_exit(30);
+    assert!(!st.success());
+    assert!(
+        err.contains(&format!("--tls-cert {cert} --tls-key {other_key}")),
+        "{err}"
+    );
+
+    let (mut coord, addr) = start_coordinator(
+        None,
+        cfg.to_str().unwrap(),
+        &["--tls-cert", &cert, "--tls-key", &key],
+    );
+    coord.wait_for("control certificate", 10);
+    let err = refused(&addr, &["--coordinator-ca", &other_ca]);
+    assert!(
+        err.contains(&format!(
+            "against the CA file {other_ca} for the name 127.0.0.1"
+        )),
+        "{err}"
+    );
+    let n0 = start_node(None, &addr, 0, TOKEN, &["--coordinator-ca", &ca]);
+    let (st, err) = coord.wait_exit(120);
+    assert!(st.success(), "{err}");
+    assert!(err.contains("done: 2 steps"), "{err}");
+    let (st, err) = n0.wait_exit(30);
+    assert!(st.success(), "{err}");
+}
