@@ -278,6 +278,57 @@ fn resume_with_a_changed_config_names_the_change_and_touches_nothing() {
 }
 
 #[test]
+fn resume_on_a_changed_base_model_is_refused_and_touches_nothing() {
+    let c = Case::new(&chat_lines(24, 1));
+    // A copy of the shared model that this test may change.
+    let model = c.dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(shared_model()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let cfg = c.config("", "");
+    edit_file(
+        &cfg,
+        &format!("{:?}", shared_model().display().to_string()),
+        &format!("{:?}", model.display().to_string()),
+    );
+    let cfg_s = cfg.to_str().unwrap();
+    assert_ok(&ringtune(&["train", cfg_s, "--max-steps", "4"]));
+    let run = c.run_dir();
+    let snapshot = || {
+        (
+            std::fs::read(run.join("checkpoints.jsonl")).unwrap(),
+            std::fs::read(run.join("metrics.jsonl")).unwrap(),
+        )
+    };
+    let before = snapshot();
+
+    // Another model at the same path: one weight byte differs (the file's last, which the
+    // fingerprint samples).
+    let weights = model.join("model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 0x40;
+    std::fs::write(&weights, &bad).unwrap();
+    let err = assert_fails(&ringtune(&["train", cfg_s, "--max-steps", "4", "--resume"]));
+    assert!(err.contains("the base model changed"), "{err}");
+    assert!(err.contains(&model.display().to_string()), "{err}");
+    assert_eq!(snapshot(), before);
+
+    // The model it was trained on resumes (the fingerprint is stable across runs).
+    std::fs::write(&weights, &good).unwrap();
+    assert_ok(&ringtune(&["train", cfg_s, "--max-steps", "4", "--resume"]));
+}
+
+/// Replaces `from` (which must be there) with `to` in the file at `path`.
+fn edit_file(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{} has no {from:?}", path.display());
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
+#[test]
 fn resume_without_a_checkpoint() {
     let c = Case::new(&chat_lines(16, 1));
     let err = c.fails(&c.config("", ""), &["--resume"]);

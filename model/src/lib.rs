@@ -63,6 +63,7 @@ pub use peft::AdapterConfig;
 pub use preset::{write_random_model, ModelPreset};
 pub use sample::{Sample, SamplingParams, StopReason};
 pub use schedule::{lr_at, LrSchedule, ScheduleKind};
+pub use weights::model_fingerprint;
 
 /// Tunes the C allocator for training: keeps freed memory in the process instead of
 /// returning it to the OS after every step. Each step allocates and frees hundreds of

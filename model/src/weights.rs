@@ -47,59 +47,115 @@ fn ignorable(name: &str) -> bool {
     name.ends_with("rotary_emb.inv_freq")
 }
 
+/// The weight files of `model_dir` (the index's shards in name order, or the one file) and,
+/// for shards, which file holds each tensor.
+type Layout = (Vec<PathBuf>, Option<HashMap<String, String>>);
+
+/// A fingerprint (SHA-256, hex) of the base model in `model_dir`, cheap enough for every
+/// start: `config.json`, and per weight file its name, length, whole safetensors header
+/// (every tensor's name, dtype, shape and offsets) and 64 evenly spaced 4 KiB samples of
+/// its data. Another model, or a fine-tuned copy of the same one, changes it; an edit
+/// confined to bytes between the samples does not. A resume checks it, so that an adapter
+/// is never trained on further against a base model it did not start from.
+pub fn model_fingerprint(model_dir: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
+    const SAMPLES: u64 = 64;
+    const BLOCK: u64 = 4096;
+    let mut h = sha2::Sha256::new();
+    h.update(b"ringtune-model-v1\0");
+    let config = model_dir.join("config.json");
+    let text = std::fs::read(&config).map_err(|e| Error::io(&config, e))?;
+    h.update((text.len() as u64).to_le_bytes());
+    h.update(&text);
+    let (paths, _) = weight_layout(model_dir)?;
+    for p in &paths {
+        let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+        let len = f.metadata().map_err(|e| Error::io(p, e))?.len();
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        h.update(name.unwrap_or_default().as_bytes());
+        h.update([0]);
+        h.update(len.to_le_bytes());
+        let read = |off: u64, n: u64| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; n as usize];
+            f.read_exact_at(&mut buf, off)
+                .map_err(|e| Error::io(p, e))?;
+            Ok(buf)
+        };
+        // The header: an 8-byte length, then that much JSON (bounded by the file).
+        let header = if len >= 8 {
+            let n = u64::from_le_bytes(read(0, 8)?.try_into().expect("8 bytes"));
+            read(8, n.min(len - 8).min(100 << 20))?
+        } else {
+            read(0, len)?
+        };
+        h.update(&header);
+        if len > BLOCK {
+            for i in 0..SAMPLES {
+                h.update(read(i * (len - BLOCK) / (SAMPLES - 1), BLOCK)?);
+            }
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn weight_layout(model_dir: &Path) -> Result<Layout> {
+    let index = model_dir.join("model.safetensors.index.json");
+    let single = model_dir.join("model.safetensors");
+    let (paths, routing): (Vec<PathBuf>, Option<HashMap<String, String>>) = if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: index.clone(),
+            source,
+        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::MissingField {
+                path: index.clone(),
+                field: "weight_map".into(),
+            })?;
+        let mut routing = HashMap::new();
+        let mut names = BTreeSet::new();
+        for (k, f) in map {
+            let f = f.as_str().ok_or_else(|| Error::InvalidField {
+                path: index.clone(),
+                field: format!("weight_map.{k}"),
+                reason: "expected a file name".into(),
+            })?;
+            // A shard name must stay inside the folder.
+            if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+                return Err(Error::InvalidField {
+                    path: index.clone(),
+                    field: format!("weight_map.{k}"),
+                    reason: format!("file name {f:?} is not a plain file name"),
+                });
+            }
+            names.insert(f.to_string());
+            routing.insert(k.clone(), f.to_string());
+        }
+        (
+            names.into_iter().map(|n| model_dir.join(n)).collect(),
+            Some(routing),
+        )
+    } else if single.is_file() {
+        (vec![single], None)
+    } else {
+        return Err(Error::io(
+            &single,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no model.safetensors or model.safetensors.index.json in the model folder",
+            ),
+        ));
+    };
+    Ok((paths, routing))
+}
+
 impl WeightFiles {
     /// Opens the weights of `model_dir`.
     pub fn open(model_dir: &Path) -> Result<Self> {
-        let index = model_dir.join("model.safetensors.index.json");
-        let single = model_dir.join("model.safetensors");
-        let (paths, routing): (Vec<PathBuf>, Option<HashMap<String, String>>) = if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|source| Error::Json {
-                    path: index.clone(),
-                    source,
-                })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::MissingField {
-                    path: index.clone(),
-                    field: "weight_map".into(),
-                })?;
-            let mut routing = HashMap::new();
-            let mut names = BTreeSet::new();
-            for (k, f) in map {
-                let f = f.as_str().ok_or_else(|| Error::InvalidField {
-                    path: index.clone(),
-                    field: format!("weight_map.{k}"),
-                    reason: "expected a file name".into(),
-                })?;
-                // A shard name must stay inside the folder.
-                if f.contains('/') || f.contains('\\') || f.starts_with('.') {
-                    return Err(Error::InvalidField {
-                        path: index.clone(),
-                        field: format!("weight_map.{k}"),
-                        reason: format!("file name {f:?} is not a plain file name"),
-                    });
-                }
-                names.insert(f.to_string());
-                routing.insert(k.clone(), f.to_string());
-            }
-            (
-                names.into_iter().map(|n| model_dir.join(n)).collect(),
-                Some(routing),
-            )
-        } else if single.is_file() {
-            (vec![single], None)
-        } else {
-            return Err(Error::io(
-                &single,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no model.safetensors or model.safetensors.index.json in the model folder",
-                ),
-            ));
-        };
+        let (paths, routing) = weight_layout(model_dir)?;
 
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = BTreeMap::new();

@@ -1362,3 +1362,40 @@ fn merge_and_load_refuse_adapters_that_disagree_with_their_config_or_hold_nan() 
     let out = tempfile::tempdir().unwrap();
     merge_with(&base, ad.path(), out.path(), &MergeOptions::default()).unwrap();
 }
+
+#[test]
+fn the_model_fingerprint_is_stable_and_sees_another_model() {
+    let cfg = ringtune_model::ModelPreset::Quickstart { vocab_size: 300 }.config();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    ringtune_model::write_random_model(&a, &cfg, 11).unwrap();
+    ringtune_model::write_random_model(&b, &cfg, 11).unwrap();
+    let fp = ringtune_model::model_fingerprint(&a).unwrap();
+    assert_eq!(fp.len(), 64);
+    // The same model written twice has the same fingerprint.
+    assert_eq!(ringtune_model::model_fingerprint(&b).unwrap(), fp);
+    // Another seed: same shapes and header layout, other weights.
+    ringtune_model::write_random_model(&b, &cfg, 12).unwrap();
+    assert_ne!(ringtune_model::model_fingerprint(&b).unwrap(), fp);
+    // A byte in the middle of the data (the fingerprint samples evenly; 32 of 63 gaps in
+    // is a sample's first byte) and a changed config.json each change it.
+    ringtune_model::write_random_model(&b, &cfg, 11).unwrap();
+    let weights = b.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let at = 32 * (bytes.len() - 4096) / 63;
+    bytes[at] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    assert_ne!(ringtune_model::model_fingerprint(&b).unwrap(), fp);
+    bytes[at] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    assert_eq!(ringtune_model::model_fingerprint(&b).unwrap(), fp);
+    let config = std::fs::read_to_string(b.join("config.json")).unwrap();
+    std::fs::write(b.join("config.json"), config.replace("}", " }")).unwrap();
+    assert_ne!(ringtune_model::model_fingerprint(&b).unwrap(), fp);
+    // A folder without weights is an error naming the file.
+    std::fs::remove_file(&weights).unwrap();
+    let err = ringtune_model::model_fingerprint(&b)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+}

@@ -111,6 +111,32 @@ pub struct TrainState {
     /// the same path. Absent in checkpoints written before it existed (not checked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_fingerprint: Option<String>,
+    /// [`ringtune_model::model_fingerprint`] of the base model: a resume refuses another
+    /// model at the same path. Absent in checkpoints written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_fingerprint: Option<String>,
+}
+
+/// Refuses to resume the checkpoint in `dir` on a base model other than the one it was
+/// trained on (`then`: its recorded fingerprint, if any).
+pub(crate) fn check_model_fingerprint(
+    dir: &Path,
+    model_dir: &Path,
+    then: Option<&String>,
+    now: &str,
+) -> Result<()> {
+    match then {
+        Some(then) if then != now => Err(Error::Invalid(format!(
+            "{}: the base model changed since this checkpoint was written ({} has \
+             fingerprint {:.12}, the checkpoint's model {:.12}): resume on the model it was \
+             trained on, or start a new run in another output_dir",
+            dir.display(),
+            model_dir.display(),
+            now,
+            then
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Valid settings that will not do what they say with this model, data and run length:
@@ -236,6 +262,8 @@ pub struct Trainer {
     dpo: Option<crate::dpo::Dpo>,
     /// [`data_fingerprint`] of the training data, written into every checkpoint.
     data_fp: String,
+    /// [`ringtune_model::model_fingerprint`] of the base model, likewise.
+    model_fp: String,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -561,6 +589,10 @@ impl Trainer {
                 )));
             }
         }
+        let model_fp = ringtune_model::model_fingerprint(&model_dir)?;
+        if let Some((dir, state)) = &resume_state {
+            check_model_fingerprint(dir, &model_dir, state.model_fingerprint.as_ref(), &model_fp)?;
+        }
         let pad_id = tok.pad_id();
 
         let device = device_of(cfg.model.device)?;
@@ -679,6 +711,7 @@ impl Trainer {
             last_local: (0.0, 0.0),
             dpo,
             data_fp,
+            model_fp,
             sync,
         })
     }
@@ -1005,6 +1038,7 @@ impl Trainer {
             elapsed_s: self.elapsed(),
             params_fingerprint: self.model.params_fingerprint()?,
             data_fingerprint: Some(self.data_fp.clone()),
+            model_fingerprint: Some(self.model_fp.clone()),
         };
         let model = &self.model;
         let opt = &self.opt;

@@ -50,8 +50,8 @@ use crate::error::{io_err, Error, Result};
 use crate::metrics::MetricsLog;
 use crate::optim::Optimizer;
 use crate::trainer::{
-    adamw_of, check_vocab, device_of, dtype_of, lora_of, prepare_model_dir, renderer_of,
-    schedule_of, starting_checkpoint, Mode, StepSync,
+    adamw_of, check_model_fingerprint, check_vocab, device_of, dtype_of, lora_of,
+    prepare_model_dir, renderer_of, schedule_of, starting_checkpoint, Mode, StepSync,
 };
 
 /// One RL step's numbers: a line of `metrics.jsonl`.
@@ -150,6 +150,9 @@ pub struct RlState {
     pub elapsed_s: f64,
     /// FNV-1a of the adapter bits, checked after loading.
     pub params_fingerprint: u64,
+    /// The base model's fingerprint (as in SFT's `TrainState`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_fingerprint: Option<String>,
 }
 
 const STATE_VERSION: u32 = 1;
@@ -192,6 +195,8 @@ pub struct RlTrainer {
     last_loss: Option<f64>,
     last_saved: Option<u64>,
     sync: Box<dyn StepSync>,
+    /// The base model's fingerprint, written into every checkpoint.
+    model_fp: String,
 }
 
 impl std::fmt::Debug for RlTrainer {
@@ -287,6 +292,10 @@ impl RlTrainer {
         };
 
         let model_dir = prepare_model_dir(&cfg)?;
+        let model_fp = ringtune_model::model_fingerprint(&model_dir)?;
+        if let Some((dir, state)) = &resume_state {
+            check_model_fingerprint(dir, &model_dir, state.model_fingerprint.as_ref(), &model_fp)?;
+        }
         let tokenizer = Tokenizer::from_dir(&model_dir)?;
         let renderer = renderer_of(cfg.data.renderer, &tokenizer)?;
         let stop = renderer.stop_condition();
@@ -384,6 +393,7 @@ impl RlTrainer {
             last_loss: None,
             last_saved: Some(step).filter(|_| step > 0),
             sync,
+            model_fp,
         })
     }
 
@@ -910,6 +920,7 @@ impl RlTrainer {
             passes: self.model.passes(),
             elapsed_s: self.elapsed(),
             params_fingerprint: self.model.params_fingerprint()?,
+            model_fingerprint: Some(self.model_fp.clone()),
         };
         let model = &self.model;
         let opt = &self.opt;
