@@ -107,6 +107,12 @@ pub struct DataReport {
     /// Examples left out because no target token carries weight (e.g. a
     /// conversation with no assistant message, or truncated before it).
     pub dropped_no_weight: usize,
+    /// Preference pairs left out because the chosen and rejected sides are the same tokens
+    /// and weights (as written, or once truncated to `max_length`): DPO gets no gradient
+    /// from them.
+    pub dropped_same_sides: usize,
+    /// The first such pair's line.
+    pub first_same_sides_line: Option<usize>,
     /// Tokens in the kept examples.
     pub tokens: u64,
     /// Sum of target weights in the kept examples.
@@ -140,6 +146,16 @@ impl fmt::Display for DataReport {
                 "; {} dropped with nothing to train on",
                 self.dropped_no_weight
             )?;
+        }
+        if self.dropped_same_sides > 0 {
+            write!(
+                f,
+                "; {} pairs dropped with identical chosen and rejected",
+                self.dropped_same_sides
+            )?;
+            if let Some(line) = self.first_same_sides_line {
+                write!(f, " (first: line {line})")?;
+            }
         }
         if self.bad_lines > 0 {
             write!(f, "; {} bad lines skipped", self.bad_lines)?;

@@ -267,6 +267,11 @@ pub fn load_preference_reader<R: BufRead>(
             report.dropped_no_weight += 1;
             continue;
         }
+        if pair.chosen == pair.rejected {
+            report.dropped_same_sides += 1;
+            report.first_same_sides_line.get_or_insert(line_no);
+            continue;
+        }
         report.tokens += (pair.chosen.len() + pair.rejected.len()) as u64;
         report.target_weight += pair.chosen.target_weight() + pair.rejected.target_weight();
         pairs.push(pair);
@@ -280,11 +285,13 @@ pub fn load_preference_reader<R: BufRead>(
             } else {
                 format!(
                     "none of its {} lines gave a preference pair ({} bad, {} longer than \
-                     max_length, {} with no reply token left)",
+                     max_length, {} with no reply token left, {} with identical chosen and \
+                     rejected)",
                     report.lines,
                     report.bad_lines,
                     report.dropped_too_long,
-                    report.dropped_no_weight
+                    report.dropped_no_weight,
+                    report.dropped_same_sides
                 )
             },
         });

@@ -180,6 +180,52 @@ fn max_length_applies_to_both_sides() {
 }
 
 #[test]
+fn pairs_whose_sides_are_identical_are_dropped_and_counted() {
+    let text = [
+        r#"{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}"#,
+        r#"{"prompt": "Hi", "chosen": "Same.", "rejected": "Same."}"#,
+        r#"{"prompt": "Yo", "chosen": "Same reply, then more", "rejected": "Same reply, then less"}"#,
+    ]
+    .join("\n");
+    let set = load(&text, &LoadOptions::default()).unwrap();
+    assert_eq!(set.pairs.len(), 2);
+    assert_eq!(set.report.dropped_same_sides, 1);
+    assert_eq!(set.report.first_same_sides_line, Some(2));
+    assert!(
+        set.report
+            .to_string()
+            .contains("1 pairs dropped with identical chosen and rejected (first: line 2)"),
+        "{}",
+        set.report
+    );
+    // Truncation can make two different replies the same: the third pair, cut inside the
+    // shared "Same reply, then " prefix.
+    let third = load(text.lines().nth(2).unwrap(), &LoadOptions::default()).unwrap();
+    let p = &third.pairs[0];
+    let shared = p
+        .chosen
+        .tokens
+        .iter()
+        .zip(&p.rejected.tokens)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let cut = LoadOptions {
+        max_length: Some(shared),
+        overflow: OverflowPolicy::Truncate,
+        ..Default::default()
+    };
+    let set = load(&text, &cut).unwrap();
+    assert_eq!(set.report.dropped_same_sides, 2, "{}", set.report);
+    // Nothing but such pairs: an empty dataset that says why.
+    let e = load(text.lines().nth(1).unwrap(), &LoadOptions::default()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("1 with identical chosen and rejected"),
+        "{e}"
+    );
+}
+
+#[test]
 fn split_pairs_is_seeded_and_disjoint() {
     let text: String = (0..20)
         .map(|i| format!("{{\"prompt\": \"q{i}\", \"chosen\": \"a\", \"rejected\": \"b\"}}\n"))
