@@ -173,6 +173,41 @@ pub fn setup_warnings(
     w
 }
 
+/// A LoRA rank above the smaller side of an adapted layer (`lora_A` is `[r, in]`, `lora_B`
+/// `[out, r]`): that adapter's update has rank at most that side, so the rest costs memory
+/// and compute for nothing (PEFT accepts it silently). Names the narrowest layer.
+pub fn rank_warning(rank: usize, layout: &ringtune_model::ParamLayout) -> Option<String> {
+    let mut narrowest: Option<(usize, &str)> = None;
+    let mut over = 0usize;
+    for (name, shape) in layout.entries() {
+        let side = if name.ends_with(".lora_A.weight") {
+            shape.get(1)
+        } else if name.ends_with(".lora_B.weight") {
+            shape.first()
+        } else {
+            None
+        };
+        let Some(&d) = side else { continue };
+        if d < rank {
+            over += 1;
+            if narrowest.is_none_or(|(n, _)| d < n) {
+                narrowest = Some((d, name));
+            }
+        }
+    }
+    let (d, name) = narrowest?;
+    let module = name
+        .trim_start_matches("base_model.model.")
+        .trim_end_matches(".weight")
+        .trim_end_matches(".lora_A")
+        .trim_end_matches(".lora_B");
+    Some(format!(
+        "lora.rank = {rank} is above a side of {over} adapter matrices (the narrowest: {module}, \
+         {d} features): their updates have rank at most that, so the extra rank only costs \
+         memory and compute"
+    ))
+}
+
 /// SHA-256 (hex) over the training examples as the trainer sees them — count, then each
 /// example's length, token ids and weight bits — so that a changed file, tokenizer or
 /// data setting changes it. Cheap next to tokenizing (one pass over the token ids).
@@ -725,12 +760,14 @@ impl Trainer {
     /// Settings that are valid but will not do what they say here (see [`setup_warnings`]),
     /// for the start-up lines.
     pub fn warnings(&self) -> Vec<String> {
-        setup_warnings(
+        let mut w = setup_warnings(
             &self.cfg,
             self.model.config().max_position_embeddings,
             self.total_steps,
             self.example_counts().1,
-        )
+        );
+        w.extend(rank_warning(self.cfg.lora.rank, self.model.param_layout()));
+        w
     }
 
     pub fn example_counts(&self) -> (usize, usize) {
@@ -1206,7 +1243,7 @@ pub(crate) fn read_state(path: &Path) -> Result<TrainState> {
 
 #[cfg(test)]
 mod tests {
-    use super::{params_sha256, setup_warnings, HASH_LEAF};
+    use super::{params_sha256, rank_warning, setup_warnings, HASH_LEAF};
     use ringtune_config::RunConfig;
     use sha2::{Digest, Sha256};
     use std::path::Path;
@@ -1233,6 +1270,42 @@ mod tests {
         // With eval data, a warm-up shorter than the run and a long enough context: none.
         let ok = cfg("[train]\neval_every = 5\n[schedule]\nwarmup_steps = 9\n");
         assert!(setup_warnings(&ok, 4096, 10, 3).is_empty());
+    }
+
+    #[test]
+    fn a_rank_above_a_layers_side_is_named() {
+        let layout = |r: usize| {
+            ringtune_model::ParamLayout::new(vec![
+                (
+                    "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight".into(),
+                    vec![r, 64],
+                ),
+                (
+                    "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight".into(),
+                    vec![16, r],
+                ),
+                (
+                    "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight".into(),
+                    vec![r, 64],
+                ),
+                (
+                    "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight".into(),
+                    vec![128, r],
+                ),
+            ])
+            .unwrap()
+        };
+        assert_eq!(rank_warning(16, &layout(16)), None);
+        let w = rank_warning(32, &layout(32)).unwrap();
+        assert!(w.contains("lora.rank = 32"), "{w}");
+        assert!(w.contains("1 adapter matrices"), "{w}");
+        assert!(
+            w.contains("model.layers.0.self_attn.k_proj, 16 features"),
+            "{w}"
+        );
+        let w = rank_warning(100, &layout(100)).unwrap();
+        assert!(w.contains("3 adapter matrices"), "{w}");
+        assert!(w.contains("k_proj, 16 features"), "{w}");
     }
 
     /// The tree written out serially, one float at a time.

@@ -21,7 +21,7 @@ pub struct Args {
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Compute threads (matmuls and kernels).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = super::bench_threads)]
     threads: usize,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 10)]

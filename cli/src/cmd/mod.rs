@@ -11,3 +11,12 @@ pub mod merge;
 pub mod node;
 pub mod sample;
 pub mod train;
+
+/// A thread count for the benchmarks, which print it: at least 1 (elsewhere 0 means "all
+/// cores", which a benchmark table would misreport).
+pub(crate) fn bench_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{s}' is not a thread count of at least 1")),
+    }
+}

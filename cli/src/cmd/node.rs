@@ -52,7 +52,7 @@ pub struct Args {
     /// This process's slot on its host (default: LOCAL_RANK / SLURM_LOCALID, else 0).
     #[arg(long, value_name = "N")]
     pub local_rank: Option<u32>,
-    /// Compute threads (default: the machine's cores).
+    /// Compute threads (default, or 0: the machine's cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// Seconds to keep retrying the first connection to the coordinator.

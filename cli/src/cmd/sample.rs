@@ -72,7 +72,7 @@ pub struct Args {
     /// cpu, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Compute threads (default: all cores).
+    /// Compute threads (default, or 0: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
     /// One JSON object per sample per line instead of text.
@@ -303,7 +303,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Compute threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = super::bench_threads)]
     threads: usize,
     /// Rows sampled together.
     #[arg(long, default_value_t = 8)]
