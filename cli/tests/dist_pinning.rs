@@ -57,7 +57,34 @@ fn refused(addr: &str, extra: &[&str]) -> String {
 fn nodes_pin_the_coordinators_fingerprint_and_refuse_another() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 2, 3, "");
+    // A file that is not a fingerprint is not replaced, and nothing starts.
+    let precious = dir.path().join("notes.txt");
+    std::fs::write(&precious, "keep me\n").unwrap();
+    let (st, err) = spawn(
+        &[
+            "coordinator",
+            cfg.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--fingerprint-file",
+            precious.to_str().unwrap(),
+        ],
+        &[("RINGTUNE_TOKEN", TOKEN)],
+    )
+    .wait_exit(30);
+    assert!(!st.success());
+    assert!(
+        err.contains("does not hold a certificate fingerprint; refusing to replace it"),
+        "{err}"
+    );
+    assert!(!err.contains("listening on"), "{err}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me\n");
+
+    // A stale fingerprint in the file is removed before the coordinator listens, and the
+    // file goes when the coordinator does.
     let fp_file = dir.path().join("coordinator.fingerprint");
+    let stale = format!("sha256:{}", "ee".repeat(32));
+    std::fs::write(&fp_file, format!("{stale}\n")).unwrap();
     let (mut coord, addr) = start_coordinator(
         None,
         cfg.to_str().unwrap(),
@@ -69,47 +96,79 @@ fn nodes_pin_the_coordinators_fingerprint_and_refuse_another() {
         .trim()
         .to_string();
     assert!(pin.starts_with("sha256:") && pin.len() == 71, "{pin:?}");
+    assert_ne!(pin, stale);
     assert!(
         shown.contains(&pin),
         "the file {pin} is not the printed {shown}"
     );
 
-    // Another certificate's fingerprint.
+    // Another certificate's fingerprint: the node stops, and the coordinator says that a
+    // connection failed its TLS handshake.
     let other = format!("sha256:{}", "0f".repeat(32));
     let err = refused(&addr, &["--coordinator-fingerprint", &other]);
     assert!(
         err.contains(&format!("its certificate is {pin}, not the pinned {other}")),
         "{err}"
     );
+    coord.wait_for("failed its TLS handshake", 10);
+    // Both variables set is ambiguous: refused before connecting.
+    let (st, err) = spawn(
+        &["node", "--coordinator", &addr],
+        &[
+            ("RINGTUNE_TOKEN", TOKEN),
+            ("RINGTUNE_COORDINATOR_FINGERPRINT", &pin),
+            ("RINGTUNE_COORDINATOR_CA", "/nonexistent.pem"),
+        ],
+    )
+    .wait_exit(30);
+    assert!(!st.success());
+    assert!(
+        err.contains("both RINGTUNE_COORDINATOR_FINGERPRINT and RINGTUNE_COORDINATOR_CA are set"),
+        "{err}"
+    );
 
-    // The right one, as a flag and from the environment, in OpenSSL's colon form.
+    // The right one: as a flag, which overrides a (here wrong) variable; and from the
+    // variable, in OpenSSL's colon form, with an empty CA variable counting as unset.
     let hex = &pin["sha256:".len()..];
     let colons: Vec<String> = (0..32)
         .map(|i| hex[2 * i..2 * i + 2].to_ascii_uppercase())
         .collect();
-    let n0 = start_node(None, &addr, 0, TOKEN, &["--coordinator-fingerprint", &pin]);
-    let n1 = spawn(
-        &[
+    let node = |slot: &str, pin_flag: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec![
             "node",
             "--coordinator",
             &addr,
             "--local-rank",
-            "1",
+            slot,
             "--threads",
             "1",
-        ],
+        ];
+        args.extend_from_slice(pin_flag);
+        let mut vars = vec![("RINGTUNE_TOKEN", TOKEN), ("RAYON_NUM_THREADS", "1")];
+        vars.extend_from_slice(env);
+        spawn(&args, &vars)
+    };
+    let n0 = node(
+        "0",
+        &["--coordinator-fingerprint", &pin],
+        &[("RINGTUNE_COORDINATOR_FINGERPRINT", &other)],
+    );
+    let openssl_form = format!("SHA256 Fingerprint={}", colons.join(":"));
+    let n1 = node(
+        "1",
+        &[],
         &[
-            ("RINGTUNE_TOKEN", TOKEN),
-            ("RAYON_NUM_THREADS", "1"),
-            (
-                "RINGTUNE_COORDINATOR_FINGERPRINT",
-                &format!("SHA256 Fingerprint={}", colons.join(":")),
-            ),
+            ("RINGTUNE_COORDINATOR_FINGERPRINT", &openssl_form),
+            ("RINGTUNE_COORDINATOR_CA", ""),
         ],
     );
     let (st, err) = coord.wait_exit(120);
     assert!(st.success(), "{err}");
     assert!(err.contains("done: 3 steps"), "{err}");
+    assert!(
+        !fp_file.exists(),
+        "the fingerprint file outlived the coordinator"
+    );
     for n in [n0, n1] {
         let (st, err) = n.wait_exit(30);
         assert!(st.success(), "{err}");
@@ -150,6 +209,25 @@ fn nodes_check_an_operators_certificate_against_its_ca() {
         &["--tls-cert", &cert, "--tls-key", &key],
     );
     coord.wait_for("control certificate", 10);
+    // A host TLS cannot check a certificate for fails at once, not after the timeout.
+    let port = addr.rsplit_once(':').unwrap().1;
+    let t0 = Instant::now();
+    let (st, err) = start_node(
+        None,
+        &format!("127.1:{port}"),
+        0,
+        TOKEN,
+        &["--coordinator-ca", &ca, "--connect-timeout", "30"],
+    )
+    .wait_exit(60);
+    assert!(
+        !st.success() && t0.elapsed() < Duration::from_secs(20),
+        "{err}"
+    );
+    assert!(
+        err.contains("'127.1' is neither a DNS name nor an IP address"),
+        "{err}"
+    );
     let err = refused(&addr, &["--coordinator-ca", &other_ca]);
     assert!(
         err.contains(&format!(

@@ -214,6 +214,9 @@ pub enum Event {
     },
     /// A node that was not in the ring went away (or silent).
     Left { node: NodeId, reason: String },
+    /// A connection failed its TLS handshake, before any hello (the driver's; the core
+    /// never hears of it): typically a node whose certificate pin does not match.
+    HandshakeFailed { peer: String, reason: String },
     /// Ranks assigned; setup (model load, ring connect) begins.
     RunStarted {
         generation: Generation,

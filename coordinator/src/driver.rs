@@ -90,6 +90,7 @@ pub async fn serve(
     let (in_tx, mut in_rx) = mpsc::unbounded_channel::<Input>();
 
     let accept_tx = in_tx.clone();
+    let tls_events = events.clone();
     let accept_ep = endpoint.clone();
     let accept = tokio::spawn(async move {
         let mut next = 0u64;
@@ -101,6 +102,7 @@ pub async fn serve(
                 token.clone(),
                 Arc::clone(&welcome),
                 accept_tx.clone(),
+                tls_events.clone(),
             ));
         }
     });
@@ -197,9 +199,21 @@ async fn connection(
     token: ClusterToken,
     welcome: Arc<Welcome>,
     inputs: mpsc::UnboundedSender<Input>,
+    events: mpsc::UnboundedSender<Event>,
 ) {
+    let peer = incoming.remote_address();
     let handshake = async {
-        let conn = incoming.await.map_err(|e| e.to_string())?;
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                // Said here, not to the core: no node got as far as a hello.
+                let _ = events.send(Event::HandshakeFailed {
+                    peer: peer.to_string(),
+                    reason: e.to_string(),
+                });
+                return Err(e.to_string());
+            }
+        };
         let exporter = wire::exporter(&conn).map_err(|e| e.to_string())?;
         let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let hello: NodeHello = wire::read_msg(&mut recv).await.map_err(|e| e.to_string())?;

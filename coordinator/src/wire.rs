@@ -352,11 +352,29 @@ impl ControlTrust {
         })
     }
 
-    /// The TLS server name to ask for when dialing `host` (the host part of the address).
-    pub fn server_name<'a>(&self, host: &'a str) -> &'a str {
+    /// The TLS server name to ask for when dialing `address` (`HOST:PORT`).
+    pub fn server_name<'a>(&self, address: &'a str) -> &'a str {
         match self {
-            ControlTrust::Ca { .. } => host.trim_start_matches('[').trim_end_matches(']'),
+            ControlTrust::Ca { .. } => {
+                let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+                host.trim_start_matches('[').trim_end_matches(']')
+            }
             _ => CONTROL_SERVER_NAME,
+        }
+    }
+
+    /// Whether [`Self::server_name`] of `address` is one TLS can check a certificate for:
+    /// with a CA, the dialed host must be a DNS name or an IP address in its usual form
+    /// (`127.1` is neither). Says why not.
+    pub fn check_address(&self, address: &str) -> std::result::Result<(), String> {
+        let name = self.server_name(address);
+        match ServerName::try_from(name) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!(
+                "with a CA file the coordinator's certificate is checked for the host in \
+                 {address}, and '{name}' is neither a DNS name nor an IP address in its usual \
+                 form (write the host as the certificate names it)"
+            )),
         }
     }
 }

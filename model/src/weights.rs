@@ -149,6 +149,17 @@ fn weight_layout(model_dir: &Path) -> Result<Layout> {
             ),
         ));
     };
+    for p in &paths {
+        if !p.is_file() {
+            return Err(Error::io(
+                p,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "shard listed in the index is missing",
+                ),
+            ));
+        }
+    }
     Ok((paths, routing))
 }
 
@@ -160,15 +171,6 @@ impl WeightFiles {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = BTreeMap::new();
         for (i, p) in paths.iter().enumerate() {
-            if !p.is_file() {
-                return Err(Error::io(
-                    p,
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "shard listed in the index is missing",
-                    ),
-                ));
-            }
             // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on
             // nobody truncating the checkpoint while it is being read.
             let mm = unsafe { MmapedSafetensors::new(p) }.map_err(|e| Error::Safetensors {

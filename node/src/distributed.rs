@@ -717,8 +717,11 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                 };
                 // A UDP "connect" to a port nobody serves yet fails only by timing out, so
                 // each try is short and the whole wait is `connect_timeout`.
-                let host = addr2.rsplit_once(':').map_or(addr2.as_str(), |(h, _)| h);
-                let server_name = trust.server_name(host);
+                if let Err(e) = trust.check_address(&addr2) {
+                    let _ = init_tx.send(Err(e));
+                    return;
+                }
+                let server_name = trust.server_name(&addr2);
                 let conn = loop {
                     let attempt = async {
                         endpoint

@@ -75,24 +75,38 @@ pub fn control_identity(cert: Option<&Path>, key: Option<&Path>) -> Result<Clust
     let (Some(cert), Some(key)) = (cert, key) else {
         return Ok(ClusterIdentity::generate()?);
     };
-    let id = ClusterIdentity::from_pem_files(cert, key, None)
-        .with_context(|| format!("--tls-cert {} --tls-key {}", cert.display(), key.display()))?;
-    ringtune_coordinator::wire::server_config(id.cert_chain.clone(), id.key.clone_key())
-        .with_context(|| {
+    let flags = format!("--tls-cert {} --tls-key {}", cert.display(), key.display());
+    let id = ClusterIdentity::from_pem_files(cert, key, None).map_err(|e| {
+        let hint = if e.to_string().contains("no items found") {
             format!(
-                "--tls-cert {} --tls-key {}: not a usable certificate and key",
-                cert.display(),
+                " ({} holds no unencrypted private key: ringtune reads PKCS#8, PKCS#1 or SEC1 \
+                 PEM keys; decrypt an encrypted one first, e.g. `openssl pkey -in KEY -out \
+                 PLAIN`)",
                 key.display()
             )
-        })?;
+        } else {
+            String::new()
+        };
+        anyhow::anyhow!("{flags}: {e}{hint}")
+    })?;
+    ringtune_coordinator::wire::server_config(id.cert_chain.clone(), id.key.clone_key()).map_err(
+        |e| {
+            let hint = if e.to_string().contains("KeyMismatch") {
+                " (the key is not the certificate's, or the certificate file does not start \
+                 with the leaf: a chain goes leaf first, then its issuers)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("{flags}: not a usable certificate and key: {e}{hint}")
+        },
+    )?;
     Ok(id)
 }
 
 /// Writes `bytes` to `path` through a temporary file beside it and a rename, so a reader
 /// polling for the file never sees half of it.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    let tmp = tmp_path(path);
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
 }
@@ -134,6 +148,9 @@ pub fn run(args: Args) -> Result<()> {
     let cfg = RunConfig::load_with_overrides(&args.config, &args.set)?;
     let token = token_from(args.token_file.as_ref())?;
     let identity = control_identity(args.tls_cert.as_deref(), args.tls_key.as_deref())?;
+    if let Some(f) = &args.fingerprint_file {
+        prepare_fingerprint_file(f)?;
+    }
     serve_run(
         cfg,
         ControlPlane {
@@ -218,7 +235,8 @@ pub fn serve_run(
         .build()
         .context("starting the coordinator's runtime")?;
     let out_dir = cfg.output_dir.clone();
-    rt.block_on(async move {
+    let fingerprint_path = fingerprint_file.clone();
+    let result = rt.block_on(async move {
         let listener = driver::bind(listen)?;
         let addr = listener.local_addr().context("reading the bound control address")?;
         eprintln!(
@@ -307,7 +325,53 @@ pub fn serve_run(
             }
             Outcome::Failed(e) => bail!("distributed run failed: {e}"),
         }
-    })
+    });
+    // The fingerprint names this coordinator only while it runs.
+    if let Some(f) = fingerprint_path {
+        let _ = std::fs::remove_file(f);
+    }
+    result
+}
+
+/// `--fingerprint-file`: checked before the slow start-up, and any earlier fingerprint in it
+/// removed, so that a launcher waiting for the file never reads a stale one. Refuses to
+/// replace anything but a regular file that holds a fingerprint (or nothing).
+pub fn prepare_fingerprint_file(path: &Path) -> Result<()> {
+    let flag = || format!("--fingerprint-file {}", path.display());
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => {
+            bail!(
+                "{}: exists and is not a regular file; refusing to replace it",
+                flag()
+            )
+        }
+        Ok(_) => {
+            let text = std::fs::read(path).with_context(flag)?;
+            let text = String::from_utf8_lossy(&text);
+            if !text.trim().is_empty() && text.trim().parse::<Fingerprint>().is_err() {
+                bail!(
+                    "{}: exists and does not hold a certificate fingerprint; refusing to \
+                     replace it",
+                    flag()
+                );
+            }
+            std::fs::remove_file(path).with_context(flag)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(flag),
+    }
+    // The folder must take the file (written through a temporary file beside it).
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, b"")
+        .with_context(|| format!("{}: cannot write {}", flag(), tmp.display()))?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(())
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    PathBuf::from(tmp)
 }
 
 /// One metrics.jsonl line: the record with its method-specific numbers (`extra`) as
@@ -438,6 +502,11 @@ impl Progress {
                 resume_from.0
             )),
             Event::Left { node, reason } => self.say(format!("coordinator: {node} left: {reason}")),
+            Event::HandshakeFailed { peer, reason } => self.say(format!(
+                "coordinator: a connection from {peer} failed its TLS handshake ({reason}): a \
+                 node whose --coordinator-fingerprint or --coordinator-ca does not match this \
+                 coordinator's certificate, or not a ringtune node"
+            )),
             Event::Interrupting { step } => self.say(format!(
                 "coordinator: interrupted: finishing step {}, then saving a checkpoint after it \
                  (interrupt again to stop at once)",

@@ -26,16 +26,13 @@ pub struct Args {
     pub token_file: Option<PathBuf>,
     /// Accept only the coordinator certificate with this SHA-256 fingerprint (the
     /// coordinator prints it at start-up: `sha256:…`; OpenSSL's colon form works too).
-    #[arg(
-        long,
-        value_name = "SHA256",
-        env = "RINGTUNE_COORDINATOR_FINGERPRINT",
-        conflicts_with = "coordinator_ca"
-    )]
+    /// Else RINGTUNE_COORDINATOR_FINGERPRINT, unless --coordinator-ca is given.
+    #[arg(long, value_name = "SHA256", conflicts_with = "coordinator_ca")]
     pub coordinator_fingerprint: Option<Fingerprint>,
     /// Accept only a coordinator certificate issued by a CA in this PEM file for the host
-    /// name in --coordinator (as `coordinator --tls-cert` presents it).
-    #[arg(long, value_name = "FILE", env = "RINGTUNE_COORDINATOR_CA")]
+    /// name in --coordinator (as `coordinator --tls-cert` presents it). Else
+    /// RINGTUNE_COORDINATOR_CA, unless --coordinator-fingerprint is given.
+    #[arg(long, value_name = "FILE")]
     pub coordinator_ca: Option<PathBuf>,
     /// The compute device for this node, overriding the config's: cpu, cuda[:N], or auto
     /// (this slot's GPU, see --local-rank, when built with CUDA and one is there; else cpu).
@@ -125,11 +122,7 @@ pub fn run(args: Args) -> Result<()> {
         ),
     };
     let token = super::coordinator::token_from(args.token_file.as_ref())?;
-    let coordinator_trust = match (args.coordinator_fingerprint, &args.coordinator_ca) {
-        (Some(f), _) => ControlTrust::Fingerprint(f),
-        (None, Some(ca)) => ControlTrust::ca_file(ca).context("--coordinator-ca")?,
-        (None, None) => ControlTrust::TokenOnly,
-    };
+    let coordinator_trust = coordinator_trust(&args, &coordinator)?;
     let own_config = args
         .config
         .as_ref()
@@ -166,6 +159,45 @@ pub fn run(args: Args) -> Result<()> {
     match exit {
         NodeExit::Finished | NodeExit::Interrupted => Ok(()),
     }
+}
+
+/// How this node checks the coordinator's certificate: a flag, else the environment (an
+/// empty variable counts as unset; a flag overrides either variable).
+fn coordinator_trust(args: &Args, coordinator: &str) -> Result<ControlTrust> {
+    const FP_VAR: &str = "RINGTUNE_COORDINATOR_FINGERPRINT";
+    const CA_VAR: &str = "RINGTUNE_COORDINATOR_CA";
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let trust = match (&args.coordinator_fingerprint, &args.coordinator_ca) {
+        (Some(f), _) => ControlTrust::Fingerprint(*f),
+        (None, Some(ca)) => ControlTrust::ca_file(ca).context("--coordinator-ca")?,
+        (None, None) => match (var(FP_VAR), var(CA_VAR)) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "both {FP_VAR} and {CA_VAR} are set: a node pins the coordinator's \
+                 certificate one way (unset one, or pass --coordinator-fingerprint or \
+                 --coordinator-ca, which overrides both)"
+            ),
+            (Some(f), None) => {
+                let f = f.to_string_lossy();
+                ControlTrust::Fingerprint(f.parse().map_err(|e| anyhow::anyhow!("{FP_VAR}: {e}"))?)
+            }
+            (None, Some(ca)) => ControlTrust::ca_file(std::path::Path::new(&ca)).context(CA_VAR)?,
+            (None, None) => ControlTrust::TokenOnly,
+        },
+    };
+    match &trust {
+        ControlTrust::Ca { .. } => {
+            trust
+                .check_address(coordinator)
+                .map_err(|e| anyhow::anyhow!("--coordinator {coordinator}: {e}"))?;
+        }
+        ControlTrust::TokenOnly => eprintln!(
+            "ringtune node: not pinning the coordinator's certificate: the cluster token alone \
+             authenticates it (pass --coordinator-fingerprint from its start-up line, or \
+             --coordinator-ca)"
+        ),
+        ControlTrust::Fingerprint(_) => {}
+    }
+    Ok(trust)
 }
 
 /// `--device` values: `cpu`, `cuda`, `cuda:N`, `auto` (as `model.device` in a config).

@@ -127,7 +127,7 @@ if run_case launch 0 "${ALLOC[@]}" -- "$C8"; then
     [[ $(sort -u "$WORK/tokens" | wc -l) == 1 && -n $(head -1 "$WORK/tokens") ]] ||
         fail "the coordinator and the nodes did not all get the same, non-empty token"
     # Every node pins the certificate the coordinator wrote the fingerprint of.
-    expect_log_count "^pin procid=[0-7] pin=$FAKE_FINGERPRINT ca=none\$" 8
+    expect_log_count "^pin procid=[0-7] pin=$FAKE_FINGERPRINT ca=unset\$" 8
     grep -q "^coordinator args=$C8 --listen 0.0.0.0:29500 --fingerprint-file $WORK/ringtune-.*/coordinator.fingerprint\$" "$WORK/log" ||
         fail "the coordinator was not given a fingerprint file in a private folder"
     expect_fingerprint_cleaned
@@ -135,9 +135,10 @@ if run_case launch 0 "${ALLOC[@]}" -- "$C8"; then
     expect_no_orphan
 fi
 
-# --- a stale pin in the environment is not passed on; the coordinator's is -----------
-if run_case stale-pin 0 "${ALLOC[@]}" RINGTUNE_COORDINATOR_FINGERPRINT=sha256:0000 -- "$C8"; then
-    expect_log_count "^pin procid=[0-7] pin=$FAKE_FINGERPRINT ca=none\$" 8
+# --- a stale pin in the environment is not passed on; the coordinator's is, and an
+# --- empty CA variable is unset rather than handed to the nodes -----------------------
+if run_case stale-pin 0 "${ALLOC[@]}" RINGTUNE_COORDINATOR_FINGERPRINT=sha256:0000 RINGTUNE_COORDINATOR_CA= -- "$C8"; then
+    expect_log_count "^pin procid=[0-7] pin=$FAKE_FINGERPRINT ca=unset\$" 8
 fi
 
 # --- an operator's certificate and CA: the coordinator presents it, the nodes check it --
@@ -155,7 +156,7 @@ fi
 if run_case operator-cert 0 "${ALLOC[@]}" RINGTUNE_TLS_CERT="$WORK/cert.pem" RINGTUNE_TLS_KEY="$WORK/key.pem" -- "$C8"; then
     grep -q "^coordinator args=$C8 --listen 0.0.0.0:29500 --tls-cert $WORK/cert.pem --tls-key $WORK/key.pem --fingerprint-file " "$WORK/log" ||
         fail "the coordinator was not given the certificate and a fingerprint file"
-    expect_log_count "^pin procid=[0-7] pin=$FAKE_FINGERPRINT ca=none\$" 8
+    expect_log_count "^pin procid=[0-7] pin=$FAKE_FINGERPRINT ca=unset\$" 8
 fi
 if run_case half-tls 2 "${ALLOC[@]}" RINGTUNE_TLS_CERT="$WORK/cert.pem" -- "$C8"; then
     expect_out "set both RINGTUNE_TLS_CERT and RINGTUNE_TLS_KEY, or neither"
