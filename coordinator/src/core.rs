@@ -231,6 +231,9 @@ pub enum Event {
     CheckpointRecorded { step: Step },
     /// A failure, before the policy's decision (a `Restarting` or `Stopping` follows).
     NodeFailed(Failure),
+    /// Follows a `NodeFailed` that came after `step` completed but before rank 0 confirmed
+    /// its checkpoint: that checkpoint does not count; `last_checkpoint` is the resume point.
+    CheckpointLost { step: Step, last_checkpoint: Step },
     /// The policy restarts every node from `resume_from`.
     Restarting {
         generation: Generation,
@@ -1331,6 +1334,22 @@ impl Coordinator {
             return;
         }
         self.events.push_back(Event::NodeFailed(failure.clone()));
+        // A checkpoint rank 0 was told to write after a completed step, but never confirmed:
+        // the failure came while it was writing it (the other ranks were already in the next
+        // step, which the failure names). It does not count; say so.
+        let unconfirmed = self
+            .pending_saves
+            .iter()
+            .filter(|(s, p)| !p.confirmed && **s <= self.last_completed)
+            .map(|(s, _)| *s)
+            .max()
+            .filter(|_| !matches!(failure, Failure::SaveTimeout { .. }));
+        if let Some(step) = unconfirmed {
+            self.events.push_back(Event::CheckpointLost {
+                step,
+                last_checkpoint: self.last_checkpoint,
+            });
+        }
         if self.interrupting {
             // The run was stopping anyway: no restart; the last recorded checkpoint stands.
             self.stop_interrupted(now);

@@ -1322,6 +1322,7 @@ fn interrupt_again_or_a_failure_during_the_final_save_stops_at_once() {
               -> 1 save g0 after step 1
             t=0.0   drop 1
               ev failed: rank 0 (h1:0, node#1) disconnected during step 1
+              ev checkpoint lost step 1 (last step 0)
               ev stopping: interrupted by the user
               -> 2 stop: interrupted by the user
             t=0.0   ack 2

@@ -502,6 +502,14 @@ impl Progress {
                 resume_from.0
             )),
             Event::Left { node, reason } => self.say(format!("coordinator: {node} left: {reason}")),
+            Event::CheckpointLost {
+                step,
+                last_checkpoint,
+            } => self.say(format!(
+                "coordinator: rank 0 had not confirmed the checkpoint of step {} (it was writing \
+                 it); the last checkpoint is step {}",
+                step.0, last_checkpoint.0
+            )),
             Event::HandshakeFailed { peer, reason } => self.say(format!(
                 "coordinator: a connection from {peer} failed its TLS handshake ({reason}): a \
                  node whose --coordinator-fingerprint or --coordinator-ca does not match this \

@@ -418,6 +418,10 @@ pub fn render_event(e: &Event) -> String {
         ),
         Event::Left { node, reason } => format!("left {node}: {reason}"),
         Event::HandshakeFailed { peer, reason } => format!("handshake failed {peer}: {reason}"),
+        Event::CheckpointLost {
+            step,
+            last_checkpoint,
+        } => format!("checkpoint lost {step} (last {last_checkpoint})"),
         Event::RunStarted { generation, world_size, resume_from, members } => {
             let m: Vec<String> = members.iter().map(|w| format!("{}={}", w.rank.0, w.node.0)).collect();
             format!("run started g{} world {} resume {} ranks [{}]", generation.0, world_size.0, resume_from.0, m.join(" "))
