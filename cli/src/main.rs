@@ -38,7 +38,8 @@ enum Command {
     ForwardBackward(cmd::forward_backward::Args),
     /// Sample completions (a prompt or a JSONL of chats) from a base model or base + adapter.
     Sample(cmd::sample::Args),
-    /// Benchmarks: `bench train` (LoRA training step), `bench allreduce` (ring all-reduce).
+    /// Benchmarks: `bench train` (LoRA training step), `bench allreduce` (ring all-reduce),
+    /// `bench sample` (decoding).
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
     /// Internal: a worker process started by `bench allreduce` (not for direct use).

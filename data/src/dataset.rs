@@ -307,13 +307,16 @@ fn parse_tokens(
             for (i, x) in wl.iter().enumerate() {
                 // ≥ 0: the loss is divided by the weights' sum, which a negative weight can
                 // make zero or negative; finite in f32, the type training uses.
-                let v = x
-                    .as_f64()
-                    .map(|v| v as f32)
-                    .filter(|v| v.is_finite() && *v >= 0.0)
-                    .ok_or_else(|| {
-                        wrong(format!("weights[{i}]"), "a number >= 0 that fits in f32", x)
-                    })?;
+                let Some(n) = x.as_f64() else {
+                    return Err(wrong(format!("weights[{i}]"), "a number", x));
+                };
+                let v = n as f32;
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(LineProblem::BadValue {
+                        field: format!("weights[{i}]"),
+                        message: format!("is {x}; a weight must be >= 0 and fit in f32"),
+                    });
+                }
                 out.push(v);
             }
             out

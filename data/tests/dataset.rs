@@ -197,15 +197,15 @@ fn wrong_types_name_the_field() {
         ),
         (
             r#"{"tokens": [1, 2], "weights": [1, "x"]}"#,
-            "field `weights[1]`: expected a number >= 0 that fits in f32",
+            "field `weights[1]`: expected a number, found a string",
         ),
         (
             r#"{"tokens": [1, 2], "weights": [1, -1]}"#,
-            "field `weights[1]`: expected a number >= 0",
+            "field `weights[1]`: is -1; a weight must be >= 0 and fit in f32",
         ),
         (
             r#"{"tokens": [1, 2], "weights": [1e39, 1]}"#,
-            "field `weights[0]`: expected a number >= 0 that fits in f32",
+            "field `weights[0]`: is 1e+39; a weight must be >= 0 and fit in f32",
         ),
         (
             r#"{"text": "hi", "tokens": [1, 2]}"#,

@@ -387,6 +387,10 @@ fn metrics_line(rec: &StepRecord) -> Result<String> {
         "unexpected metrics record layout: {line}"
     );
     line.truncate(line.len() - tail.len());
+    // Like the one-process trainers, a step without an eval has no `eval_nll` key.
+    if rec.eval_nll.is_none() {
+        line = line.replacen(",\"eval_nll\":null", "", 1);
+    }
     for (k, v) in extra {
         if !v.is_finite() {
             continue;
@@ -559,5 +563,12 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert!(v.get("extra").is_none());
+        // No eval this step: no `eval_nll` key (as the one-process trainers write it).
+        assert!(v.get("eval_nll").is_none(), "{line}");
+        let mut with_eval = rec.clone();
+        with_eval.eval_nll = Some(1.5);
+        let v: serde_json::Value =
+            serde_json::from_str(&metrics_line(&with_eval).unwrap()).unwrap();
+        assert_eq!(v["eval_nll"], 1.5);
     }
 }

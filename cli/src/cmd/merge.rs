@@ -26,18 +26,31 @@ pub fn run(args: Args) -> Result<()> {
             args.out.display()
         );
     }
-    let spec = match args.model {
-        Some(m) => m,
-        None => AdapterConfig::read(&args.adapter)?
-            .base_model_name_or_path
-            .with_context(|| {
-                format!(
-                    "{} names no base_model_name_or_path; pass --model",
-                    args.adapter.display()
-                )
-            })?,
+    let (spec, from_adapter) = match args.model {
+        Some(m) => (m, false),
+        None => (
+            AdapterConfig::read(&args.adapter)?
+                .base_model_name_or_path
+                .with_context(|| {
+                    format!(
+                        "{} names no base_model_name_or_path; pass --model",
+                        args.adapter.display()
+                    )
+                })?,
+            true,
+        ),
     };
-    let model_dir = resolve_model_dir(&spec)?;
+    let model_dir = resolve_model_dir(&spec).with_context(|| {
+        if from_adapter {
+            format!(
+                "the base model named by {}'s base_model_name_or_path ({spec:?}; a relative \
+                 path is taken from the working folder); pass --model DIR to name it",
+                args.adapter.join("adapter_config.json").display()
+            )
+        } else {
+            format!("--model {spec}")
+        }
+    })?;
     let parent = match args.out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),

@@ -117,6 +117,11 @@ pub fn run(args: Args) -> Result<()> {
     let coordinator = match (&args.coordinator, &launch) {
         (Some(c), _) => c.clone(),
         (None, Some(l)) => l.coordinator_addr.to_string(),
+        (None, None) if std::env::var_os("MASTER_ADDR").is_some() => anyhow::bail!(
+            "no coordinator address: MASTER_ADDR is set, but it is read only under torchrun \
+             (RANK and WORLD_SIZE set, with MASTER_PORT) or Slurm (SLURM_PROCID set); pass \
+             --coordinator HOST:PORT"
+        ),
         (None, None) => anyhow::bail!(
             "no coordinator address: pass --coordinator HOST:PORT (or run under Slurm/torchrun)"
         ),
