@@ -136,10 +136,14 @@ fn run_rl(cfg: RunConfig, args: &Args, stop: &Arc<AtomicBool>) -> Result<()> {
     use ringtune_node::{RlEvent, RlOutcome, RlTrainer};
     let config_path = args.config.display().to_string();
     let r = cfg.rl.clone();
+    let r_rank = cfg.lora.rank;
     let mut trainer = RlTrainer::new(cfg, args.resume, Box::new(LocalSync))
         .with_context(|| format!("cannot start RL training from {config_path}"))?;
     stop_after_the_step_on_signals(stop)?;
     let m = trainer.model();
+    if let Some(w) = ringtune_node::trainer::rank_warning(r_rank, m.param_layout()) {
+        eprintln!("warning: {w}");
+    }
     eprintln!(
         "device: {}, {:?} base weights; AdamW on the {}",
         device_label(m.device()),
