@@ -127,7 +127,7 @@ pub fn run(args: Args) -> Result<()> {
         ),
     };
     let token = super::coordinator::token_from(args.token_file.as_ref())?;
-    let coordinator_trust = coordinator_trust(&args, &coordinator)?;
+    let coordinator_trust = coordinator_trust(&args)?;
     let own_config = args
         .config
         .as_ref()
@@ -168,7 +168,7 @@ pub fn run(args: Args) -> Result<()> {
 
 /// How this node checks the coordinator's certificate: a flag, else the environment (an
 /// empty variable counts as unset; a flag overrides either variable).
-fn coordinator_trust(args: &Args, coordinator: &str) -> Result<ControlTrust> {
+fn coordinator_trust(args: &Args) -> Result<ControlTrust> {
     const FP_VAR: &str = "RINGTUNE_COORDINATOR_FINGERPRINT";
     const CA_VAR: &str = "RINGTUNE_COORDINATOR_CA";
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
@@ -189,18 +189,14 @@ fn coordinator_trust(args: &Args, coordinator: &str) -> Result<ControlTrust> {
             (None, None) => ControlTrust::TokenOnly,
         },
     };
+    // (A CA pin's host is checked where the node dials, before its first try.)
     match &trust {
-        ControlTrust::Ca { .. } => {
-            trust
-                .check_address(coordinator)
-                .map_err(|e| anyhow::anyhow!("--coordinator {coordinator}: {e}"))?;
-        }
         ControlTrust::TokenOnly => eprintln!(
             "ringtune node: not pinning the coordinator's certificate: the cluster token alone \
              authenticates it (pass --coordinator-fingerprint from its start-up line, or \
              --coordinator-ca)"
         ),
-        ControlTrust::Fingerprint(_) => {}
+        ControlTrust::Fingerprint(_) | ControlTrust::Ca { .. } => {}
     }
     Ok(trust)
 }
