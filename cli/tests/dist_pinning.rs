@@ -53,6 +53,22 @@ fn refused(addr: &str, extra: &[&str]) -> String {
     err
 }
 
+/// `ringtune coordinator CFG` with `extra` arguments, which must fail before it listens;
+/// returns its stderr.
+fn coordinator_refuses(cfg: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "coordinator",
+        cfg.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let (st, err) = spawn(&args, &[("RINGTUNE_TOKEN", TOKEN)]).wait_exit(30);
+    assert!(!st.success(), "{err}");
+    assert!(!err.contains("listening on"), "{err}");
+    err
+}
+
 #[test]
 fn nodes_pin_the_coordinators_fingerprint_and_refuse_another() {
     let dir = tempfile::tempdir().unwrap();
@@ -60,24 +76,11 @@ fn nodes_pin_the_coordinators_fingerprint_and_refuse_another() {
     // A file that is not a fingerprint is not replaced, and nothing starts.
     let precious = dir.path().join("notes.txt");
     std::fs::write(&precious, "keep me\n").unwrap();
-    let (st, err) = spawn(
-        &[
-            "coordinator",
-            cfg.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--fingerprint-file",
-            precious.to_str().unwrap(),
-        ],
-        &[("RINGTUNE_TOKEN", TOKEN)],
-    )
-    .wait_exit(30);
-    assert!(!st.success());
+    let err = coordinator_refuses(&cfg, &["--fingerprint-file", precious.to_str().unwrap()]);
     assert!(
         err.contains("does not hold a certificate fingerprint; refusing to replace it"),
         "{err}"
     );
-    assert!(!err.contains("listening on"), "{err}");
     assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me\n");
 
     // A stale fingerprint in the file is removed before the coordinator listens, and the
@@ -183,21 +186,7 @@ fn nodes_check_an_operators_certificate_against_its_ca() {
     let cfg = config(dir.path(), 1, 2, "");
 
     // A key that is not the certificate's is refused at start-up, naming both files.
-    let (st, err) = spawn(
-        &[
-            "coordinator",
-            cfg.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &other_key,
-        ],
-        &[("RINGTUNE_TOKEN", TOKEN)],
-    )
-    .wait_exit(30);
-    assert!(!st.success());
+    let err = coordinator_refuses(&cfg, &["--tls-cert", &cert, "--tls-key", &other_key]);
     assert!(
         err.contains(&format!("--tls-cert {cert} --tls-key {other_key}")),
         "{err}"

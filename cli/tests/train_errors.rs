@@ -220,25 +220,19 @@ fn resume_with_a_changed_config_names_the_change_and_touches_nothing() {
     let cfg_s = cfg.to_str().unwrap();
     assert_ok(&ringtune(&["train", cfg_s, "--max-steps", "4"]));
     let run = c.run_dir();
-    let snapshot = |p: &Path| {
-        (
-            std::fs::read(p.join("checkpoints.jsonl")).unwrap(),
-            std::fs::read(p.join("metrics.jsonl")).unwrap(),
-        )
-    };
-    let before = snapshot(&run);
+    let before = run_snapshot(&run);
 
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("rank = 4", "rank = 8")).unwrap();
     let err = assert_fails(&ringtune(&["train", cfg_s, "--max-steps", "4", "--resume"]));
     assert!(err.contains("config changed"), "{err}");
     assert!(err.contains("lora.rank: 4 → 8"), "{err}");
-    assert_eq!(snapshot(&run), before);
+    assert_eq!(run_snapshot(&run), before);
 
     // A fresh start into a folder holding a run is refused too.
     let err = assert_fails(&ringtune(&["train", cfg_s, "--max-steps", "4"]));
     assert!(err.contains("--resume"), "{err}");
-    assert_eq!(snapshot(&run), before);
+    assert_eq!(run_snapshot(&run), before);
 
     // So is one whose checkpoints.jsonl was lost, while its step folders are still there.
     let index = std::fs::read(run.join("checkpoints.jsonl")).unwrap();
@@ -260,7 +254,7 @@ fn resume_with_a_changed_config_names_the_change_and_touches_nothing() {
         )),
         "{err}"
     );
-    assert_eq!(snapshot(&run), before);
+    assert_eq!(run_snapshot(&run), before);
     drop(lock);
 
     // Other data at the same path (same number of lines) is refused on resume.
@@ -269,7 +263,7 @@ fn resume_with_a_changed_config_names_the_change_and_touches_nothing() {
     write_lines(&c.train, &chat_lines(24, 2));
     let err = assert_fails(&ringtune(&["train", cfg_s, "--max-steps", "4", "--resume"]));
     assert!(err.contains("the training data changed"), "{err}");
-    assert_eq!(snapshot(&run), before);
+    assert_eq!(run_snapshot(&run), before);
     std::fs::write(&c.train, data).unwrap();
 
     // Cadence and output settings are not part of the hash: resuming with them changed works.
@@ -296,13 +290,7 @@ fn resume_on_a_changed_base_model_is_refused_and_touches_nothing() {
     let cfg_s = cfg.to_str().unwrap();
     assert_ok(&ringtune(&["train", cfg_s, "--max-steps", "4"]));
     let run = c.run_dir();
-    let snapshot = || {
-        (
-            std::fs::read(run.join("checkpoints.jsonl")).unwrap(),
-            std::fs::read(run.join("metrics.jsonl")).unwrap(),
-        )
-    };
-    let before = snapshot();
+    let before = run_snapshot(&run);
 
     // Another model at the same path: one weight byte differs (the file's last, which the
     // fingerprint samples).
@@ -314,11 +302,19 @@ fn resume_on_a_changed_base_model_is_refused_and_touches_nothing() {
     let err = assert_fails(&ringtune(&["train", cfg_s, "--max-steps", "4", "--resume"]));
     assert!(err.contains("the base model changed"), "{err}");
     assert!(err.contains(&model.display().to_string()), "{err}");
-    assert_eq!(snapshot(), before);
+    assert_eq!(run_snapshot(&run), before);
 
     // The model it was trained on resumes (the fingerprint is stable across runs).
     std::fs::write(&weights, &good).unwrap();
     assert_ok(&ringtune(&["train", cfg_s, "--max-steps", "4", "--resume"]));
+}
+
+/// What a refused resume must leave as it was: the run's checkpoint list and metrics.
+fn run_snapshot(run: &Path) -> (Vec<u8>, Vec<u8>) {
+    (
+        std::fs::read(run.join("checkpoints.jsonl")).unwrap(),
+        std::fs::read(run.join("metrics.jsonl")).unwrap(),
+    )
 }
 
 /// Replaces `from` (which must be there) with `to` in the file at `path`.
