@@ -13,15 +13,27 @@ use dist_common::*;
 
 /// A CA and a certificate it issued for 127.0.0.1, as PEM files in `dir`: (ca, cert, key).
 fn ca_and_leaf(dir: &Path, name: &str) -> (String, String, String) {
+    ca_and_leaf_valid(dir, name, None)
+}
+
+/// [`ca_and_leaf`], the certificate valid from 1 January of the first year to 1 January
+/// of the second when given.
+fn ca_and_leaf_valid(
+    dir: &Path,
+    name: &str,
+    years: Option<(i32, i32)>,
+) -> (String, String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca)
-        .unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    if let Some((from, to)) = years {
+        leaf.not_before = rcgen::date_time_ymd(from, 1, 1);
+        leaf.not_after = rcgen::date_time_ymd(to, 1, 1);
+    }
+    let leaf = leaf.signed_by(&leaf_key, &ca).unwrap();
     let write = |file: String, text: String| {
         let p = dir.join(file);
         std::fs::write(&p, text).unwrap();
@@ -230,4 +242,44 @@ fn nodes_check_an_operators_certificate_against_its_ca() {
     assert!(err.contains("done: 2 steps"), "{err}");
     let (st, err) = n0.wait_exit(30);
     assert!(st.success(), "{err}");
+}
+
+#[test]
+fn an_expired_certificate_is_named_at_start_up_and_by_the_nodes_that_refuse_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = ca_and_leaf_valid(dir.path(), "old", Some((2020, 2021)));
+    let cfg = config(dir.path(), 1, 2, "");
+    // It still starts (a fingerprint pin does not check dates), with a warning.
+    let (mut coord, addr) = start_coordinator(
+        None,
+        cfg.to_str().unwrap(),
+        &["--tls-cert", &cert, "--tls-key", &key],
+    );
+    let line = coord.wait_for("control certificate", 10);
+    let warning = coord.seen.join("\n");
+    assert!(
+        warning.contains(&format!(
+            "--tls-cert {cert} expired on 2021-01-01 00:00:00 UTC"
+        )),
+        "{warning}"
+    );
+    let fingerprint = line
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap()
+        .to_string();
+    // A node pinning the CA refuses it at once, saying why; one pinning the fingerprint
+    // trains.
+    let err = refused(&addr, &["--coordinator-ca", &ca]);
+    assert!(err.to_lowercase().contains("expired"), "{err}");
+    let n0 = start_node(
+        None,
+        &addr,
+        0,
+        TOKEN,
+        &["--coordinator-fingerprint", &fingerprint],
+    );
+    let (st, err) = coord.wait_exit(120);
+    assert!(st.success() && err.contains("done: 2 steps"), "{err}");
+    assert!(n0.wait_exit(30).0.success());
 }

@@ -225,8 +225,10 @@ impl std::str::FromStr for Fingerprint {
             .iter()
             .find_map(|p| lower.strip_prefix(p))
             .unwrap_or(&lower);
+        // Colons, if any, separate every byte pair (OpenSSL's form), nowhere else.
+        let pairs_ok = !body.contains(':') || body.split(':').all(|p| p.len() == 2);
         let hex: String = body.chars().filter(|&c| c != ':').collect();
-        if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        if !pairs_ok || hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
             return Err(format!(
                 "'{t}' is not a SHA-256 certificate fingerprint: expected 64 hex digits, \
                  optionally after 'sha256:' or colon-separated (as the coordinator prints it: \
@@ -239,6 +241,145 @@ impl std::str::FromStr for Fingerprint {
         }
         Ok(Self(out))
     }
+}
+
+/// A certificate's validity period, read from its DER encoding, as UTC instants written
+/// `YYYYMMDDHHMMSS` (so that they compare as strings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: String,
+    pub not_after: String,
+}
+
+impl Validity {
+    /// `Certificate → tbsCertificate → validity` (RFC 5280 §4.1); `None` for anything that
+    /// is not a well-formed X.509 certificate.
+    pub fn of(cert: &CertificateDer<'_>) -> Option<Self> {
+        let (tag, cert, _) = der_item(cert.as_ref())?;
+        let (tag2, tbs, _) = der_item(cert)?;
+        if tag != 0x30 || tag2 != 0x30 {
+            return None;
+        }
+        let mut rest = tbs;
+        let (t, _, r) = der_item(rest)?;
+        // [0] EXPLICIT version is optional (absent means v1).
+        if t == 0xa0 {
+            rest = r;
+        }
+        // serialNumber, signature, issuer, then validity.
+        for want in [0x02, 0x30, 0x30] {
+            let (t, _, r) = der_item(rest)?;
+            if t != want {
+                return None;
+            }
+            rest = r;
+        }
+        let (t, validity, _) = der_item(rest)?;
+        if t != 0x30 {
+            return None;
+        }
+        let (t1, nb, r) = der_item(validity)?;
+        let (t2, na, _) = der_item(r)?;
+        Some(Self {
+            not_before: der_time(t1, nb)?,
+            not_after: der_time(t2, na)?,
+        })
+    }
+
+    /// [`Validity::problem`] for a certificate, now: `None` when it is fine or its dates
+    /// cannot be read.
+    pub fn problem_now(cert: &CertificateDer<'_>, days: u64) -> Option<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_secs();
+        Self::of(cert)?.problem(now, days)
+    }
+
+    /// What is wrong with using the certificate `days` days after `now` (seconds since the
+    /// Unix epoch), or `None`: expired, not valid yet, or (with `days > 0`) expiring by then.
+    pub fn problem(&self, now: u64, days: u64) -> Option<String> {
+        let at = |secs: u64| utc_digits(secs);
+        let show = |d: &str| {
+            format!(
+                "{}-{}-{} {}:{}:{} UTC",
+                &d[0..4],
+                &d[4..6],
+                &d[6..8],
+                &d[8..10],
+                &d[10..12],
+                &d[12..14]
+            )
+        };
+        let now_d = at(now);
+        if now_d < self.not_before {
+            return Some(format!("is not valid before {}", show(&self.not_before)));
+        }
+        if now_d > self.not_after {
+            return Some(format!("expired on {}", show(&self.not_after)));
+        }
+        if days > 0 && at(now + days * 86_400) > self.not_after {
+            return Some(format!("expires on {}", show(&self.not_after)));
+        }
+        None
+    }
+}
+
+/// One DER item at the start of `b`: (tag, contents, the bytes after it). Single-byte tags
+/// and definite lengths only, which is all DER allows for what [`Validity::of`] reads.
+fn der_item(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&l0, mut b) = b.split_first()?;
+    let len = if l0 < 0x80 {
+        l0 as usize
+    } else {
+        let n = (l0 & 0x7f) as usize;
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let len = b[..n].iter().fold(0usize, |a, &x| a << 8 | x as usize);
+        b = &b[n..];
+        len
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+/// A UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049 as RFC 5280 says) or GeneralizedTime
+/// (`YYYYMMDDHHMMSSZ`) as `YYYYMMDDHHMMSS`.
+fn der_time(tag: u8, b: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(b).ok()?.strip_suffix('Z')?;
+    if !s.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    match (tag, s.len()) {
+        (0x17, 12) => {
+            let century = if &s[..2] < "50" { "20" } else { "19" };
+            Some(format!("{century}{s}"))
+        }
+        (0x18, 14) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// Seconds since the Unix epoch as UTC `YYYYMMDDHHMMSS` (the proleptic Gregorian calendar,
+/// days to a civil date as in Howard Hinnant's `civil_from_days`).
+fn utc_digits(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}{:02}{:02}{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 fn pem_encode(label: &str, der: &[u8]) -> String {
@@ -310,9 +451,62 @@ mod tests {
             &hex[1..],
             &format!("{hex}00"),
             &format!("g{}", &hex[1..]),
+            // colons anywhere but between byte pairs
+            &format!("{}:{}", &hex[..3], &hex[3..]),
+            &format!(":{hex}"),
+            &colons.join("::"),
         ] {
             let e = bad.parse::<Fingerprint>().unwrap_err();
             assert!(e.contains("64 hex digits"), "{bad}: {e}");
         }
+    }
+
+    /// A certificate valid from `from` to `to` (years, 1 January).
+    fn cert_valid(from: i32, to: i32) -> CertificateDer<'static> {
+        let mut p = rcgen::CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()]).unwrap();
+        p.not_before = rcgen::date_time_ymd(from, 1, 1);
+        p.not_after = rcgen::date_time_ymd(to, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn validity_is_read_from_the_certificate() {
+        // 2026-11-27 12:00:00 UTC
+        let now = 1_795_780_800;
+        assert_eq!(utc_digits(now), "20261127120000");
+        assert_eq!(utc_digits(0), "19700101000000");
+        assert_eq!(utc_digits(951_782_400), "20000229000000");
+        // UTCTime (before 2050) and GeneralizedTime (2050 on) both parse.
+        let v = Validity::of(&cert_valid(2020, 2060)).unwrap();
+        assert_eq!(v.not_before, "20200101000000");
+        assert_eq!(v.not_after, "20600101000000");
+        assert_eq!(v.problem(now, 30), None);
+        let expired = Validity::of(&cert_valid(2020, 2025)).unwrap();
+        assert_eq!(
+            expired.problem(now, 0).as_deref(),
+            Some("expired on 2025-01-01 00:00:00 UTC")
+        );
+        let early = Validity::of(&cert_valid(2027, 2030)).unwrap();
+        assert_eq!(
+            early.problem(now, 0).as_deref(),
+            Some("is not valid before 2027-01-01 00:00:00 UTC")
+        );
+        let soon = Validity::of(&cert_valid(2020, 2026 + 1)).unwrap();
+        assert_eq!(soon.problem(now, 7), None);
+        assert_eq!(
+            soon.problem(now, 40).as_deref(),
+            Some("expires on 2027-01-01 00:00:00 UTC")
+        );
+        // The generated cluster certificate, and garbage.
+        let id = ClusterIdentity::generate().unwrap();
+        assert!(Validity::of(&id.cert_chain[0]).is_some());
+        assert_eq!(
+            Validity::of(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])),
+            None
+        );
+        let mut cut = id.cert_chain[0].as_ref().to_vec();
+        cut.truncate(cut.len() / 2);
+        assert_eq!(Validity::of(&CertificateDer::from(cut)), None);
     }
 }

@@ -100,6 +100,15 @@ pub fn control_identity(cert: Option<&Path>, key: Option<&Path>) -> Result<Clust
             anyhow::anyhow!("{flags}: not a usable certificate and key: {e}{hint}")
         },
     )?;
+    // Nodes that pin a CA check the dates (a fingerprint pin does not): say so now rather
+    // than through every node's failed handshake, or a restart's weeks later.
+    if let Some(p) = ringtune_collectives::tls::Validity::problem_now(&id.cert_chain[0], 7) {
+        eprintln!(
+            "coordinator: warning: --tls-cert {} {p}: nodes that pin a CA (--coordinator-ca) \
+             refuse it once it is out of date",
+            cert.display()
+        );
+    }
     Ok(id)
 }
 

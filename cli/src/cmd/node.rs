@@ -196,7 +196,17 @@ fn coordinator_trust(args: &Args) -> Result<ControlTrust> {
              authenticates it (pass --coordinator-fingerprint from its start-up line, or \
              --coordinator-ca)"
         ),
-        ControlTrust::Fingerprint(_) | ControlTrust::Ca { .. } => {}
+        ControlTrust::Ca { roots, file } => {
+            for root in roots {
+                if let Some(p) = ringtune_collectives::tls::Validity::problem_now(root, 0) {
+                    eprintln!(
+                        "ringtune node: warning: a CA certificate in {file} {p}: the coordinator's \
+                         certificate will not verify against it"
+                    );
+                }
+            }
+        }
+        ControlTrust::Fingerprint(_) => {}
     }
     Ok(trust)
 }
