@@ -426,6 +426,8 @@ struct Progress {
     bar: Option<ProgressBar>,
     total: u64,
     last_line: Option<std::time::Instant>,
+    /// Failed TLS handshakes so far, by the host they came from.
+    failed_handshakes: std::collections::HashMap<String, u64>,
 }
 
 impl Progress {
@@ -443,6 +445,7 @@ impl Progress {
             bar,
             total,
             last_line: None,
+            failed_handshakes: Default::default(),
         }
     }
 
@@ -523,11 +526,12 @@ impl Progress {
                  it); the last checkpoint is step {}",
                 step.0, last_checkpoint.0
             )),
-            Event::HandshakeFailed { peer, reason } => self.say(format!(
-                "coordinator: a connection from {peer} failed its TLS handshake ({reason}): a \
-                 node whose --coordinator-fingerprint or --coordinator-ca does not match this \
-                 coordinator's certificate, or not a ringtune node"
-            )),
+            Event::HandshakeFailed { peer, reason } => {
+                if let Some(line) = failed_handshake_line(&mut self.failed_handshakes, peer, reason)
+                {
+                    self.say(line)
+                }
+            }
             Event::Interrupting { step } => self.say(format!(
                 "coordinator: interrupted: finishing step {}, then saving a checkpoint after it \
                  (interrupt again to stop at once)",
@@ -549,9 +553,63 @@ impl Progress {
     }
 }
 
+/// The log line for a failed TLS handshake, counted in `seen` by host: every one of the
+/// first three from a host, then the 10th, 100th, …, so that a scanner or a node retrying
+/// in a loop does not flood the log.
+fn failed_handshake_line(
+    seen: &mut std::collections::HashMap<String, u64>,
+    peer: &str,
+    reason: &str,
+) -> Option<String> {
+    let host = peer
+        .parse::<SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| peer.to_string());
+    let n = seen.entry(host.clone()).or_default();
+    *n += 1;
+    let n = *n;
+    let mut m = n;
+    while m >= 10 && m.is_multiple_of(10) {
+        m /= 10;
+    }
+    if n > 3 && m != 1 {
+        return None;
+    }
+    let count = match n {
+        1 => String::new(),
+        3 => format!(" [the 3rd from {host}; from now on only the 10th, 100th, … are logged]"),
+        n => format!(" [failure {n} from {host}]"),
+    };
+    Some(format!(
+        "coordinator: a connection from {peer} failed its TLS handshake ({reason}): a node \
+         whose --coordinator-fingerprint or --coordinator-ca does not match this \
+         coordinator's certificate, or not a ringtune node{count}"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_handshakes_are_logged_sparsely_per_host() {
+        let mut seen = Default::default();
+        let logged: Vec<u64> = (1..=1000u64)
+            .filter(|i| {
+                failed_handshake_line(&mut seen, &format!("10.0.0.7:{}", 40000 + i), "bad")
+                    .is_some()
+            })
+            .collect();
+        assert_eq!(logged, [1, 2, 3, 10, 100, 1000]);
+        // Another host starts its own count; the lines say which failure it is.
+        let first = failed_handshake_line(&mut seen, "[::1]:5", "bad").unwrap();
+        assert!(first.ends_with("or not a ringtune node"), "{first}");
+        let tenth = (1..=10)
+            .filter_map(|_| failed_handshake_line(&mut seen, "10.0.0.8:1", "x"))
+            .last()
+            .unwrap();
+        assert!(tenth.contains("[failure 10 from 10.0.0.8]"), "{tenth}");
+    }
 
     #[test]
     fn metrics_lines_lift_the_extra_numbers_to_top_level_keys() {
