@@ -231,11 +231,14 @@ pub fn write_adapter(dir: &Path, cfg: &AdapterConfig, tensors: &[(String, Tensor
 }
 
 impl LoraModel {
-    /// The adapter config describing this model's adapters.
+    /// The adapter config describing this model's adapters. Its `base_model_name_or_path`
+    /// is the model folder as an absolute path, so that PEFT (`AutoPeftModelForCausalLM`)
+    /// and `ringtune merge` find the base from any working folder.
     pub fn adapter_config(&self) -> AdapterConfig {
+        let dir = std::path::absolute(self.model_dir()).unwrap_or_else(|_| self.model_dir().into());
         AdapterConfig {
             lora: self.lora_config().clone(),
-            base_model_name_or_path: Some(self.model_dir().display().to_string()),
+            base_model_name_or_path: Some(dir.display().to_string()),
         }
     }
 

@@ -44,7 +44,8 @@ pub fn run(args: Args) -> Result<()> {
         if from_adapter {
             format!(
                 "the base model named by {}'s base_model_name_or_path ({spec:?}; a relative \
-                 path is taken from the working folder); pass --model DIR to name it",
+                 path, as adapters written before ringtune recorded absolute ones hold, is \
+                 taken from the working folder); pass --model DIR to name it",
                 args.adapter.join("adapter_config.json").display()
             )
         } else {
