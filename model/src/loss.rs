@@ -431,8 +431,13 @@ impl Batch {
     /// Checks that the batch carries what `kind` reads.
     pub(crate) fn check_loss_inputs(&self, kind: LossKind) -> Result<()> {
         if kind.needs_advantages() && self.rl.is_none() {
+            let what = if kind.needs_sampler_logprobs() {
+                "per-token sampler logprobs and advantages"
+            } else {
+                "per-token advantages"
+            };
             return Err(Error::InvalidBatch(format!(
-                "loss {} needs per-token sampler logprobs and advantages (Batch::with_rl_inputs)",
+                "loss {} needs {what} (Batch::with_rl_inputs)",
                 kind.name()
             )));
         }
