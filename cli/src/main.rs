@@ -38,6 +38,9 @@ enum Command {
     ForwardBackward(cmd::forward_backward::Args),
     /// Sample completions (a prompt or a JSONL of chats) from a base model or base + adapter.
     Sample(cmd::sample::Args),
+    /// Show a run config's examples as the trainer sees them: each token run with its loss
+    /// weight (check a chat format, train_on and truncation before training).
+    Render(cmd::render::Args),
     /// Benchmarks: `bench train` (LoRA training step), `bench allreduce` (ring all-reduce),
     /// `bench sample` (decoding).
     #[command(subcommand)]
@@ -58,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => cmd::eval::run(args),
         Command::ForwardBackward(args) => cmd::forward_backward::run(args),
         Command::Sample(args) => cmd::sample::run(args),
+        Command::Render(args) => cmd::render::run(args),
         Command::Bench(cmd::bench::BenchCommand::Sample(args)) => cmd::sample::run_bench(args),
         Command::Bench(cmd::bench::BenchCommand::Train(args)) => cmd::bench_train::run(args),
         Command::Bench(cmd::bench::BenchCommand::Allreduce(args)) => {

@@ -165,22 +165,32 @@ fn score(
     Ok((seqs, mbs, out))
 }
 
+/// The training and held-out pairs of a DPO config and the load reports: the one way
+/// [`Dpo::load`] (and `ringtune render`) read them.
+pub fn load_pairs(
+    cfg: &RunConfig,
+    tok: &Tokenizer,
+) -> Result<(Vec<PreferencePair>, Vec<PreferencePair>, Vec<DataReport>)> {
+    let renderer = renderer_of(cfg.data.renderer, tok)?;
+    let opts = load_options(cfg);
+    let train_set = load_preference_jsonl(&cfg.data.train, &renderer, &opts)?;
+    let mut reports = vec![train_set.report.clone()];
+    let (train, eval) = match &cfg.data.eval {
+        Some(p) => {
+            let e = load_preference_jsonl(p, &renderer, &opts)?;
+            reports.push(e.report.clone());
+            (train_set.pairs, e.pairs)
+        }
+        None => split_pairs(train_set.pairs, cfg.data.eval_fraction, cfg.seed)?,
+    };
+    Ok((train, eval, reports))
+}
+
 impl Dpo {
     /// Loads the preference pairs named by `data.train` / `data.eval` (or a
     /// `data.eval_fraction` split), rendered with the config's renderer.
     pub fn load(cfg: &RunConfig, tok: &Tokenizer) -> Result<Self> {
-        let renderer = renderer_of(cfg.data.renderer, tok)?;
-        let opts = load_options(cfg);
-        let train_set = load_preference_jsonl(&cfg.data.train, &renderer, &opts)?;
-        let mut reports = vec![train_set.report.clone()];
-        let (train, eval) = match &cfg.data.eval {
-            Some(p) => {
-                let e = load_preference_jsonl(p, &renderer, &opts)?;
-                reports.push(e.report.clone());
-                (train_set.pairs, e.pairs)
-            }
-            None => split_pairs(train_set.pairs, cfg.data.eval_fraction, cfg.seed)?,
-        };
+        let (train, eval, reports) = load_pairs(cfg, tok)?;
         Ok(Self {
             beta: cfg.dpo.beta,
             ref_train: vec![None; train.len()],

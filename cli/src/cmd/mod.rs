@@ -9,6 +9,7 @@ pub mod forward_backward;
 pub mod init_model;
 pub mod merge;
 pub mod node;
+pub mod render;
 pub mod sample;
 pub mod train;
 
