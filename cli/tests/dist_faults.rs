@@ -199,6 +199,36 @@ fn ctrl_c_stops_every_node_cleanly() {
     }
 }
 
+/// Ctrl-C (here SIGTERM) while the nodes are still starting, before any has joined: the
+/// command still stops cleanly and at once (it used to wait 10 s for the node that was
+/// never told to stop, kill it and exit 1), and no node is left behind.
+#[test]
+fn an_interrupt_before_the_nodes_join_stops_cleanly_and_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 100_000, "");
+    let mut train = spawn(&["train", cfg.to_str().unwrap(), "--plain"], &[]);
+    train.wait_for("listening on", 120);
+    let t0 = std::time::Instant::now();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &train.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let pid = train.child.id();
+    let (st, err) = train.wait_exit(60);
+    assert!(st.success(), "an interrupt is a clean stop:\n{err}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(6),
+        "{:?}:\n{err}",
+        t0.elapsed()
+    );
+    assert!(
+        err.contains("interrupted after step 0; no checkpoint was written yet"),
+        "{err}"
+    );
+    assert!(children_of(pid).is_empty(), "{err}");
+}
+
 /// A CPU build asked for NCCL: every node says why it cannot join, and the run's error
 /// carries that reason instead of a bare lost connection.
 #[cfg(not(feature = "nccl"))]

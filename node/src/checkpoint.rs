@@ -239,11 +239,25 @@ impl RunDir {
             .max_by_key(|r| r.step))
     }
 
-    /// Removes what interrupted writes left behind: temp folders, and step folders that
-    /// were renamed but never listed. Rewrites the index without a torn last line so the
-    /// next append starts on a fresh line. Returns how many folders were removed.
+    /// Removes what interrupted writes left behind: temp folders, step folders that were
+    /// renamed but never listed, and the temp files of the run folder's own atomic
+    /// rewrites (`checkpoints.jsonl`, `metrics.jsonl`). Rewrites the index without a torn
+    /// last line so the next append starts on a fresh line. Returns how many entries were
+    /// removed.
     pub fn clean_incomplete(&self) -> Result<usize> {
         let listed = self.complete_checkpoints()?;
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
+            let entry = entry.map_err(io_err(&self.root))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = [".tmp-checkpoints.jsonl-", ".tmp-metrics.jsonl-"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            if ours && entry.file_type().map_err(io_err(&entry.path()))?.is_file() {
+                fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+                removed += 1;
+            }
+        }
         // Rewrite the index from its parsed records (drops a torn tail line).
         if self.index_path().exists() {
             let mut text = String::new();
@@ -254,7 +268,6 @@ impl RunDir {
             write_file_atomic(&self.index_path(), text.as_bytes())?;
         }
         let ck = self.checkpoints_dir();
-        let mut removed = 0;
         for entry in fs::read_dir(&ck).map_err(io_err(&ck))? {
             let entry = entry.map_err(io_err(&ck))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -471,8 +484,16 @@ mod tests {
             .unwrap();
         f.write_all(b"{\"step\":6,\"pa").unwrap();
         drop(f);
+        // And the temp files of the run folder's own rewrites (a kill mid-rewrite); a
+        // file of the user's that merely looks alike stays.
+        fs::write(t.path().join(".tmp-metrics.jsonl-77"), "x").unwrap();
+        fs::write(t.path().join(".tmp-checkpoints.jsonl-77"), "x").unwrap();
+        fs::write(t.path().join(".tmp-notes.txt-77"), "x").unwrap();
         assert_eq!(run.latest_checkpoint().unwrap().unwrap().step, 2);
-        assert_eq!(run.clean_incomplete().unwrap(), 2);
+        assert_eq!(run.clean_incomplete().unwrap(), 4);
+        assert!(!t.path().join(".tmp-metrics.jsonl-77").exists());
+        assert!(!t.path().join(".tmp-checkpoints.jsonl-77").exists());
+        assert!(t.path().join(".tmp-notes.txt-77").exists());
         assert!(!run.step_dir(6).exists());
         assert!(run.step_dir(2).join("adapter/x").exists());
         // The next append lands on its own line.

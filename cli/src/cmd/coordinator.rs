@@ -246,6 +246,11 @@ pub fn serve_run(
     let out_dir = cfg.output_dir.clone();
     let fingerprint_path = fingerprint_file.clone();
     let result = rt.block_on(async move {
+        // Signals are caught from before the first line that says the coordinator is up,
+        // so a Ctrl-C at any point after it is a clean stop (the task below reads them).
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigint = signal(SignalKind::interrupt()).context("installing signal handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("installing signal handler")?;
         let listener = driver::bind(listen)?;
         let addr = listener.local_addr().context("reading the bound control address")?;
         eprintln!(
@@ -261,11 +266,7 @@ pub fn serve_run(
         started(addr, exits_tx)?;
         let (int_tx, int_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut a), Ok(mut b)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-            else {
-                return;
-            };
+            let (a, b) = (&mut sigint, &mut sigterm);
             tokio::select! { _ = a.recv() => {}, _ = b.recv() => {} }
             let _ = int_tx.send(true);
             // A second signal ends the process at once.
@@ -320,16 +321,18 @@ pub fn serve_run(
                 Ok(())
             }
             Outcome::Interrupted { last_completed, last_checkpoint } => {
-                eprintln!(
-                    "interrupted after step {}; last checkpoint: step {}{}",
-                    last_completed.0,
-                    last_checkpoint.0,
-                    if last_checkpoint.0 > 0 {
-                        " (the same command with --resume continues from it)"
-                    } else {
-                        ""
-                    }
-                );
+                if last_checkpoint.0 > 0 {
+                    eprintln!(
+                        "interrupted after step {}; last checkpoint: step {} (the same \
+                         command with --resume continues from it)",
+                        last_completed.0, last_checkpoint.0
+                    );
+                } else {
+                    eprintln!(
+                        "interrupted after step {}; no checkpoint was written yet",
+                        last_completed.0
+                    );
+                }
                 Ok(())
             }
             Outcome::Failed(e) => bail!("distributed run failed: {e}"),

@@ -439,8 +439,11 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
     };
     over.store(true, Ordering::SeqCst);
     let children = std::mem::take(&mut *children.lock().expect("children lock"));
-    // Nodes exit on their own once stopped; give them a moment, then make sure.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // Nodes exit on their own once stopped; give them a moment, then make sure. After a
+    // run that ended well every node that joined has acknowledged its stop, so one still
+    // running is one that had not joined yet (a Ctrl-C during start-up): a short wait.
+    let grace = if result.is_ok() { 2 } else { 10 };
+    let deadline = Instant::now() + Duration::from_secs(grace);
     let mut failed = Vec::new();
     for (i, mut c) in children.into_iter().enumerate() {
         let status = loop {
@@ -459,14 +462,26 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
         match status {
             Some(s) if s.success() => {}
             Some(s) => failed.push(format!("node {i} exited with {s}")),
-            None => failed.push(format!("node {i} did not exit and was killed")),
+            None => failed.push(format!(
+                "node {i} did not exit within {grace}s of the run's end and was killed"
+            )),
         }
     }
     reaped.store(true, Ordering::SeqCst);
     match result {
         Err(e) if !failed.is_empty() => Err(e.context(failed.join("; "))),
         Err(e) => Err(e),
-        Ok(()) if !failed.is_empty() => anyhow::bail!("{}", failed.join("; ")),
+        // The run ended well and its checkpoints are complete: what a node did after
+        // that (a kill from outside, or never having joined) is worth a line, not a
+        // failed command.
+        Ok(()) if !failed.is_empty() => {
+            eprintln!(
+                "harness: warning: after the run ended: {} (the run's checkpoints are \
+                 complete)",
+                failed.join("; ")
+            );
+            Ok(())
+        }
         Ok(()) => Ok(()),
     }
 }
