@@ -188,3 +188,37 @@ fn sigterm_saves_a_checkpoint_and_resume_finishes_exactly() {
         &reference().join("checkpoints/step-8"),
     );
 }
+
+/// `lora.target_modules`, as PEFT users write it: only those layers get adapters, the
+/// adapter says so, and the base model's path in it is absolute.
+#[test]
+fn target_modules_choose_the_adapted_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    write_lines(&train, &chat_lines(24, 9));
+    let cfg = small_config(dir.path(), shared_model(), &train, "");
+    assert_ok(&ringtune(&[
+        "train",
+        cfg.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--set",
+        r#"lora.target_modules=["v_proj", "q_proj"]"#,
+    ]));
+    let adapter = dir.path().join("run/checkpoints/step-2/adapter");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    let base = cfg["base_model_name_or_path"].as_str().unwrap();
+    assert!(std::path::Path::new(base).is_absolute(), "{base}");
+    let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = st.names();
+    assert!(!names.is_empty());
+    for n in &names {
+        assert!(n.contains(".q_proj.") || n.contains(".v_proj."), "{n}");
+    }
+    assert!(names.iter().any(|n| n.contains(".v_proj.")));
+}

@@ -10,7 +10,8 @@
 //! nodes = 1
 //! [model]      # path (or hf:org/name), init_preset, dtype, device
 //! [data]       # train, eval, eval_fraction, renderer, train_on, max_length, ...
-//! [lora]       # rank, alpha, dropout, rslora, train_attn, train_mlp, train_unembed
+//! [lora]       # rank, alpha, dropout, rslora, train_attn, train_mlp, train_unembed,
+//!              # target_modules
 //! [optimizer]  # lr, beta1, beta2, eps, weight_decay, grad_clip
 //! [schedule]   # kind, warmup_steps, final_lr_fraction
 //! [train]      # method, batch_size, micro_batch_tokens, epochs, max_steps, save_every, ...
@@ -324,6 +325,75 @@ pub struct LoraConfig {
     pub train_mlp: bool,
     /// lm_head.
     pub train_unembed: bool,
+    /// PEFT's `target_modules`: the modules to adapt by name, or `"all-linear"` (the seven
+    /// projections). When set it decides alone, so the `train_*` switches must keep their
+    /// defaults. Left out of the serialized config when unset, so that configs (and the
+    /// hashes of checkpoints) from before it existed are unchanged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_modules: Option<TargetModules>,
+}
+
+/// The module names `lora.target_modules` takes, in PEFT's spelling and canonical order.
+pub const TARGET_MODULE_NAMES: [&str; 8] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "lm_head",
+];
+
+/// `lora.target_modules` as read: a list of [`TARGET_MODULE_NAMES`] or `"all-linear"`,
+/// kept in canonical order without duplicates, so that the same set always hashes alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct TargetModules(Vec<String>);
+
+impl TargetModules {
+    /// The adapted modules' names, in canonical order.
+    pub fn names(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetModules {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let expected = "expected a list of module names (q_proj, k_proj, v_proj, o_proj, \
+                        gate_proj, up_proj, down_proj, lm_head) or \"all-linear\"";
+        let names: Vec<String> = match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) if s == "all-linear" => TARGET_MODULE_NAMES[..7]
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
+            serde_json::Value::Array(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    serde_json::Value::String(s) => Ok(s),
+                    other => Err(D::Error::custom(format!("{other} is not a name; {expected}"))),
+                })
+                .collect::<std::result::Result<_, _>>()?,
+            other => return Err(D::Error::custom(format!("{other}: {expected}"))),
+        };
+        if let Some(bad) = names.iter().find(|n| !TARGET_MODULE_NAMES.contains(&n.as_str())) {
+            return Err(D::Error::custom(format!(
+                "unknown module {bad:?}; {expected} (PEFT's regular-expression form is not \
+                 supported)"
+            )));
+        }
+        if names.is_empty() {
+            return Err(D::Error::custom(format!("an empty list adapts nothing; {expected}")));
+        }
+        Ok(TargetModules(
+            TARGET_MODULE_NAMES
+                .iter()
+                .filter(|k| names.iter().any(|n| n == *k))
+                .map(|k| k.to_string())
+                .collect(),
+        ))
+    }
 }
 
 impl Default for LoraConfig {
@@ -336,6 +406,7 @@ impl Default for LoraConfig {
             train_attn: true,
             train_mlp: true,
             train_unembed: true,
+            target_modules: None,
         }
     }
 }
@@ -782,6 +853,15 @@ impl RunConfig {
         if !(0.0..1.0).contains(&self.lora.dropout) {
             return err("lora.dropout", "must be in [0, 1)");
         }
+        if self.lora.target_modules.is_some()
+            && !(self.lora.train_attn && self.lora.train_mlp && self.lora.train_unembed)
+        {
+            return err(
+                "lora.target_modules",
+                "set either target_modules or the train_attn/train_mlp/train_unembed \
+                 switches, not both (target_modules names every adapted module)",
+            );
+        }
         if !(self.lora.train_attn || self.lora.train_mlp || self.lora.train_unembed) {
             return err(
                 "lora.train_attn",
@@ -1130,6 +1210,50 @@ mod tests {
         let e = parse(&format!("{MIN}[optimizer]\nlr = 1.0000000000000002e-4\n")).unwrap();
         assert_ne!(a.semantic_hash(), e.semantic_hash());
         assert_eq!(a.semantic_hash().0.len(), 64);
+    }
+
+    #[test]
+    fn target_modules_as_peft_names_them() {
+        let a = parse(MIN).unwrap();
+        // Unset: no entry, so the hashes of configs (and checkpoints) from before the key
+        // existed do not move.
+        assert!(!a.semantic_entries().contains_key("lora.target_modules"));
+        let list = |t: &str| {
+            let c = parse(&format!("{MIN}[lora]\ntarget_modules = {t}\n")).unwrap();
+            let names = c.lora.target_modules.clone().unwrap().names().to_vec();
+            (names, c.semantic_hash())
+        };
+        // Canonical order without duplicates: the same set hashes alike.
+        let (n1, h1) = list(r#"["v_proj", "q_proj", "v_proj"]"#);
+        let (n2, h2) = list(r#"["q_proj", "v_proj"]"#);
+        assert_eq!(n1, ["q_proj", "v_proj"]);
+        assert_eq!((n1, h1), (n2, h2));
+        let (all, h) = list(r#""all-linear""#);
+        assert_eq!(all.len(), 7);
+        assert!(!all.contains(&"lm_head".to_string()));
+        assert_ne!(h, a.semantic_hash());
+        // Unknown names, other strings, wrong types and an empty list: the line and key.
+        for bad in [r#"["q_proj", "qkv"]"#, r#""all""#, "3", "[1]", "[]"] {
+            let e = err(&format!("{MIN}[lora]\ntarget_modules = {bad}\n"));
+            assert!(
+                e.contains("run.toml:6:") && e.contains("lora.target_modules"),
+                "{bad}: {e}"
+            );
+        }
+        let e = err(&format!("{MIN}[lora]\ntarget_modules = [\"qkv\"]\n"));
+        assert!(e.contains("unknown module \"qkv\""), "{e}");
+        // With a train_* switch changed too: which one decides is ambiguous, so refused.
+        let e = err(&format!(
+            "{MIN}[lora]\ntarget_modules = [\"q_proj\"]\ntrain_mlp = false\n"
+        ));
+        assert!(e.contains("set either target_modules or the train_"), "{e}");
+        // Through --set, as a bare word or a TOML list.
+        let b = a.with_override("lora.target_modules=all-linear").unwrap();
+        assert_eq!(b.lora.target_modules.unwrap().names().len(), 7);
+        let b = a
+            .with_override(r#"lora.target_modules=["down_proj"]"#)
+            .unwrap();
+        assert_eq!(b.lora.target_modules.unwrap().names(), ["down_proj"]);
     }
 
     #[test]

@@ -483,6 +483,15 @@ pub fn load_options(cfg: &RunConfig) -> LoadOptions {
 pub fn lora_of(cfg: &RunConfig) -> LoraConfig {
     let l = &cfg.lora;
     let mut lc = LoraConfig::from_tinker(l.rank, l.train_attn, l.train_mlp, l.train_unembed);
+    if let Some(t) = &l.target_modules {
+        // Names checked by the config; in canonical order, as `validated` keeps them.
+        lc.target_modules = t
+            .names()
+            .iter()
+            .filter_map(|n| ringtune_model::TargetModule::from_name(n))
+            .collect();
+        lc.target_modules.sort();
+    }
     lc.alpha = l.alpha;
     lc.dropout = l.dropout;
     lc.use_rslora = l.rslora;
