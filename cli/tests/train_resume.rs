@@ -210,7 +210,10 @@ fn target_modules_choose_the_adapted_layers() {
         &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
     let base = cfg["base_model_name_or_path"].as_str().unwrap();
     assert!(std::path::Path::new(base).is_absolute(), "{base}");
     let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
@@ -221,4 +224,96 @@ fn target_modules_choose_the_adapted_layers() {
         assert!(n.contains(".q_proj.") || n.contains(".v_proj."), "{n}");
     }
     assert!(names.iter().any(|n| n.contains(".v_proj.")));
+}
+
+/// `model.adapter`: a fresh run starts from an adapter (here another run's), not from fresh
+/// adapters; one that does not fit `[lora]` is refused naming the keys, before the run
+/// folder exists; DPO refuses it (its reference would be the base, not the adapter).
+#[test]
+fn a_run_can_start_from_an_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    write_lines(&train, &chat_lines(24, 4));
+    let first = small_config(dir.path(), shared_model(), &train, "");
+    assert_ok(&ringtune(&[
+        "train",
+        first.to_str().unwrap(),
+        "--max-steps",
+        "2",
+    ]));
+    let start = dir.path().join("run/checkpoints/step-2/adapter");
+    let adapter_of = |p: &std::path::Path| adapter_floats(&p.join("adapter_model.safetensors"));
+    let before = adapter_of(&start);
+    let go = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            first.to_str().unwrap(),
+            "--max-steps",
+            "1",
+            "--output-dir",
+            out,
+            "--set",
+        ];
+        let spec = format!("model.adapter={:?}", start.to_str().unwrap());
+        args.push(&spec);
+        args.extend_from_slice(extra);
+        ringtune(&args)
+    };
+    // A learning rate too small to move an f32: the step-1 adapter is the one it started
+    // from (fresh adapters would have B = 0).
+    let warm = dir.path().join("warm");
+    assert_ok(&go(
+        warm.to_str().unwrap(),
+        &["--set", "optimizer.lr=1e-30"],
+    ));
+    let after = adapter_of(&warm.join("checkpoints/step-1/adapter"));
+    assert_eq!(after.len(), before.len());
+    for ((k, a), (_, b)) in after.iter().zip(&before) {
+        let d: f32 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        let n: f32 = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
+        assert!(n > 0.0 && d <= 1e-6 * n, "{k}: {d} vs {n}");
+    }
+    // Another rank: named, with the keys to set; nothing written.
+    let other = dir.path().join("other");
+    let err = assert_fails(&go(other.to_str().unwrap(), &["--set", "lora.rank=8"]));
+    assert!(
+        err.contains("model.adapter = ")
+            && err.contains("field `r`: adapter has 4")
+            && err.contains("lora.rank"),
+        "{err}"
+    );
+    assert!(!other.exists());
+    // DPO: refused at the config, pointing at merge.
+    let err = assert_fails(&go(
+        dir.path().join("dpo").to_str().unwrap(),
+        &["--set", "train.method=dpo"],
+    ));
+    assert!(
+        err.contains("model.adapter") && err.contains("ringtune merge"),
+        "{err}"
+    );
+}
+
+/// Every f32 of a PEFT adapter file, by tensor name.
+fn adapter_floats(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let f = v
+                .data()
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (k, f)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }

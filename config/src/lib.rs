@@ -158,12 +158,18 @@ pub struct ModelConfig {
     /// them: activation memory of one layer instead of all, for about one more forward
     /// pass of compute. Same gradients either way, so it may change between resumes.
     pub activation_checkpointing: bool,
+    /// A PEFT adapter folder to start a fresh run from instead of fresh adapters (a warm
+    /// start: PEFT's `is_trainable=True` load). `[lora]` must describe it. Left out of the
+    /// serialized config when unset, so earlier configs hash as before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             path: String::new(),
+            adapter: None,
             init_preset: None,
             dtype: Dtype::F32,
             device: Device::Cpu,
@@ -372,19 +378,26 @@ impl<'de> Deserialize<'de> for TargetModules {
                 .into_iter()
                 .map(|v| match v {
                     serde_json::Value::String(s) => Ok(s),
-                    other => Err(D::Error::custom(format!("{other} is not a name; {expected}"))),
+                    other => Err(D::Error::custom(format!(
+                        "{other} is not a name; {expected}"
+                    ))),
                 })
                 .collect::<std::result::Result<_, _>>()?,
             other => return Err(D::Error::custom(format!("{other}: {expected}"))),
         };
-        if let Some(bad) = names.iter().find(|n| !TARGET_MODULE_NAMES.contains(&n.as_str())) {
+        if let Some(bad) = names
+            .iter()
+            .find(|n| !TARGET_MODULE_NAMES.contains(&n.as_str()))
+        {
             return Err(D::Error::custom(format!(
                 "unknown module {bad:?}; {expected} (PEFT's regular-expression form is not \
                  supported)"
             )));
         }
         if names.is_empty() {
-            return Err(D::Error::custom(format!("an empty list adapts nothing; {expected}")));
+            return Err(D::Error::custom(format!(
+                "an empty list adapts nothing; {expected}"
+            )));
         }
         Ok(TargetModules(
             TARGET_MODULE_NAMES
@@ -852,6 +865,15 @@ impl RunConfig {
         }
         if !(0.0..1.0).contains(&self.lora.dropout) {
             return err("lora.dropout", "must be in [0, 1)");
+        }
+        if self.model.adapter.is_some() && self.train.method == Method::Dpo {
+            return err(
+                "model.adapter",
+                "a DPO run's reference policy is the base model with the adapter off, so \
+                 starting from an adapter would compare against the base, not against it: \
+                 merge it first (`ringtune merge ADAPTER --out DIR`) and set model.path = \
+                 DIR",
+            );
         }
         if self.lora.target_modules.is_some()
             && !(self.lora.train_attn && self.lora.train_mlp && self.lora.train_unembed)

@@ -498,6 +498,22 @@ pub fn lora_of(cfg: &RunConfig) -> LoraConfig {
     lc
 }
 
+/// `model.adapter`: a fresh run starts from that PEFT adapter instead of fresh adapters.
+/// The model was built from `[lora]`, so a mismatch (rank, alpha, targets) is named with
+/// the keys to set.
+pub fn warm_start(cfg: &RunConfig, model: &LoraModel) -> Result<()> {
+    let Some(dir) = &cfg.model.adapter else {
+        return Ok(());
+    };
+    model.load_adapter(dir).map_err(|e| {
+        Error::Invalid(format!(
+            "model.adapter = {}: {e} (set lora.rank, lora.alpha and lora.target_modules to \
+             the adapter's)",
+            dir.display()
+        ))
+    })
+}
+
 /// Mean NLL per unit weight of `data` under `model` (adapters on or off), in micro-batches
 /// of `token_budget` padded tokens. Returns (nll, Σw).
 pub fn evaluate(
@@ -648,6 +664,10 @@ impl Trainer {
             cfg.seed,
         )?;
         model.set_activation_checkpointing(cfg.model.activation_checkpointing);
+        // Before the run folder is touched, so a bad adapter leaves nothing behind.
+        if resume_state.is_none() {
+            warm_start(&cfg, &model)?;
+        }
         check_vocab(&model_dir, &tok, &model)?;
 
         let t = &cfg.train;

@@ -310,6 +310,10 @@ impl RlTrainer {
             cfg.seed,
         )?;
         model.set_activation_checkpointing(cfg.model.activation_checkpointing);
+        // Before the run folder is touched, so a bad adapter leaves nothing behind.
+        if resume_state.is_none() {
+            crate::trainer::warm_start(&cfg, &model)?;
+        }
         check_vocab(&model_dir, &tokenizer, &model)?;
         let adam_cfg = adamw_of(&cfg);
         let schedule = schedule_of(&cfg, total_steps);
