@@ -122,3 +122,43 @@ fn render_shows_both_sides_of_a_dpo_pair() {
         );
     }
 }
+
+/// `data.renderer = "auto"` on a model whose chat template ringtune does not know (here a
+/// Mistral-style `[INST]` one) falls back to role_colon: `render` and `train` say so.
+#[test]
+fn an_unknown_chat_template_under_auto_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(shared_model()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let tc = model.join("tokenizer_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    v["chat_template"] = serde_json::json!(
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"
+    );
+    std::fs::write(&tc, v.to_string()).unwrap();
+    let train = dir.path().join("train.jsonl");
+    write_lines(&train, &chat_lines(8, 1));
+    let cfg = small_config(dir.path(), &model, &train, "");
+    let warned = |extra: &[&str]| {
+        let mut args = vec!["render", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = ringtune(&args);
+        assert_ok(&o);
+        stderr(&o).contains("the tokenizer's chat template is neither Llama 3's nor ChatML")
+    };
+    assert!(warned(&[]));
+    assert!(!warned(&["--set", "data.renderer=\"role_colon\""]));
+    // The trainer says it too, at start-up.
+    let o = ringtune(&["train", cfg.to_str().unwrap(), "--max-steps", "1"]);
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("warning: data.renderer = \"auto\""),
+        "{}",
+        stderr(&o)
+    );
+}

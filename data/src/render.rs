@@ -61,13 +61,19 @@ impl RendererName {
         }
     }
 
-    /// Guesses the renderer from a model's chat template (Jinja source), by
-    /// the special tokens it writes. `None` when it is neither format.
+    /// Guesses the renderer from a model's chat template (Jinja source), by the special
+    /// tokens it writes, or for `role_colon` by its capitalised `Role: ` lines and
+    /// `Assistant:` generation prompt (the template `init-model` writes). `None` when it
+    /// is none of these formats.
     pub fn detect(chat_template: &str) -> Option<Self> {
         if chat_template.contains("<|start_header_id|>") && chat_template.contains("<|eot_id|>") {
             Some(Self::Llama3)
         } else if chat_template.contains("<|im_start|>") && chat_template.contains("<|im_end|>") {
             Some(Self::Qwen)
+        } else if chat_template.contains("| capitalize + ': '")
+            && chat_template.contains("'Assistant:'")
+        {
+            Some(Self::RoleColon)
         } else {
             None
         }

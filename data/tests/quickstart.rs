@@ -106,7 +106,10 @@ fn quickstart_tokenizer_round_trips_and_loads_the_bundled_data() {
     assert_eq!(tok.token_id("<|im_end|>"), Some(eos_id(RendererName::Qwen)));
     assert_eq!(tok.pad_id(), ENDOFTEXT_ID);
     assert!(tok.special_tokens().bos.is_none());
-    assert_eq!(RendererName::detect(tok.chat_template().unwrap()), None);
+    assert_eq!(
+        RendererName::detect(tok.chat_template().unwrap()),
+        Some(RendererName::RoleColon)
+    );
     // Digits are one token each, so sums are learnable digit by digit.
     assert_eq!(tok.encode("1234").unwrap().len(), 4);
     let s = "What is 37 + 48?\n\nÜber 🦀";

@@ -297,6 +297,8 @@ pub struct Trainer {
     dpo: Option<crate::dpo::Dpo>,
     /// [`data_fingerprint`] of the training data, written into every checkpoint.
     data_fp: String,
+    /// [`renderer_warning`], for the start-up lines.
+    renderer_warning: Option<String>,
     /// [`ringtune_model::model_fingerprint`] of the base model, likewise.
     model_fp: String,
 }
@@ -419,6 +421,23 @@ pub fn dtype_of(d: config::Dtype) -> DType {
         config::Dtype::Bf16 => DType::BF16,
         config::Dtype::F16 => DType::F16,
     }
+}
+
+/// `data.renderer = "auto"` on a tokenizer whose chat template is none that ringtune
+/// knows: `auto` falls back to role_colon, which is not the model's own format (a Mistral
+/// or Gemma instruct model, say), so the run would train on a format the model never saw.
+pub fn renderer_warning(r: config::Renderer, tok: &Tokenizer) -> Option<String> {
+    if r != config::Renderer::Auto {
+        return None;
+    }
+    let template = tok.chat_template()?;
+    RendererName::detect(template).is_none().then(|| {
+        "data.renderer = \"auto\": the tokenizer's chat template is neither Llama 3's nor \
+         ChatML (Qwen), so examples are rendered as role_colon (User: …\\n\\nAssistant: …), \
+         not in the model's own chat format; set data.renderer to silence this, and check \
+         with `ringtune render`"
+            .to_string()
+    })
 }
 
 /// The renderer named by the config (`auto`: from the tokenizer's chat template, else
@@ -621,6 +640,7 @@ impl Trainer {
 
         let model_dir = prepare_model_dir(&cfg)?;
         let tok = Tokenizer::from_dir(&model_dir)?;
+        let renderer_warning = renderer_warning(cfg.data.renderer, &tok);
         let (train, eval, reports, dpo) = match cfg.train.method {
             config::Method::Dpo => {
                 let d = crate::dpo::Dpo::load(&cfg, &tok)?;
@@ -775,6 +795,7 @@ impl Trainer {
             last_local: (0.0, 0.0),
             dpo,
             data_fp,
+            renderer_warning,
             model_fp,
             sync,
         })
@@ -785,20 +806,21 @@ impl Trainer {
         &self.reports
     }
 
-    /// Examples used for training and for evaluation.
     /// Settings that are valid but will not do what they say here (see [`setup_warnings`]),
     /// for the start-up lines.
     pub fn warnings(&self) -> Vec<String> {
-        let mut w = setup_warnings(
+        let mut w: Vec<String> = self.renderer_warning.iter().cloned().collect();
+        w.extend(setup_warnings(
             &self.cfg,
             self.model.config().max_position_embeddings,
             self.total_steps,
             self.example_counts().1,
-        );
+        ));
         w.extend(rank_warning(self.cfg.lora.rank, self.model.param_layout()));
         w
     }
 
+    /// Examples used for training and for evaluation.
     pub fn example_counts(&self) -> (usize, usize) {
         match &self.dpo {
             Some(d) => (d.train_len(), d.eval_len()),

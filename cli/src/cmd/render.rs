@@ -71,6 +71,9 @@ pub fn run(args: Args) -> Result<()> {
     let cfg = RunConfig::load_with_overrides(&args.config, &args.set)?;
     let model_dir = ringtune_node::trainer::prepare_model_dir(&cfg)?;
     let tok = Tokenizer::from_dir(&model_dir)?;
+    if let Some(w) = ringtune_node::trainer::renderer_warning(cfg.data.renderer, &tok) {
+        eprintln!("warning: {w}");
+    }
     let set = if args.eval { "eval" } else { "train" };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -140,6 +140,9 @@ fn run_rl(cfg: RunConfig, args: &Args, stop: &Arc<AtomicBool>) -> Result<()> {
     let mut trainer = RlTrainer::new(cfg, args.resume, Box::new(LocalSync))
         .with_context(|| format!("cannot start RL training from {config_path}"))?;
     stop_after_the_step_on_signals(stop)?;
+    if let Some(w) = trainer.renderer_warning() {
+        eprintln!("warning: {w}");
+    }
     let m = trainer.model();
     if let Some(w) = ringtune_node::trainer::rank_warning(r_rank, m.param_layout()) {
         eprintln!("warning: {w}");

@@ -432,6 +432,11 @@ impl RlTrainer {
         &self.model
     }
 
+    /// [`crate::trainer::renderer_warning`] for this run's config and tokenizer.
+    pub fn renderer_warning(&self) -> Option<String> {
+        crate::trainer::renderer_warning(self.cfg.data.renderer, &self.tokenizer)
+    }
+
     /// The environment's name.
     pub fn env_name(&self) -> &str {
         self.env.name()
