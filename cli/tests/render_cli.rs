@@ -135,24 +135,42 @@ fn an_unknown_chat_template_under_auto_is_a_warning() {
         std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
     }
     let tc = model.join("tokenizer_config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
-    v["chat_template"] = serde_json::json!(
-        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"
-    );
-    std::fs::write(&tc, v.to_string()).unwrap();
+    let set_template = |t: &str| {
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+        v["chat_template"] = serde_json::json!(t);
+        std::fs::write(&tc, v.to_string()).unwrap();
+    };
     let train = dir.path().join("train.jsonl");
     write_lines(&train, &chat_lines(8, 1));
     let cfg = small_config(dir.path(), &model, &train, "");
-    let warned = |extra: &[&str]| {
+    let warning = |extra: &[&str]| {
         let mut args = vec!["render", cfg.to_str().unwrap()];
         args.extend_from_slice(extra);
         let o = ringtune(&args);
         assert_ok(&o);
-        stderr(&o).contains("the tokenizer's chat template is neither Llama 3's nor ChatML")
+        stderr(&o)
+            .lines()
+            .find(|l| l.starts_with("warning:"))
+            .map(str::to_string)
     };
-    assert!(warned(&[]));
-    assert!(!warned(&["--set", "data.renderer=\"role_colon\""]));
+    // The template init-model writes is role_colon's: no warning.
+    assert_eq!(warning(&[]), None);
+    // ChatML as Qwen2.5 writes it: no warning; without its default system prompt: one.
+    set_template(ringtune_data::quickstart::QWEN_TEMPLATE);
+    assert_eq!(warning(&[]), None);
+    set_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}");
+    let w = warning(&[]).unwrap();
+    assert!(w.contains("ChatML template is not Qwen2.5's"), "{w}");
+    set_template(
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}",
+    );
+    let w = warning(&[]).unwrap();
+    assert!(
+        w.contains("the tokenizer's chat template is neither Llama 3's nor ChatML"),
+        "{w}"
+    );
+    assert_eq!(warning(&["--set", "data.renderer=\"role_colon\""]), None);
     // The trainer says it too, at start-up.
     let o = ringtune(&["train", cfg.to_str().unwrap(), "--max-steps", "1"]);
     assert_ok(&o);

@@ -426,18 +426,35 @@ pub fn dtype_of(d: config::Dtype) -> DType {
 /// `data.renderer = "auto"` on a tokenizer whose chat template is none that ringtune
 /// knows: `auto` falls back to role_colon, which is not the model's own format (a Mistral
 /// or Gemma instruct model, say), so the run would train on a format the model never saw.
+/// Likewise a ChatML template without Qwen2.5's default system prompt (Qwen3's, say):
+/// `qwen` follows Qwen2.5's template, which adds that prompt to a conversation without one.
 pub fn renderer_warning(r: config::Renderer, tok: &Tokenizer) -> Option<String> {
     if r != config::Renderer::Auto {
         return None;
     }
     let template = tok.chat_template()?;
-    RendererName::detect(template).is_none().then(|| {
-        "data.renderer = \"auto\": the tokenizer's chat template is neither Llama 3's nor \
-         ChatML (Qwen), so examples are rendered as role_colon (User: …\\n\\nAssistant: …), \
-         not in the model's own chat format; set data.renderer to silence this, and check \
-         with `ringtune render`"
-            .to_string()
-    })
+    match RendererName::detect(template) {
+        None => Some(
+            "data.renderer = \"auto\": the tokenizer's chat template is neither Llama 3's nor \
+             ChatML (Qwen), so examples are rendered as role_colon (User: …\\n\\nAssistant: \
+             …), not in the model's own chat format; set data.renderer to silence this, and \
+             check with `ringtune render`"
+                .to_string(),
+        ),
+        Some(RendererName::Qwen)
+            if !template.contains(ringtune_data::render::QWEN_DEFAULT_SYSTEM) =>
+        {
+            Some(
+                "data.renderer = \"auto\": the tokenizer's ChatML template is not Qwen2.5's (it \
+                 has no default system prompt, as Qwen3's has not), but the qwen renderer \
+                 follows Qwen2.5's and puts its default system prompt into every conversation \
+                 that has none; give your conversations a system message, set data.renderer = \
+                 \"qwen\" to accept it, and check with `ringtune render`"
+                    .to_string(),
+            )
+        }
+        Some(_) => None,
+    }
 }
 
 /// The renderer named by the config (`auto`: from the tokenizer's chat template, else
