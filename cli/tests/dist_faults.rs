@@ -229,6 +229,55 @@ fn an_interrupt_before_the_nodes_join_stops_cleanly_and_at_once() {
     assert!(children_of(pid).is_empty(), "{err}");
 }
 
+/// What a node brings of its own: `--device` is where it runs, not part of the run (a GPU
+/// node passes `cuda:N`; here `cpu` against the run's `auto`, which used to be refused as
+/// "another config"); and a launcher that started another number of processes than the
+/// run has ranks is named by every node at once.
+#[test]
+fn a_nodes_device_is_its_own_and_a_launchers_world_size_must_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 2, "");
+    // The run says `auto`; the nodes below say `cpu` for themselves.
+    let (coord, addr) = start_coordinator(
+        None,
+        cfg.to_str().unwrap(),
+        &["--set", "model.device=\"auto\""],
+    );
+    // torchrun's variables for a 3-process launch of this 2-rank run.
+    let port = addr.rsplit_once(':').unwrap().1.to_string();
+    let torchrun = |rank: &str| {
+        spawn_in(
+            None,
+            &["node", "--threads", "1", "--connect-timeout", "30"],
+            &[
+                ("RINGTUNE_TOKEN", TOKEN),
+                ("RANK", rank),
+                ("WORLD_SIZE", "3"),
+                ("LOCAL_RANK", rank),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", &port),
+            ],
+        )
+    };
+    let t0 = std::time::Instant::now();
+    let (st, err) = torchrun("0").wait_exit(60);
+    assert!(!st.success(), "{err}");
+    assert!(
+        err.contains("WORLD_SIZE=3, but the run's config has nodes = 2"),
+        "{err}"
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{err}");
+    // Nodes with their own --device join and train.
+    let n0 = start_node(None, &addr, 0, TOKEN, &["--device", "cpu"]);
+    let n1 = start_node(None, &addr, 1, TOKEN, &["--device", "cpu"]);
+    let (st, err) = coord.wait_exit(120);
+    assert!(st.success() && err.contains("done: 2 steps"), "{err}");
+    for n in [n0, n1] {
+        let (st, err) = n.wait_exit(30);
+        assert!(st.success(), "{err}");
+    }
+}
+
 /// A CPU build asked for NCCL: every node says why it cannot join, and the run's error
 /// carries that reason instead of a bare lost connection.
 #[cfg(not(feature = "nccl"))]

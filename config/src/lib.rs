@@ -708,6 +708,9 @@ const NON_SEMANTIC_KEYS: &[&str] = &[
     "data.skip_bad_lines",
     "rl.timeout_s",
     "model.activation_checkpointing",
+    // Where a process runs, not what it trains: each node of a run may use its own
+    // (`ringtune node --device cuda:N`), and a run may resume on other hardware.
+    "model.device",
 ];
 
 impl RunConfig {
@@ -960,6 +963,21 @@ impl RunConfig {
             out.remove(*k);
         }
         out
+    }
+
+    /// Whether a checkpoint written under `old_hash` with the semantic entries `old` (as
+    /// its state file records them) belongs to this config: the same hash, or entries that
+    /// differ only in keys that have become non-semantic since (a checkpoint from before
+    /// `model.device` was one still resumes). Differences are [`diff_entries`].
+    pub fn same_run_as(&self, old_hash: &ConfigHash, old: &BTreeMap<String, String>) -> bool {
+        if *old_hash == self.semantic_hash() {
+            return true;
+        }
+        let mut old = old.clone();
+        for k in NON_SEMANTIC_KEYS {
+            old.remove(*k);
+        }
+        old == self.semantic_entries()
     }
 
     /// A stable hash (hex SHA-256) of [`Self::semantic_entries`]: field order in the file,
@@ -1232,6 +1250,22 @@ mod tests {
         let e = parse(&format!("{MIN}[optimizer]\nlr = 1.0000000000000002e-4\n")).unwrap();
         assert_ne!(a.semantic_hash(), e.semantic_hash());
         assert_eq!(a.semantic_hash().0.len(), 64);
+    }
+
+    #[test]
+    fn the_device_is_not_part_of_a_run_and_old_checkpoints_still_match() {
+        let a = parse(MIN).unwrap();
+        let b = a.with_override("model.device=\"cuda:1\"").unwrap();
+        assert_eq!(a.semantic_hash(), b.semantic_hash());
+        // A checkpoint from before model.device was non-semantic recorded it.
+        let mut old = a.semantic_entries();
+        old.insert("model.device".into(), "\"cpu\"".into());
+        let old_hash = ConfigHash("0".repeat(64));
+        assert!(b.same_run_as(&old_hash, &old));
+        // Any semantic difference still counts.
+        let c = a.with_override("lora.rank=8").unwrap();
+        assert!(!c.same_run_as(&old_hash, &old));
+        assert!(c.same_run_as(&c.semantic_hash(), &BTreeMap::new()));
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct NodeOptions {
     pub connect_timeout: Duration,
     /// Timeout of one gradient all-reduce (waiting for the slowest rank included).
     pub collective_timeout: Duration,
+    /// The launcher's process count and the variable it came from (`WORLD_SIZE`,
+    /// `SLURM_NTASKS`), when launched by one: checked against the run's `nodes`.
+    pub launch_world: Option<(u32, &'static str)>,
 }
 
 /// How a node's run ended without an error.
@@ -167,7 +170,7 @@ pub fn resume_point(cfg: &RunConfig, resume: bool) -> Result<ResumePoint> {
     };
     let dir = out.join(&rec.path);
     let state = crate::trainer::read_state(&dir.join(crate::trainer::STATE_FILE))?;
-    if state.config_hash != cfg.semantic_hash() {
+    if !cfg.same_run_as(&state.config_hash, &state.config) {
         return Err(Error::ConfigChanged {
             checkpoint: dir,
             changed: ringtune_config::diff_entries(&state.config, &cfg.semantic_entries()),
@@ -995,6 +998,22 @@ fn run_node_once(opts: &NodeOptions) -> Result<NodeExit> {
     let (ctl, welcome, local_ip) = connect_control(opts)?;
     let mut cfg: RunConfig = serde_json::from_str(&welcome.run_config_json)
         .map_err(|e| Error::Invalid(format!("the run config from {}: {e}", opts.coordinator)))?;
+    // A launcher that started another number of processes than the run has ranks: the
+    // extra ones would sit idle as standbys (GPUs and all), or the run would wait for
+    // nodes that never come. Said now, by every node.
+    if let Some((world, var)) = opts.launch_world {
+        if world != cfg.nodes {
+            ctl.close();
+            return Err(Error::Invalid(format!(
+                "{var}={world}, but the run's config has nodes = {}: the launcher started \
+                 {world} node process(es) for a run of {} rank(s); set nodes = {world} in \
+                 the config, or launch {} task(s)",
+                cfg.nodes, cfg.nodes, cfg.nodes
+            )));
+        }
+    }
+    // `--device` is where this node runs, not part of the run (`model.device` is not in
+    // the config hash), so every GPU of a host can join with its own.
     if let Some(d) = opts.device {
         cfg.model.device = d;
     }

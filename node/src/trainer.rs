@@ -644,7 +644,7 @@ impl Trainer {
             Some(rec) => {
                 let dir = out_dir.join(&rec.path);
                 let state = read_state(&dir.join(STATE_FILE))?;
-                if state.config_hash != hash {
+                if !cfg.same_run_as(&state.config_hash, &state.config) {
                     return Err(Error::ConfigChanged {
                         checkpoint: dir,
                         changed: config::diff_entries(&state.config, &cfg.semantic_entries()),

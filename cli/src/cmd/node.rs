@@ -159,6 +159,13 @@ pub fn run(args: Args) -> Result<()> {
         coordinator_trust,
         connect_timeout: Duration::from_secs(args.connect_timeout),
         collective_timeout: Duration::from_secs(args.collective_timeout),
+        launch_world: launch.as_ref().map(|l| {
+            let var = match l.launcher {
+                ringtune_coordinator::launch::Launcher::Torchrun => "WORLD_SIZE",
+                ringtune_coordinator::launch::Launcher::Slurm => "SLURM_NTASKS",
+            };
+            (l.world_size, var)
+        }),
     })
     .with_context(|| format!("node (coordinator {coordinator})"))?;
     match exit {

@@ -958,9 +958,10 @@ fn read_state(path: &Path, cfg: &RunConfig, hash: &ConfigHash, dir: &Path) -> Re
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| corrupt(e.line(), e.to_string()))?;
     if let (Some(h), Some(entries)) = (v.get("config_hash"), v.get("config")) {
-        if h.as_str() != Some(hash.0.as_str()) {
-            let entries: BTreeMap<String, String> = serde_json::from_value(entries.clone())
-                .map_err(|e| corrupt(1, format!("field `config`: {e}")))?;
+        let entries: BTreeMap<String, String> = serde_json::from_value(entries.clone())
+            .map_err(|e| corrupt(1, format!("field `config`: {e}")))?;
+        let old_hash = config::ConfigHash(h.as_str().unwrap_or_default().to_string());
+        if h.as_str() != Some(hash.0.as_str()) && !cfg.same_run_as(&old_hash, &entries) {
             return Err(Error::ConfigChanged {
                 checkpoint: dir.to_owned(),
                 changed: config::diff_entries(&entries, &cfg.semantic_entries()),
