@@ -317,3 +317,31 @@ fn adapter_floats(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
+
+/// `--auto-resume`, what a requeued job runs: the same command starts fresh into an empty
+/// folder and continues from the checkpoint once there is one (a plain second start is
+/// refused, and a plain `--resume` on an empty folder too).
+#[test]
+fn auto_resume_starts_fresh_then_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    write_lines(&train, &chat_lines(24, 6));
+    let cfg = small_config(dir.path(), shared_model(), &train, "");
+    let cfg = cfg.to_str().unwrap();
+    let err = assert_fails(&ringtune(&["train", cfg, "--resume"]));
+    assert!(err.contains("no complete checkpoint"), "{err}");
+    let o = ringtune(&["train", cfg, "--auto-resume", "--max-steps", "4"]);
+    assert_ok(&o);
+    assert!(stderr(&o).contains("starting fresh"), "{}", stderr(&o));
+    let err = assert_fails(&ringtune(&["train", cfg, "--max-steps", "4"]));
+    assert!(err.contains("--resume"), "{err}");
+    let o = ringtune(&["train", cfg, "--auto-resume", "--max-steps", "4"]);
+    assert_ok(&o);
+    assert!(stderr(&o).contains("resuming from it"), "{}", stderr(&o));
+    // One line per step, still.
+    let steps: Vec<u64> = losses(&dir.path().join("run"))
+        .iter()
+        .map(|l| l.0)
+        .collect();
+    assert_eq!(steps, (1..=4).collect::<Vec<_>>());
+}

@@ -93,6 +93,14 @@ impl RunDir {
         }))
     }
 
+    /// Whether `root` holds a complete checkpoint to resume from (`--auto-resume`).
+    pub fn has_checkpoint(root: &Path) -> Result<bool> {
+        match Self::open_existing(root)? {
+            Some(run) => Ok(run.latest_checkpoint()?.is_some()),
+            None => Ok(false),
+        }
+    }
+
     /// The run folder.
     pub fn root(&self) -> &Path {
         &self.root

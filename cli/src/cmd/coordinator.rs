@@ -42,6 +42,10 @@ pub struct Args {
     /// load it; the data plan goes on at the next step).
     #[arg(long)]
     pub resume: bool,
+    /// Continue from the newest complete checkpoint if the output_dir has one, else start
+    /// fresh: what a job that may be requeued (Slurm `--requeue`, preemption) wants.
+    #[arg(long, conflicts_with = "resume")]
+    pub auto_resume: bool,
     /// Plain log lines instead of a progress bar.
     #[arg(long)]
     pub plain: bool,
@@ -142,6 +146,24 @@ pub struct Policy {
     pub collective: String,
 }
 
+/// `--resume`, or `--auto-resume`: resume when `out` holds a complete checkpoint (and say
+/// which way it went).
+pub fn resolve_resume(resume: bool, auto: bool, out: &Path) -> Result<bool> {
+    if !auto {
+        return Ok(resume);
+    }
+    let has = ringtune_node::RunDir::has_checkpoint(out)?;
+    eprintln!(
+        "--auto-resume: {}",
+        if has {
+            format!("{} holds a checkpoint; resuming from it", out.display())
+        } else {
+            format!("no checkpoint in {} yet; starting fresh", out.display())
+        }
+    );
+    Ok(has)
+}
+
 /// The cluster token: `--token-file`, else `RINGTUNE_TOKEN`.
 pub fn token_from(file: Option<&PathBuf>) -> Result<ClusterToken> {
     Ok(match file {
@@ -155,6 +177,7 @@ pub fn token_from(file: Option<&PathBuf>) -> Result<ClusterToken> {
 
 pub fn run(args: Args) -> Result<()> {
     let cfg = RunConfig::load_with_overrides(&args.config, &args.set)?;
+    let resume = resolve_resume(args.resume, args.auto_resume, &cfg.output_dir)?;
     let token = token_from(args.token_file.as_ref())?;
     let identity = control_identity(args.tls_cert.as_deref(), args.tls_key.as_deref())?;
     if let Some(f) = &args.fingerprint_file {
@@ -169,7 +192,7 @@ pub fn run(args: Args) -> Result<()> {
             fingerprint_file: args.fingerprint_file,
         },
         &args.policy,
-        args.resume,
+        resume,
         args.plain || !std::io::stderr().is_terminal(),
         |_, _| Ok(()),
     )
@@ -267,11 +290,23 @@ pub fn serve_run(
         let (int_tx, int_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             let (a, b) = (&mut sigint, &mut sigterm);
-            tokio::select! { _ = a.recv() => {}, _ = b.recv() => {} }
+            let first = tokio::select! { _ = a.recv() => libc::SIGINT, _ = b.recv() => libc::SIGTERM };
+            let first_at = std::time::Instant::now();
             let _ = int_tx.send(true);
-            // A second signal ends the process at once.
-            tokio::select! { _ = a.recv() => {}, _ = b.recv() => {} }
-            std::process::exit(130);
+            // A second signal ends the process at once, unless it is a launcher's echo
+            // of the first (see `TERM_ECHO`).
+            loop {
+                let next = tokio::select! { _ = a.recv() => libc::SIGINT, _ = b.recv() => libc::SIGTERM };
+                if super::is_term_echo(first, first_at, next) {
+                    eprintln!(
+                        "coordinator: another SIGTERM within {}s of the first: the same stop \
+                         (a launcher's signal and its forwarding)",
+                        super::TERM_ECHO.as_secs()
+                    );
+                    continue;
+                }
+                std::process::exit(130);
+            }
         });
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
         let serve = tokio::spawn(driver::serve(

@@ -80,18 +80,26 @@ const SIGNAL_GRACE: Duration = Duration::from_secs(60);
 /// the coordinator included, which then lets the step in flight finish and has rank 0
 /// save after it. So the first signal does not end a node: it keeps serving the
 /// coordinator until told to stop, for at most [`SIGNAL_GRACE`]. A second signal ends it
-/// at once.
+/// at once, except a SIGTERM that echoes a first one (`scancel` and `srun`'s forwarding:
+/// see [`super::TERM_ECHO`]).
 fn outlive_first_signal() -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("installing signal handler")?;
     std::thread::spawn(move || {
-        let mut seen = 0;
+        let mut first: Option<(i32, std::time::Instant)> = None;
         for sig in signals.forever() {
-            seen += 1;
-            if seen > 1 {
+            if let Some((f, at)) = first {
+                if super::is_term_echo(f, at, sig) {
+                    eprintln!(
+                        "ringtune node: another SIGTERM within {}s of the first: the same stop",
+                        super::TERM_ECHO.as_secs()
+                    );
+                    continue;
+                }
                 std::process::exit(128 + sig);
             }
+            first = Some((sig, std::time::Instant::now()));
             eprintln!(
                 "ringtune node: got signal {sig}; carrying on until the coordinator stops the run \
                  (it saves a checkpoint first), at most {}s; a second signal exits at once",

@@ -20,6 +20,10 @@ pub struct Args {
     /// Continue from the newest complete checkpoint in the config's output_dir.
     #[arg(long)]
     pub resume: bool,
+    /// Continue from the newest complete checkpoint if the output_dir has one, else start
+    /// fresh (for jobs that may be requeued).
+    #[arg(long, conflicts_with = "resume")]
+    pub auto_resume: bool,
     /// Override `train.max_steps`.
     #[arg(long, value_name = "N")]
     pub max_steps: Option<u64>,
@@ -64,6 +68,9 @@ pub fn run(args: Args) -> Result<()> {
     // tuned for large tensors, RAYON_NUM_THREADS respected (as `ringtune node` does).
     ringtune_model::init_cpu_runtime(None);
     let cfg = RunConfig::load_with_overrides(&args.config, &overrides(&args)?)?;
+    let mut args = args;
+    args.resume =
+        super::coordinator::resolve_resume(args.resume, args.auto_resume, &cfg.output_dir)?;
     if cfg.nodes > 1 {
         return run_local_cluster(cfg, &args);
     }
@@ -511,7 +518,7 @@ fn interrupted_line(step: u64, last: &str) -> String {
         return format!("interrupted at step {step}; no checkpoint was written yet");
     }
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--resume") {
+    if !args.iter().any(|a| a == "--resume" || a == "--auto-resume") {
         args.push("--resume".into());
     }
     let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();

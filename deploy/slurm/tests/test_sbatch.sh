@@ -95,7 +95,7 @@ if run_case dry-run 0 "${ALLOC[@]}" DRY_RUN=1 -- "$C8"; then
     expect_out "ringtune on Slurm (dry run): 2 hosts x 4 GPUs = 8 node processes"
     expect_out "cluster token: generated for this job (not shown)"
     expect_out "coordinator certificate: pinned by its fingerprint"
-    expect_out "coordinator on gpu01: ringtune coordinator $C8 --listen 0.0.0.0:29500 --fingerprint-file <private folder>/coordinator.fingerprint"
+    expect_out "coordinator on gpu01: ringtune coordinator $C8 --listen 0.0.0.0:29500 --auto-resume --fingerprint-file <private folder>/coordinator.fingerprint"
     expect_out "task 0 on gpu01 (SLURM_PROCID=0 SLURM_LOCALID=0): ringtune node --coordinator gpu01:29500 --device cuda:0"
     expect_out "task 5 on gpu02 (SLURM_PROCID=5 SLURM_LOCALID=1): ringtune node --coordinator gpu01:29500 --device cuda:1"
     expect_out "task 7 on gpu02 (SLURM_PROCID=7 SLURM_LOCALID=3): ringtune node --coordinator gpu01:29500 --device cuda:3"
@@ -128,7 +128,7 @@ if run_case launch 0 "${ALLOC[@]}" -- "$C8"; then
         fail "the coordinator and the nodes did not all get the same, non-empty token"
     # Every node pins the certificate the coordinator wrote the fingerprint of.
     expect_log_count "^pin procid=[0-7] pin=$FAKE_FINGERPRINT ca=unset\$" 8
-    grep -q "^coordinator args=$C8 --listen 0.0.0.0:29500 --fingerprint-file $WORK/ringtune-.*/coordinator.fingerprint\$" "$WORK/log" ||
+    grep -q "^coordinator args=$C8 --listen 0.0.0.0:29500 --auto-resume --fingerprint-file $WORK/ringtune-.*/coordinator.fingerprint\$" "$WORK/log" ||
         fail "the coordinator was not given a fingerprint file in a private folder"
     expect_fingerprint_cleaned
     expect_token_hidden
@@ -147,14 +147,14 @@ echo key >"$WORK/key.pem"
 echo ca >"$WORK/ca.pem"
 if run_case operator-ca 0 "${ALLOC[@]}" RINGTUNE_TLS_CERT="$WORK/cert.pem" RINGTUNE_TLS_KEY="$WORK/key.pem" \
     RINGTUNE_COORDINATOR_CA="$WORK/ca.pem" RINGTUNE_COORDINATOR_FINGERPRINT=sha256:0000 -- "$C8"; then
-    expect_log "coordinator args=$C8 --listen 0.0.0.0:29500 --tls-cert $WORK/cert.pem --tls-key $WORK/key.pem"
+    expect_log "coordinator args=$C8 --listen 0.0.0.0:29500 --tls-cert $WORK/cert.pem --tls-key $WORK/key.pem --auto-resume"
     expect_log_count "^pin procid=[0-7] pin=none ca=$WORK/ca.pem\$" 8
     expect_out "its certificate: checked against the CA file $WORK/ca.pem for the name gpu01"
     expect_no_orphan
 fi
 # ... and without a CA file the nodes pin that certificate's fingerprint.
 if run_case operator-cert 0 "${ALLOC[@]}" RINGTUNE_TLS_CERT="$WORK/cert.pem" RINGTUNE_TLS_KEY="$WORK/key.pem" -- "$C8"; then
-    grep -q "^coordinator args=$C8 --listen 0.0.0.0:29500 --tls-cert $WORK/cert.pem --tls-key $WORK/key.pem --fingerprint-file " "$WORK/log" ||
+    grep -q "^coordinator args=$C8 --listen 0.0.0.0:29500 --tls-cert $WORK/cert.pem --tls-key $WORK/key.pem --auto-resume --fingerprint-file " "$WORK/log" ||
         fail "the coordinator was not given the certificate and a fingerprint file"
     expect_log_count "^pin procid=[0-7] pin=$FAKE_FINGERPRINT ca=unset\$" 8
 fi
@@ -212,6 +212,23 @@ if run_case no-gpu-count 2 SLURM_JOB_NODELIST=a FAKE_HOSTS=a -- "$C8"; then
     expect_out "cannot tell how many GPUs per host"
 fi
 
+# --- coordinator flags after the config; --auto-resume unless asked otherwise; srun ---
+# --- gets --export=ALL and the job's --cpus-per-task ----------------------------------
+if run_case flags 0 "${ALLOC[@]}" SLURM_CPUS_PER_TASK=6 -- "$C8" --max-restarts 2 --set 'train.max_steps=9'; then
+    grep -q "^coordinator args=$C8 --listen 0.0.0.0:29500 --auto-resume --max-restarts 2 --set train.max_steps=9 --fingerprint-file " "$WORK/log" ||
+        fail "the coordinator did not get --auto-resume and the flags"
+    expect_log "srun-options export=ALL cpus=6"
+fi
+if run_case no-auto-resume 0 "${ALLOC[@]}" RINGTUNE_AUTO_RESUME=0 DRY_RUN=1 -- "$C8"; then
+    expect_out "coordinator on gpu01: ringtune coordinator $C8 --listen 0.0.0.0:29500 --fingerprint-file"
+fi
+if run_case explicit-resume 0 "${ALLOC[@]}" DRY_RUN=1 -- "$C8" --resume; then
+    expect_out "coordinator on gpu01: ringtune coordinator $C8 --listen 0.0.0.0:29500 --resume --fingerprint-file"
+fi
+if run_case bad-auto-resume 2 "${ALLOC[@]}" RINGTUNE_AUTO_RESUME=yes -- "$C8"; then
+    expect_out "RINGTUNE_AUTO_RESUME='yes' is not 0 or 1"
+fi
+
 # --- SIGTERM (scancel, time limit) stops everything -----------------------------------
 case_name=sigterm
 cases=$((cases + 1))
@@ -226,7 +243,7 @@ done
 kill -TERM "$pid"
 rc=0
 wait "$pid" || rc=$?
-[[ $rc == 130 ]] || fail "exit status $rc after SIGTERM, expected 130"
+[[ $rc == 143 ]] || fail "exit status $rc after SIGTERM, expected 143 (128 + SIGTERM)"
 expect_out "interrupted; stopping the coordinator and the nodes"
 expect_no_orphan
 # The nodes srun started must be gone too (the fake srun forwards SIGTERM as srun does).
