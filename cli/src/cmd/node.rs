@@ -175,7 +175,20 @@ pub fn run(args: Args) -> Result<()> {
             (l.world_size, var)
         }),
     })
-    .with_context(|| format!("node (coordinator {coordinator})"))?;
+    .with_context(|| {
+        let from = match (&args.coordinator, &launch) {
+            (None, Some(l)) => match l.launcher {
+                ringtune_coordinator::launch::Launcher::Torchrun => {
+                    ", from MASTER_ADDR and MASTER_PORT"
+                }
+                ringtune_coordinator::launch::Launcher::Slurm => {
+                    ", the first host of SLURM_NODELIST (pass --coordinator to name another)"
+                }
+            },
+            _ => "",
+        };
+        format!("node (coordinator {coordinator}{from})")
+    })?;
     match exit {
         NodeExit::Finished | NodeExit::Interrupted => Ok(()),
     }
