@@ -155,6 +155,9 @@ fn sigterm_saves_a_checkpoint_and_resume_finishes_exactly() {
     let run = dir.path().join("run");
     let mut p = spawn(&["train", cfg, "--plain"], &[]);
     p.wait_for("step 1/8");
+    // Twice, 20 ms apart, as `srun` forwards Slurm's: one stop request.
+    p.signal("TERM");
+    std::thread::sleep(std::time::Duration::from_millis(20));
     p.signal("TERM");
     let (status, err) = p.wait();
     assert!(status.success(), "exit {status:?}: {err}");

@@ -497,15 +497,28 @@ fn run_local_cluster(cfg: RunConfig, args: &Args) -> Result<()> {
 }
 
 /// From here on, SIGINT/SIGTERM set `stop`: the trainer finishes its step, saves and
-/// exits 0; a second signal exits at once. Installed once the trainer is built — until
-/// then (loading the model and tokenizing the data, with nothing to save) a signal ends
-/// the process at once, as it would any program.
+/// exits 0; a second signal exits at once, except a SIGTERM echoing a first SIGTERM (a
+/// launcher's and its forwarding: see [`super::TERM_ECHO`]). Installed once the trainer is
+/// built — until then (loading the model and tokenizing the data, with nothing to save) a
+/// signal ends the process at once, as it would any program.
 fn stop_after_the_step_on_signals(stop: &Arc<AtomicBool>) -> Result<()> {
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(stop))
-            .context("installing signal handler")?;
-        signal_hook::flag::register(sig, Arc::clone(stop)).context("installing signal handler")?;
-    }
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing signal handler")?;
+    let stop = Arc::clone(stop);
+    std::thread::spawn(move || {
+        let mut first: Option<(i32, Instant)> = None;
+        for sig in signals.forever() {
+            match first {
+                None => {
+                    first = Some((sig, Instant::now()));
+                    stop.store(true, Ordering::SeqCst);
+                }
+                Some((f, at)) if super::is_term_echo(f, at, sig) => {}
+                Some(_) => std::process::exit(130),
+            }
+        }
+    });
     Ok(())
 }
 
