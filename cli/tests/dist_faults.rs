@@ -379,6 +379,12 @@ fn hand_started_nodes_survive_a_dead_peer_with_restarts() {
         let (st, err) = n.wait_exit(30);
         assert!(st.success(), "a surviving node failed:\n{err}");
         assert!(err.contains("starting afresh"), "{err}");
+        // The fresh image knows it is rejoining: it will not dial a gone coordinator for
+        // its whole --connect-timeout.
+        assert!(
+            err.contains("rejoining after a restart: trying the coordinator for at most 45s"),
+            "{err}"
+        );
     }
 }
 

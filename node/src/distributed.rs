@@ -660,7 +660,8 @@ impl Control {
 
     fn lost(&self, why: &str) -> Error {
         Error::Invalid(format!(
-            "lost the coordinator at {}: {why} (the run is over or the coordinator died)",
+            "lost the coordinator at {}: {why} (the run is over, the coordinator died, or it \
+             dropped this node: one silent past the heartbeat timeout is declared dead)",
             self.addr
         ))
     }
@@ -957,8 +958,17 @@ fn restart_process() -> std::io::Error {
     };
     std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
+        .env(REJOIN_VAR, "1")
         .exec()
 }
+
+/// Set in a node that restarted itself ([`restart_process`]): it is rejoining a run whose
+/// coordinator waits [`REJOIN_CONNECT`]-ish for it, so it does not keep dialing for its
+/// whole first-connect timeout when that coordinator is gone.
+pub const REJOIN_VAR: &str = "RINGTUNE_REJOIN";
+
+/// How long a rejoining node tries to reach the coordinator (its rejoin window is 30 s).
+pub const REJOIN_CONNECT: Duration = Duration::from_secs(45);
 
 /// A free port on `ip` for the ring: UDP for the QUIC endpoint, TCP for the TCP links.
 fn pick_data_addr(ip: IpAddr, transport: RingTransport) -> Result<SocketAddr> {

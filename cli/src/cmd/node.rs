@@ -102,7 +102,9 @@ fn outlive_first_signal() -> Result<()> {
             first = Some((sig, std::time::Instant::now()));
             eprintln!(
                 "ringtune node: got signal {sig}; carrying on until the coordinator stops the run \
-                 (it saves a checkpoint first), at most {}s; a second signal exits at once",
+                 (when it was signalled too, as by scancel, it saves a checkpoint first; a node \
+                 signalled alone is declared dead once this ends), at most {}s; a second signal \
+                 exits at once",
                 SIGNAL_GRACE.as_secs()
             );
             std::thread::spawn(move || {
@@ -165,7 +167,7 @@ pub fn run(args: Args) -> Result<()> {
         device,
         own_config,
         coordinator_trust,
-        connect_timeout: Duration::from_secs(args.connect_timeout),
+        connect_timeout: connect_timeout(args.connect_timeout),
         collective_timeout: Duration::from_secs(args.collective_timeout),
         launch_world: launch.as_ref().map(|l| {
             let var = match l.launcher {
@@ -192,6 +194,22 @@ pub fn run(args: Args) -> Result<()> {
     match exit {
         NodeExit::Finished | NodeExit::Interrupted => Ok(()),
     }
+}
+
+/// `--connect-timeout`, capped at [`ringtune_node::distributed::REJOIN_CONNECT`] in a node
+/// that restarted itself to rejoin (a coordinator that died meanwhile is not waited for
+/// the full first-connect time).
+fn connect_timeout(secs: u64) -> Duration {
+    let t = Duration::from_secs(secs);
+    if std::env::var_os(ringtune_node::distributed::REJOIN_VAR).is_some() {
+        let t = t.min(ringtune_node::distributed::REJOIN_CONNECT);
+        eprintln!(
+            "ringtune node: rejoining after a restart: trying the coordinator for at most {}s",
+            t.as_secs()
+        );
+        return t;
+    }
+    t
 }
 
 /// How this node checks the coordinator's certificate: a flag, else the environment (an

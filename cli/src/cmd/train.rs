@@ -332,6 +332,8 @@ const LAUNCHER_VARS: &[&str] = &[
     // The harness pins its own coordinator's certificate.
     "RINGTUNE_COORDINATOR_FINGERPRINT",
     "RINGTUNE_COORDINATOR_CA",
+    // A fresh child is not rejoining anything.
+    ringtune_node::distributed::REJOIN_VAR,
 ];
 
 /// `nodes = N > 1`: the local multi-process harness. The coordinator runs in this process
