@@ -35,6 +35,10 @@ fn a_node_killed_mid_run_is_reported_with_its_rank_and_step() {
     assert!(line.contains("rank"), "{line}");
     assert!(line.contains("step"), "{line}");
     assert!(err.contains("distributed run failed"), "{err}");
+    // A survivor stuck in the all-reduce says why it was stopped.
+    if let Some(l) = err.lines().find(|l| l.contains("training is stuck")) {
+        assert!(l.contains("was told to stop (run failed: "), "{l}");
+    }
     // No orphans: the surviving node exited too.
     for pid in nodes {
         assert!(!alive(pid), "node process {pid} outlived the run:\n{err}");

@@ -837,11 +837,14 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                                         }));
                                     }
                                 }
-                                let what = match cmd {
-                                    Command::Stop(_) | Command::Disconnect { .. } => {
-                                        Some("was told to stop")
+                                let what = match &cmd {
+                                    Command::Stop(reason) => {
+                                        Some(format!("was told to stop ({reason})"))
                                     }
-                                    Command::Restart { .. } => Some(RESTART),
+                                    Command::Disconnect { .. } => {
+                                        Some("was told to stop".to_string())
+                                    }
+                                    Command::Restart { .. } => Some(RESTART.to_string()),
                                     _ => None,
                                 };
                                 received += 1;
@@ -854,7 +857,11 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                             }
                             Err(e) => {
                                 let _ = cmd_tx.send(Incoming::Lost(e.to_string()));
-                                watchdog(Arc::clone(&handled2), received + 1, "lost the coordinator");
+                                watchdog(
+                                    Arc::clone(&handled2),
+                                    received + 1,
+                                    "lost the coordinator".to_string(),
+                                );
                                 break;
                             }
                         }
@@ -924,7 +931,7 @@ fn resolve_control(addr: &str) -> std::result::Result<(SocketAddr, IpAddr), Stri
 /// nothing end), which registers again and joins the restarted run. Without it, a run
 /// started by hand or by a launcher that does not restart processes could never survive a
 /// lost node, however many restarts it allows.
-fn watchdog(handled: Arc<AtomicU64>, nth: u64, what: &'static str) {
+fn watchdog(handled: Arc<AtomicU64>, nth: u64, what: String) {
     std::thread::spawn(move || {
         std::thread::sleep(STUCK_GRACE);
         if handled.load(Ordering::SeqCst) >= nth {
