@@ -66,6 +66,39 @@ impl std::str::FromStr for Transport {
     }
 }
 
+/// A port held for the ring from the moment its address is chosen until the ring binds
+/// it. A node hands its data-plane address to the coordinator long before it joins the
+/// ring (the model loads in between); a port picked by binding and closing could be taken
+/// by another process, or another node, meanwhile.
+#[derive(Debug)]
+pub enum ReservedPort {
+    /// A bound UDP socket, for QUIC.
+    Udp(std::net::UdpSocket),
+    /// A listening TCP socket, for the TCP transports.
+    Tcp(std::net::TcpListener),
+}
+
+impl ReservedPort {
+    /// Binds a free port on `ip` of the kind `transport` listens on, and keeps it.
+    pub fn bind(ip: std::net::IpAddr, transport: Transport) -> std::io::Result<Self> {
+        let addr = SocketAddr::new(ip, 0);
+        Ok(match transport {
+            Transport::Quic => Self::Udp(std::net::UdpSocket::bind(addr)?),
+            Transport::TcpTls | Transport::TcpPlain => {
+                Self::Tcp(std::net::TcpListener::bind(addr)?)
+            }
+        })
+    }
+
+    /// The address held.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Self::Udp(s) => s.local_addr(),
+            Self::Tcp(l) => l.local_addr(),
+        }
+    }
+}
+
 /// Everything needed to join the ring; a coordinator can fill this in per rank.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
@@ -75,6 +108,10 @@ pub struct NetConfig {
     pub world: WorldSize,
     /// Where this rank accepts its left neighbour's connection.
     pub listen: SocketAddr,
+    /// The socket already bound at `listen`, if the caller holds one (see
+    /// [`ReservedPort`]): the ring listens on a duplicate of it instead of binding anew,
+    /// and the caller may keep it for the next ring on the same address.
+    pub reserved: Option<std::sync::Arc<ReservedPort>>,
     /// Listen address of every rank, indexed by rank (only the right neighbour's is dialled).
     pub peers: Vec<SocketAddr>,
     /// TLS identity and trust roots.

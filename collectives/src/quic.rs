@@ -85,6 +85,25 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
         context: format!("binding UDP {addr}"),
         source,
     })?;
+    tune_udp(sock)
+}
+
+/// The ring's listening socket: a duplicate of the one the caller reserved at
+/// `cfg.listen`, or a fresh bind there.
+fn listen_socket(cfg: &NetConfig) -> Result<UdpSocket> {
+    match cfg.reserved.as_deref() {
+        Some(crate::net::ReservedPort::Udp(s)) => {
+            let dup = s.try_clone().map_err(|source| Error::Io {
+                context: format!("using the reserved UDP socket {}", cfg.listen),
+                source,
+            })?;
+            tune_udp(dup)
+        }
+        _ => udp_socket(cfg.listen),
+    }
+}
+
+fn tune_udp(sock: UdpSocket) -> Result<UdpSocket> {
     // Bursts of 64 KiB datagrams overflow the default ~200 KiB socket buffers.
     let s = socket2::SockRef::from(&sock);
     let _ = s.set_recv_buffer_size(16 << 20);
@@ -130,7 +149,7 @@ pub(crate) async fn establish(cfg: &NetConfig, ring: &RingConfig) -> Result<Esta
     let server = quinn::Endpoint::new(
         ep_cfg.clone(),
         Some(server_cfg),
-        udp_socket(cfg.listen)?,
+        listen_socket(cfg)?,
         runtime.clone(),
     )
     .map_err(|source| Error::Io {

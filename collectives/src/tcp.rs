@@ -50,12 +50,25 @@ enum Auth {
 }
 
 pub(crate) async fn establish(cfg: &NetConfig, ring: &RingConfig) -> Result<StreamLinks> {
-    let listener = TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| Error::Io {
-            context: format!("binding TCP {}", cfg.listen),
-            source,
-        })?;
+    let listener = match cfg.reserved.as_deref() {
+        // A duplicate of the listener the caller reserved at `cfg.listen`.
+        Some(crate::net::ReservedPort::Tcp(l)) => l
+            .try_clone()
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            })
+            .map_err(|source| Error::Io {
+                context: format!("using the reserved TCP listener {}", cfg.listen),
+                source,
+            })?,
+        _ => TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| Error::Io {
+                context: format!("binding TCP {}", cfg.listen),
+                source,
+            })?,
+    };
     let auth = match cfg.transport {
         Transport::TcpPlain => Auth::Plain,
         _ => Auth::Tls {

@@ -35,6 +35,7 @@ fn config(
         rank: Rank(rank),
         world: WorldSize(peers.len() as u32),
         listen: peers[rank as usize],
+        reserved: None,
         peers: peers.to_vec(),
         identity: id.clone(),
         token: token.clone(),
@@ -286,5 +287,55 @@ fn a_neighbour_that_stops_reading_times_out_a_sender_stuck_mid_frame() {
             "{transport:?}: {msg}"
         );
         assert!(matches!(again, Error::Poisoned { .. }), "{again}");
+    }
+}
+
+/// A reserved port (`ReservedPort`, what a node holds from its registration until its ring
+/// starts) keeps the address from every other socket, and the ring listens on it: the
+/// reserving socket's duplicate, no second bind. Then a second ring (the next generation)
+/// on the same reserved ports works too.
+#[test]
+fn rings_listen_on_ports_reserved_ahead() {
+    use ringtune_collectives::net::ReservedPort;
+    use std::sync::Arc;
+    for transport in [QUIC, TCP[0], TCP[2]] {
+        let reserved: Vec<Arc<ReservedPort>> = (0..3)
+            .map(|_| {
+                Arc::new(ReservedPort::bind("127.0.0.1".parse().unwrap(), transport.0).unwrap())
+            })
+            .collect();
+        let peers: Vec<SocketAddr> = reserved.iter().map(|r| r.local_addr().unwrap()).collect();
+        // Nothing else can take them meanwhile.
+        for p in &peers {
+            let taken = match transport.0 {
+                Transport::Quic => std::net::UdpSocket::bind(p).is_err(),
+                _ => std::net::TcpListener::bind(p).is_err(),
+            };
+            assert!(taken, "{transport:?}: {p} was free while reserved");
+        }
+        let id = ClusterIdentity::generate().unwrap();
+        let token = ClusterToken::generate().unwrap();
+        for generation in 0..2 {
+            let handles: Vec<_> = (0..3u32)
+                .map(|r| {
+                    let mut cfg = config(r, &peers, &id, &token, transport, WireDtype::F32);
+                    cfg.reserved = Some(Arc::clone(&reserved[r as usize]));
+                    std::thread::spawn(move || {
+                        let mut s = connect(cfg).unwrap_or_else(|e| panic!("rank {r}: {e}"));
+                        let mut v = vec![r as f32 + 1.0; 1_001];
+                        s.all_reduce_sum(&mut v, Call::new(1, Duration::from_secs(10)))
+                            .unwrap();
+                        v
+                    })
+                })
+                .collect();
+            for h in handles {
+                let v = h.join().unwrap();
+                assert!(
+                    v.iter().all(|&x| x == 6.0),
+                    "{transport:?} generation {generation}"
+                );
+            }
+        }
     }
 }

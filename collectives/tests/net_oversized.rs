@@ -50,6 +50,7 @@ fn run(transport: Transport, tcp_io: TcpIoMode, frame: Vec<u8>, expect: &str) {
         rank: Rank(r),
         world: WorldSize(2),
         listen: peers[r as usize],
+        reserved: None,
         peers: peers.clone(),
         identity: id.clone(),
         token: token.clone(),

@@ -31,7 +31,9 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ringtune_collectives::auth::ClusterToken;
-use ringtune_collectives::net::{self, NetConfig, Transport, DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS};
+use ringtune_collectives::net::{
+    self, NetConfig, ReservedPort, Transport, DEFAULT_CHUNK_ELEMS, TCP_CHUNK_ELEMS,
+};
 use ringtune_collectives::{Call, GradSync, WireDtype};
 use ringtune_config::{RingTransport, RunConfig};
 use ringtune_coordinator::wire::{self, CoordHello, NodeHello, Side, Welcome};
@@ -582,7 +584,7 @@ fn join_ring(
     transport: RingTransport,
     a: &Assignment,
     (left, right): (Peer, Peer),
-    data_addr: SocketAddr,
+    (data_addr, reserved): (SocketAddr, Arc<ReservedPort>),
     ring_identity: &ringtune_collectives::tls::ClusterIdentity,
     comm: Rc<Cell<Duration>>,
 ) -> Result<Joined> {
@@ -594,6 +596,7 @@ fn join_ring(
         rank: ringtune_collectives::Rank(a.rank.0),
         world: ringtune_collectives::WorldSize(a.world_size.0),
         listen: data_addr,
+        reserved: Some(reserved),
         peers,
         identity: ring_identity.clone(),
         token: opts.token.clone(),
@@ -977,16 +980,18 @@ pub const REJOIN_VAR: &str = "RINGTUNE_REJOIN";
 /// How long a rejoining node tries to reach the coordinator (its rejoin window is 30 s).
 pub const REJOIN_CONNECT: Duration = Duration::from_secs(45);
 
-/// A free port on `ip` for the ring: UDP for the QUIC endpoint, TCP for the TCP links.
-fn pick_data_addr(ip: IpAddr, transport: RingTransport) -> Result<SocketAddr> {
-    let (proto, addr) = if transport == RingTransport::Quic {
-        let s = std::net::UdpSocket::bind(SocketAddr::new(ip, 0));
-        ("UDP", s.and_then(|s| s.local_addr()))
-    } else {
-        let s = std::net::TcpListener::bind(SocketAddr::new(ip, 0));
-        ("TCP", s.and_then(|s| s.local_addr()))
+/// A free port on `ip` for the ring (UDP for the QUIC endpoint, TCP for the TCP links),
+/// kept bound until the ring listens on it (see [`ReservedPort`]), so that nothing takes it
+/// between the registration that names it and the ring's start.
+fn pick_data_addr(ip: IpAddr, transport: RingTransport) -> Result<(SocketAddr, Arc<ReservedPort>)> {
+    let (proto, t) = match transport {
+        RingTransport::Quic => ("UDP", Transport::Quic),
+        RingTransport::TcpTls => ("TCP", Transport::TcpTls),
+        RingTransport::TcpPlain => ("TCP", Transport::TcpPlain),
     };
-    addr.map_err(|e| Error::Invalid(format!("no free {proto} port on {ip} for the ring: {e}")))
+    ReservedPort::bind(ip, t)
+        .and_then(|r| Ok((r.local_addr()?, Arc::new(r))))
+        .map_err(|e| Error::Invalid(format!("no free {proto} port on {ip} for the ring: {e}")))
 }
 
 /// Runs this node until the coordinator stops it. Errors name the coordinator, the step or
@@ -1062,7 +1067,7 @@ fn serve(
     local_ip: IpAddr,
 ) -> Result<NodeExit> {
     'generation: loop {
-        let data_addr = pick_data_addr(local_ip, cfg.ring_transport)?;
+        let (data_addr, reserved) = pick_data_addr(local_ip, cfg.ring_transport)?;
         ctl.send(NodeMsg::Register(Registration {
             identity: opts.identity.clone(),
             config_hash,
@@ -1103,7 +1108,7 @@ fn serve(
                 cfg.ring_transport,
                 &a,
                 (left, right),
-                data_addr,
+                (data_addr, Arc::clone(&reserved)),
                 &ring_identity,
                 Rc::clone(&comm),
             ),

@@ -367,6 +367,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         rank: Rank(rank),
         world: WorldSize(args.world),
         listen,
+        reserved: None,
         peers,
         identity,
         token,
