@@ -282,6 +282,55 @@ fn a_nodes_device_is_its_own_and_a_launchers_world_size_must_match() {
     }
 }
 
+/// A node that gets a stop signal of its own (a preemption, say), while the coordinator
+/// does not: it asks the coordinator, which stops the whole run as on Ctrl-C — after the
+/// step in flight, with a checkpoint of it — instead of the node vanishing mid-step and the
+/// run failing back to an older checkpoint. The coordinator's own SIGTERM right after is
+/// the same request, not a second one.
+#[test]
+fn a_node_signalled_alone_stops_the_run_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 2, 100_000, "");
+    let (mut coord, addr) = start_coordinator(None, cfg.to_str().unwrap(), &[]);
+    let nodes: Vec<Running> = (0..2)
+        .map(|slot| start_node(None, &addr, slot, TOKEN, &[]))
+        .collect();
+    coord.wait_for("step 1/", 120);
+    let kill = |sig: &str, pid: u32| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    kill("-TERM", nodes[1].child.id());
+    coord.wait_for("got a stop signal of its own", 30);
+    kill("-TERM", coord.child.id());
+    let (st, err) = coord.wait_exit(120);
+    assert!(st.success(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("interrupted after step"))
+        .unwrap_or_else(|| panic!("not interrupted: {err}"));
+    let step: u64 = line
+        .split("interrupted after step ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        dir.path()
+            .join(format!("run/checkpoints/step-{step}/adapter"))
+            .is_dir(),
+        "{err}"
+    );
+    for n in nodes {
+        let (st, err) = n.wait_exit(60);
+        assert!(st.success(), "{err}");
+    }
+}
+
 /// A CPU build asked for NCCL: every node says why it cannot join, and the run's error
 /// carries that reason instead of a bare lost connection.
 #[cfg(not(feature = "nccl"))]
@@ -448,7 +497,7 @@ fn sigterm_to_every_process_saves_after_the_step_in_flight() {
         let (st, err) = n.wait_exit(60);
         assert!(st.success(), "{err}");
         assert!(
-            err.contains("carrying on until the coordinator stops the run"),
+            err.contains("asking the coordinator to stop the run after the step in flight"),
             "{err}"
         );
     }

@@ -246,6 +246,9 @@ pub enum Event {
     /// The user interrupted the run: `step` (in flight) finishes, rank 0 saves a
     /// checkpoint after it, then the run stops. A second interrupt stops at once.
     Interrupting { step: Step },
+    /// A node got a stop signal of its own and asked the run to stop (it does, as on
+    /// the user's interrupt). `node` names it as the failure messages do.
+    NodeInterrupted { node: String },
     /// `Stop` was sent to every node.
     Stopping(StopReason),
     /// These nodes never acknowledged the stop; the driver should close them.
@@ -339,6 +342,9 @@ pub struct Coordinator {
     pending_saves: BTreeMap<Step, PendingSave>,
     /// The user interrupted a running step: save after it, then stop.
     interrupting: bool,
+    /// The interrupt in progress came from a node ([`NodeMsg::Interrupt`]): the user's own
+    /// first interrupt then joins it rather than stopping at once.
+    interrupt_from_node: bool,
     state: State,
     outcome: Option<Outcome>,
     commands: VecDeque<Outgoing>,
@@ -375,6 +381,7 @@ impl Coordinator {
             elapsed,
             pending_saves: BTreeMap::new(),
             interrupting: false,
+            interrupt_from_node: false,
             state: State::Gathering {
                 since: now,
                 deadline,
@@ -469,6 +476,7 @@ impl Coordinator {
                     );
                 }
             }
+            NodeMsg::Interrupt => self.on_node_interrupt(now, from),
             NodeMsg::StopAck => {
                 if let State::Stopping { waiting, .. } = &mut self.state {
                     waiting.remove(&from);
@@ -525,7 +533,36 @@ impl Coordinator {
                 self.interrupting = true;
                 self.events.push_back(Event::Interrupting { step });
             }
+            // A node asked first: this is the same request, not a second one.
+            State::Running { .. } if self.interrupt_from_node => {
+                self.interrupt_from_node = false;
+            }
             _ => self.stop_interrupted(now),
+        }
+    }
+
+    /// A node got a stop signal of its own ([`NodeMsg::Interrupt`]): the run stops as on
+    /// the user's first interrupt. Once stopping (another node's, or the user's, request
+    /// came first) it changes nothing: a launcher signals every node at once.
+    fn on_node_interrupt(&mut self, now: Instant, from: NodeId) {
+        let node = match self.conns.get(&from).and_then(|c| c.rank) {
+            Some(rank) => self.who(from, rank).to_string(),
+            None => from.to_string(),
+        };
+        match &self.state {
+            State::Finished | State::Stopping { .. } => {}
+            _ if self.interrupting => {}
+            State::Running { step, .. } => {
+                let step = *step;
+                self.interrupting = true;
+                self.interrupt_from_node = true;
+                self.events.push_back(Event::NodeInterrupted { node });
+                self.events.push_back(Event::Interrupting { step });
+            }
+            _ => {
+                self.events.push_back(Event::NodeInterrupted { node });
+                self.stop_interrupted(now);
+            }
         }
     }
 

@@ -104,6 +104,10 @@ pub enum NodeMsg {
     },
     /// The node has stopped after a [`Command::Stop`].
     StopAck,
+    /// The node got a SIGINT/SIGTERM of its own (a preemption, an eviction, a Ctrl-C on
+    /// its terminal): the run stops as on the coordinator's own interrupt, after the step
+    /// in flight and a checkpoint of it, rather than losing that node mid-step.
+    Interrupt,
 }
 
 /// The most bytes an NCCL unique id may have (NCCL's own is 128).

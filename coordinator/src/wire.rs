@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::msg::Refusal;
 
 /// Bumped on any incompatible change to the control messages.
-pub const CONTROL_VERSION: u32 = 2;
+pub const CONTROL_VERSION: u32 = 3;
 /// The largest control frame either side accepts (a step order for a large global batch,
 /// the welcome with the config and certificate, fit easily).
 pub const MAX_CONTROL_FRAME: usize = 4 << 20;

@@ -1233,6 +1233,69 @@ fn interrupt_while_running_finishes_the_step_saves_after_it_and_stops() {
     );
 }
 
+/// A node that got a stop signal of its own stops the run as the user's interrupt does:
+/// the step in flight finishes and is saved. The other node's request (a launcher
+/// signals them all) and then the user's own first interrupt are the same request, not a
+/// second one that would stop at once.
+#[test]
+fn a_nodes_own_interrupt_stops_the_run_after_a_save() {
+    check(
+        "
+        config steps=3
+        connect 1
+        connect 2
+        register 1
+        register 2
+        ready 1
+        ready 2
+        at 1
+        node-interrupt 2
+        node-interrupt 1
+        interrupt
+        done 1
+        done 2
+        saved 1
+        ack 1
+        ack 2
+        ",
+        "
+            t=0.0   connect 1
+            t=0.0   connect 2
+            t=0.0   register 1
+              ev registered node#1 h1:0
+              -> 1 accepted
+            t=0.0   register 2
+              ev registered node#2 h2:0
+              ev run started g0 world 2 resume 0 ranks [0=1 1=2]
+              -> 2 accepted
+              -> 1 assign g0 rank 0/2 left r1@10.0.0.2:7000 right r1@10.0.0.2:7000 resume 0 total 2
+              -> 2 assign g0 rank 1/2 left r0@10.0.0.1:7000 right r0@10.0.0.1:7000 resume 0 total 2
+            t=0.0   ready 1
+            t=0.0   ready 2
+              -> 1 run step 1 g0 w2 [1]
+              -> 2 run step 1 g0 w2 [0 2 3]
+            t=1.0   at 1
+            t=1.0   node-interrupt 2
+              ev rank 1 (h2:0, node#2) asked to stop
+              ev interrupting: finish step 1, save, stop
+            t=1.0   node-interrupt 1
+            t=1.0   interrupt
+            t=1.0   done 1
+            t=1.0   done 2
+              ev step 1 done g0 w2: loss 1.000 tokens 20 examples 4 wall 1.0s compute 0.30/0.30s comm 0.10/0.10s
+              -> 1 save g0 after step 1
+            t=1.0   saved 1
+              ev checkpoint recorded step 1
+              ev stopping: interrupted by the user
+              -> 1 stop: interrupted by the user
+              -> 2 stop: interrupted by the user
+            t=1.0   ack 1
+            t=1.0   ack 2
+              ev finished: interrupted after step 1, checkpoint 1
+            ",
+    );
+}
+
 /// A second interrupt while rank 0 saves stops at once; a failure while it saves stops
 /// the run too (no restart: it was stopping anyway), keeping the last recorded checkpoint.
 #[test]

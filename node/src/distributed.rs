@@ -26,7 +26,7 @@
 use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -831,8 +831,19 @@ fn connect_control(opts: &NodeOptions) -> Result<(Control, Welcome, IpAddr)> {
                                         let hb = hb_tx.clone();
                                         heartbeat = Some(tokio::spawn(async move {
                                             let mut t = tokio::time::interval(every);
+                                            let mut told = false;
                                             loop {
                                                 t.tick().await;
+                                                // A stop signal of this process's own
+                                                // goes to the coordinator once, with the
+                                                // next heartbeat.
+                                                let ask = !told && stop_requested();
+                                                if ask {
+                                                    told = true;
+                                                    if hb.send(NodeMsg::Interrupt).is_err() {
+                                                        break;
+                                                    }
+                                                }
                                                 if hb.send(NodeMsg::Heartbeat).is_err() {
                                                     break;
                                                 }
@@ -970,6 +981,21 @@ fn restart_process() -> std::io::Error {
         .args(std::env::args_os().skip(1))
         .env(REJOIN_VAR, "1")
         .exec()
+}
+
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+/// This process got a stop signal of its own (`ringtune node` calls this on the first
+/// SIGINT/SIGTERM): the control connection asks the coordinator to stop the run after the
+/// step in flight ([`NodeMsg::Interrupt`]), as on the coordinator's own Ctrl-C, instead of
+/// this node vanishing mid-step. A launcher that signals every process at once (scancel)
+/// makes every node ask; the coordinator takes the first.
+pub fn request_stop() {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::SeqCst)
 }
 
 /// Set in a node that restarted itself ([`restart_process`]): it is rejoining a run whose

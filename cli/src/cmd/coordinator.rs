@@ -570,6 +570,10 @@ impl Progress {
                     self.say(line)
                 }
             }
+            Event::NodeInterrupted { node } => self.say(format!(
+                "coordinator: {node} got a stop signal of its own (a preemption?); stopping the \
+                 run as on Ctrl-C"
+            )),
             Event::Interrupting { step } => self.say(format!(
                 "coordinator: interrupted: finishing step {}, then saving a checkpoint after it \
                  (interrupt again to stop at once)",

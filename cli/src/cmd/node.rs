@@ -100,11 +100,11 @@ fn outlive_first_signal() -> Result<()> {
                 std::process::exit(128 + sig);
             }
             first = Some((sig, std::time::Instant::now()));
+            ringtune_node::distributed::request_stop();
             eprintln!(
-                "ringtune node: got signal {sig}; carrying on until the coordinator stops the run \
-                 (when it was signalled too, as by scancel, it saves a checkpoint first; a node \
-                 signalled alone is declared dead once this ends), at most {}s; a second signal \
-                 exits at once",
+                "ringtune node: got signal {sig}; asking the coordinator to stop the run after \
+                 the step in flight (it saves a checkpoint first) and carrying on until it does, \
+                 at most {}s; a second signal exits at once",
                 SIGNAL_GRACE.as_secs()
             );
             std::thread::spawn(move || {

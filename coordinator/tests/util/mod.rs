@@ -156,6 +156,8 @@ impl Harness {
                 rest.get(1).expect("exit HOST LOCAL_RANK").parse().unwrap(),
             ),
             "interrupt" => self.core.handle_interrupt(now),
+            // `node-interrupt N`: node N got a stop signal of its own.
+            "node-interrupt" => self.core.handle_message(now, node(), NodeMsg::Interrupt),
             "ready" => {
                 let generation = gen(self);
                 self.core
@@ -447,6 +449,7 @@ pub fn render_event(e: &Event) -> String {
         }
         Event::Ignored { node, reason } => format!("ignored {node}: {reason}"),
         Event::Interrupting { step } => format!("interrupting: finish {step}, save, stop"),
+        Event::NodeInterrupted { node } => format!("{node} asked to stop"),
         Event::Stopping(r) => format!("stopping: {r}"),
         Event::StopTimedOut { unacked } => {
             let u: Vec<String> = unacked.iter().map(|n| n.0.to_string()).collect();
