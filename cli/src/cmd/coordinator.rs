@@ -466,6 +466,8 @@ struct Progress {
     last_line: Option<std::time::Instant>,
     /// Failed TLS handshakes so far, by the host they came from.
     failed_handshakes: std::collections::HashMap<String, u64>,
+    /// Refusals so far, by reason.
+    refusals: std::collections::HashMap<String, u64>,
 }
 
 impl Progress {
@@ -484,6 +486,7 @@ impl Progress {
             total,
             last_line: None,
             failed_handshakes: Default::default(),
+            refusals: Default::default(),
         }
     }
 
@@ -535,7 +538,12 @@ impl Progress {
                 let extra = matches!(reason, Refusal::BadToken)
                     .then_some(" (check RINGTUNE_TOKEN)")
                     .unwrap_or("");
-                self.say(format!("coordinator: refused {node}: {reason}{extra}"))
+                let reason = format!("{reason}{extra}");
+                if let Some(line) =
+                    refusal_line(&mut self.refusals, &node.to_string(), &reason)
+                {
+                    self.say(line)
+                }
             }
             Event::Registered { node, identity, standby } => self.say(format!(
                 "coordinator: {node} registered from {}:{}{}",
@@ -595,6 +603,36 @@ impl Progress {
     }
 }
 
+/// Counts one more occurrence of `key` in `seen`; returns the count when it is one to log:
+/// each of the first three, then the 10th, 100th, … (a node retrying in a loop, or a
+/// scanner, does not flood the log).
+fn sparse(seen: &mut std::collections::HashMap<String, u64>, key: &str) -> Option<u64> {
+    let n = seen.entry(key.to_string()).or_default();
+    *n += 1;
+    let n = *n;
+    let mut m = n;
+    while m >= 10 && m.is_multiple_of(10) {
+        m /= 10;
+    }
+    (n <= 3 || m == 1).then_some(n)
+}
+
+/// The log line for a refused node, counted in `seen` by reason: a node that retries the
+/// same refused registration every second (a duplicate GPU slot, say) is logged sparsely.
+fn refusal_line(
+    seen: &mut std::collections::HashMap<String, u64>,
+    node: &str,
+    reason: &str,
+) -> Option<String> {
+    let n = sparse(seen, reason)?;
+    let count = match n {
+        1 => String::new(),
+        3 => " [the 3rd time; from now on only the 10th, 100th, … are logged]".to_string(),
+        n => format!(" [the {n}th time]"),
+    };
+    Some(format!("coordinator: refused {node}: {reason}{count}"))
+}
+
 /// The log line for a failed TLS handshake, counted in `seen` by host: every one of the
 /// first three from a host, then the 10th, 100th, …, so that a scanner or a node retrying
 /// in a loop does not flood the log.
@@ -607,17 +645,8 @@ fn failed_handshake_line(
         .parse::<SocketAddr>()
         .map(|a| a.ip().to_string())
         .unwrap_or_else(|_| peer.to_string());
-    let n = seen.entry(host.clone()).or_default();
-    *n += 1;
-    let n = *n;
-    let mut m = n;
-    while m >= 10 && m.is_multiple_of(10) {
-        m /= 10;
-    }
-    if n > 3 && m != 1 {
-        return None;
-    }
-    let count = match n {
+    let count = sparse(seen, &host)?;
+    let count = match count {
         1 => String::new(),
         3 => format!(" [the 3rd from {host}; from now on only the 10th, 100th, … are logged]"),
         n => format!(" [failure {n} from {host}]"),
@@ -632,6 +661,26 @@ fn failed_handshake_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_refusals_are_logged_sparsely() {
+        let mut seen = Default::default();
+        let dup = "another node already registered as h1:0";
+        let logged: Vec<String> = (1..=120)
+            .filter_map(|i| refusal_line(&mut seen, &format!("node#{i}"), dup))
+            .collect();
+        assert_eq!(logged.len(), 5, "{logged:?}");
+        assert_eq!(logged[0], format!("coordinator: refused node#1: {dup}"));
+        assert!(
+            logged[2].ends_with("[the 3rd time; from now on only the 10th, 100th, … are logged]")
+        );
+        assert!(
+            logged[4].starts_with("coordinator: refused node#100: "),
+            "{logged:?}"
+        );
+        // Another reason is counted on its own.
+        assert!(refusal_line(&mut seen, "node#121", "wrong cluster token").is_some());
+    }
 
     #[test]
     fn failed_handshakes_are_logged_sparsely_per_host() {
