@@ -190,11 +190,7 @@ fn ctrl_c_stops_every_node_cleanly() {
     train.wait_for("step 1/", 120);
     let nodes = children_of(train.child.id());
     assert_eq!(nodes.len(), 2, "{nodes:?}");
-    let st = std::process::Command::new("kill")
-        .args(["-INT", &train.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    signal("INT", &[train.child.id()]);
     let (st, err) = train.wait_exit(60);
     assert!(st.success(), "an interrupt is a clean stop:\n{err}");
     assert!(err.contains("interrupted after step"), "{err}");
@@ -213,11 +209,7 @@ fn an_interrupt_before_the_nodes_join_stops_cleanly_and_at_once() {
     let mut train = spawn(&["train", cfg.to_str().unwrap(), "--plain"], &[]);
     train.wait_for("listening on", 120);
     let t0 = std::time::Instant::now();
-    let st = std::process::Command::new("kill")
-        .args(["-TERM", &train.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    signal("TERM", &[train.child.id()]);
     let pid = train.child.id();
     let (st, err) = train.wait_exit(60);
     assert!(st.success(), "an interrupt is a clean stop:\n{err}");
@@ -296,35 +288,12 @@ fn a_node_signalled_alone_stops_the_run_with_a_checkpoint() {
         .map(|slot| start_node(None, &addr, slot, TOKEN, &[]))
         .collect();
     coord.wait_for("step 1/", 120);
-    let kill = |sig: &str, pid: u32| {
-        let st = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
-    kill("-TERM", nodes[1].child.id());
+    signal("TERM", &[nodes[1].child.id()]);
     coord.wait_for("got a stop signal of its own", 30);
-    kill("-TERM", coord.child.id());
+    signal("TERM", &[coord.child.id()]);
     let (st, err) = coord.wait_exit(120);
     assert!(st.success(), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.contains("interrupted after step"))
-        .unwrap_or_else(|| panic!("not interrupted: {err}"));
-    let step: u64 = line
-        .split("interrupted after step ")
-        .nth(1)
-        .and_then(|s| s.split(';').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        dir.path()
-            .join(format!("run/checkpoints/step-{step}/adapter"))
-            .is_dir(),
-        "{err}"
-    );
+    interrupted_with_checkpoint(&err, dir.path());
     for n in nodes {
         let (st, err) = n.wait_exit(60);
         assert!(st.success(), "{err}");
@@ -457,15 +426,10 @@ fn sigterm_to_every_process_saves_after_the_step_in_flight() {
         .collect();
     coord.wait_for("step 1/", 120);
     std::thread::sleep(Duration::from_millis(500));
-    let mut pids: Vec<String> = nodes.iter().map(|n| n.child.id().to_string()).collect();
-    pids.push(coord.child.id().to_string());
+    let mut pids: Vec<u32> = nodes.iter().map(|n| n.child.id()).collect();
+    pids.push(coord.child.id());
     for _ in 0..2 {
-        let st = std::process::Command::new("kill")
-            .arg("-TERM")
-            .args(&pids)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        signal("TERM", &pids);
         std::thread::sleep(Duration::from_millis(20));
     }
     let (st, err) = coord.wait_exit(120);
@@ -474,25 +438,7 @@ fn sigterm_to_every_process_saves_after_the_step_in_flight() {
         err.contains("another SIGTERM within 2s of the first"),
         "{err}"
     );
-    let line = err
-        .lines()
-        .find(|l| l.contains("interrupted after step"))
-        .unwrap_or_else(|| panic!("not interrupted: {err}"));
-    let step: u64 = line
-        .split("interrupted after step ")
-        .nth(1)
-        .and_then(|s| s.split(';').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        line.contains(&format!("last checkpoint: step {step}")),
-        "{line}"
-    );
-    assert!(dir
-        .path()
-        .join(format!("run/checkpoints/step-{step}/adapter"))
-        .is_dir());
+    interrupted_with_checkpoint(&err, dir.path());
     for n in nodes {
         let (st, err) = n.wait_exit(60);
         assert!(st.success(), "{err}");

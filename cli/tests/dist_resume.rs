@@ -63,11 +63,7 @@ fn an_interrupted_distributed_run_resumes_to_the_uninterrupted_adapter() {
     let cfg_s = cfg.to_str().unwrap();
     let mut train = spawn(&["train", cfg_s, "--plain"], &[]);
     train.wait_for("checkpoint: step 4", 120);
-    let st = std::process::Command::new("kill")
-        .args(["-INT", &train.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    signal("INT", &[train.child.id()]);
     let (st, err) = train.wait_exit(60);
     assert!(st.success(), "{err}");
     assert!(err.contains("interrupted after step"), "{err}");

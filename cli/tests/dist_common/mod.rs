@@ -283,12 +283,44 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-pub fn kill_9(pid: u32) {
+/// `kill -SIG PID…` (`sig` as `kill` takes it: `9`, `TERM`, `INT`); asserts it was sent.
+pub fn signal(sig: &str, pids: &[u32]) {
     let st = Command::new("kill")
-        .args(["-9", &pid.to_string()])
+        .arg(format!("-{sig}"))
+        .args(pids.iter().map(u32::to_string))
         .status()
         .unwrap();
-    assert!(st.success());
+    assert!(st.success(), "kill -{sig} {pids:?}");
+}
+
+pub fn kill_9(pid: u32) {
+    signal("9", &[pid]);
+}
+
+/// From a coordinator's stderr after an interrupt: the step it stopped after, asserting
+/// that a checkpoint of exactly that step is recorded and on disk under `dir/run`.
+pub fn interrupted_with_checkpoint(err: &str, dir: &Path) -> u64 {
+    let line = err
+        .lines()
+        .find(|l| l.contains("interrupted after step"))
+        .unwrap_or_else(|| panic!("not interrupted: {err}"));
+    let step: u64 = line
+        .split("interrupted after step ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        line.contains(&format!("last checkpoint: step {step}")),
+        "{line}"
+    );
+    assert!(
+        dir.join(format!("run/checkpoints/step-{step}/adapter"))
+            .is_dir(),
+        "{err}"
+    );
+    step
 }
 
 /// Every f32 of the adapter at `dir` (PEFT safetensors), by tensor name.
